@@ -1,0 +1,56 @@
+"""Shared benchmark harness: backdoored teachers (cached as model files) and evaluation closures."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from defense.data import DataBundle, load_dataset
+from defense.metrics import evaluate_backdoor
+from defense.modelio import load_model, save_model
+from defense.models import build_model
+from defense.training import TrainConfig, train_classifier
+from defense.triggers import Trigger, TriggerConfig, make_trigger, poison
+
+CACHE = Path("runs/teachers")
+
+
+@dataclass
+class Scenario:
+    """A backdoored teacher with everything needed to measure it (the experimenter's side)."""
+
+    teacher: nn.Module
+    bundle: DataBundle
+    trigger: Trigger
+    target: int
+    name: str
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return evaluate_backdoor(model, self.bundle.test, self.trigger, self.target)
+
+    @property
+    def evaluator(self) -> Callable[[nn.Module], dict]:
+        return self.evaluate
+
+
+def backdoored_scenario(attack: str = "badnets", image_size: int = 16, trigger_size: int = 3,
+                        poison_rate: float = 0.1, target: int = 0, seed: int = 0, model: str = "small-cnn",
+                        epochs: int = 30, dataset: str = "digits", cache: Path | None = CACHE) -> Scenario:
+    """Train (or load from cache) a centrally poisoned model: the foundation's backdoor."""
+    bundle = load_dataset(dataset, image_size=image_size)
+    trigger = make_trigger(attack, bundle.spec, TriggerConfig(trigger_size, seed=seed))
+    name = f"{dataset}{image_size}-{model}-{attack}{trigger_size}-r{poison_rate}-t{target}-s{seed}-e{epochs}"
+    path = cache / f"{name}.json" if cache is not None else None
+    if path is not None and path.exists():
+        teacher = load_model(path).model
+    else:
+        torch.manual_seed(seed)
+        teacher = build_model(model, bundle.spec)
+        poisoned = poison(bundle.train, trigger, poison_rate, target, seed)[0] if poison_rate > 0 else bundle.train
+        train_classifier(teacher, poisoned, TrainConfig(epochs=epochs, seed=seed))
+        if path is not None:
+            save_model(teacher, path, model, bundle.spec, {"tool": "benchmarks.harness", "scenario": name})
+    return Scenario(teacher.eval(), bundle, trigger, target, name)

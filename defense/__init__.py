@@ -1,0 +1,1 @@
+"""DHBE and baseline backdoor defences, plus the pure-PyTorch foundation (data, models, triggers, metrics)."""

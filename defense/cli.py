@@ -1,0 +1,68 @@
+"""Command-line plumbing shared by every entry point: bad input is one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from defense.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a single line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,
+             argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Run `main`; a ConfigError (bad value, bad file) becomes one stderr line and exit code 2."""
+    try:
+        code = main(argv)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str = "badnets") -> None:
+    from defense.triggers import ATTACKS
+
+    parser.add_argument("--attack", default=attack_default, choices=ATTACKS.names(), help="trigger kind")
+    parser.add_argument("--trigger-size", type=positive_int, default=3, help="patch trigger side (1..7)")
+    parser.add_argument("--target", type=non_negative_int, default=0, help="all-to-one target class")
+    parser.add_argument("--blend-alpha", type=float, default=0.2, help="blended trigger opacity")

@@ -1,0 +1,378 @@
+"""DHBE: Data-free Holistic Backdoor Erasing (Yan et al., AsiaCCS 2023), Eq. 8:
+
+    min_S max_{G, Gp}  E_z |S(G(z)) - T(G(z))|_1  +  lambda * E_{z,z'} |S(G(z) + pad(Gp(z'))) - S(G(z))|_1
+
+T is the frozen backdoored teacher, S the student (a copy of T), G the sample generator and Gp the
+trigger generator. One iteration = `student_steps` student updates (the official code uses 5), one
+G step (adversarial distillation: G maximises the teacher/student discrepancy) and one Gp step
+(adversarial backdoor regularisation: Gp maximises the student's sensitivity to a small patch).
+
+The defence sees the model and its input spec only: no data set, no trigger, no target class.
+Departures from the official recipe are config fields whose defaults are the official values; the
+project's CPU-scale recipe (`cpu_recipe`) and the measurements behind it are in docs/dhbe.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from defense.errors import DivergenceError
+from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
+from defense.spec import InputSpec, require
+
+
+@dataclass(frozen=True)
+class DHBEConfig:
+    """Hyper-parameters; the defaults are the official code's (paper scale: 300 x 50 iterations)."""
+
+    lam: float = 0.1                      # lambda of Eq. 8: weight of the backdoor regulariser
+    epochs: int = 300
+    iters_per_epoch: int = 50
+    student_steps: int = 5                # student updates per iteration (paper text: 3)
+    batch_size: int = 256
+    student_lr: float = 0.1               # SGD, momentum 0.9
+    student_momentum: float = 0.9
+    student_weight_decay: float = 5e-4
+    generator_lr: float = 1e-3            # Adam, for G
+    trigger_lr: float = 1e-3              # Adam, for Gp
+    lr_milestones: tuple[float, ...] = (0.6, 0.8)   # fractions of training where all lrs x lr_decay
+    lr_decay: float = 0.1
+    latent_dim: int = 256                 # z
+    trigger_latent_dim: int = 256         # z'
+    generator_width: int = 64             # ngf of G
+    trigger_width: int = 64               # channels inside Gp
+    patch_size: int = 5                   # Gp's output side
+    image_prior_weight: float = 1e-4      # total-variation (L2) prior on G's samples
+    seed: int = 0
+    # --- departures from the official recipe (defaults = official behaviour) ---
+    bn_prior_weight: float = 0.0          # DeepInversion prior: G's samples match T's BN statistics
+    freeze_student_bn: bool = False       # student BN uses T's running statistics (eval mode)
+    patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
+    trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
+    max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
+
+    def __post_init__(self) -> None:
+        require(self.lam >= 0, f"lambda must be >= 0, got {self.lam}")
+        for name in ("epochs", "iters_per_epoch", "student_steps", "latent_dim", "trigger_latent_dim",
+                     "generator_width", "trigger_width", "patch_size"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.batch_size >= 2, f"batch_size must be >= 2 (batch norm), got {self.batch_size}")
+        for name in ("student_lr", "generator_lr", "trigger_lr", "trigger_amplitude"):
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        require(0 <= self.student_momentum < 1, f"student_momentum must be in [0, 1), got {self.student_momentum}")
+        require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        require(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
+        require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
+        require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
+        require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    def validate_for(self, spec: InputSpec) -> None:
+        require(self.patch_size < min(spec.height, spec.width),
+                f"patch_size {self.patch_size} must be smaller than the {spec.height}x{spec.width} image")
+        require(spec.height % 4 == 0 and spec.width % 4 == 0,
+                f"DHBE's sample generator needs image sides divisible by 4, got {spec.height}x{spec.width}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error on logits: the |.|_1 of Eq. 8."""
+    return F.l1_loss(a, b)
+
+
+def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
+    """Smoothness prior on G's samples (official `get_image_prior_losses_l2`)."""
+    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
+    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
+    return dh.pow(2).mean() + dw.pow(2).mean()
+
+
+class BatchNormStatistics:
+    """DeepInversion's prior: |batch mean - running mean| + |batch var - running var| at T's BN layers."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in teacher.modules()
+                        if isinstance(m, nn.BatchNorm2d)]
+        self.enabled = False
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+
+    def collect(self) -> torch.Tensor:
+        total = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
+        self.losses = []
+        return total
+
+
+@dataclass
+class EpochRecord:
+    """Data-free diagnostics a defender can see (no data, no trigger), plus optional evaluation."""
+
+    epoch: int
+    iteration: int
+    student_updates: int
+    loss_student: float
+    loss_distill: float
+    loss_regulariser: float
+    synthetic_agreement: float       # argmax S == argmax T on fresh synthetic samples
+    synthetic_discrepancy: float     # L1(S, T) on those samples
+    trigger_sensitivity: float       # L1(S(x + Gp patch), S(x)): the strongest trigger Gp found
+    trigger_flip_rate: float         # fraction of synthetic samples whose S-label Gp's patch flips
+    teacher_flip_rate: float         # the same patch on T: how much of T's backdoor Gp still finds
+    student_lr: float
+    seconds: float
+    recoveries: int = 0
+    evaluation: dict = field(default_factory=dict)   # experimenter's ACC/ASR, never used by DHBE
+
+    def as_row(self) -> dict[str, Any]:
+        row = {k: v for k, v in asdict(self).items() if k != "evaluation"}
+        row.update({f"eval_{k}": v for k, v in self.evaluation.items()})
+        return row
+
+
+class Callback(Protocol):
+    def __call__(self, record: EpochRecord, trainer: "DHBETrainer") -> None: ...
+
+
+Evaluator = Callable[[nn.Module], dict]
+
+
+class DHBETrainer:
+    """Holds S, G, Gp, their optimisers and schedules; `run_epoch` advances training by one epoch.
+
+    `state_dict`/`load_state_dict` capture everything (RNG included) so a job resumes exactly."""
+
+    def __init__(self, teacher: nn.Module, spec: InputSpec, config: DHBEConfig,
+                 device: torch.device | str = "cpu") -> None:
+        config.validate_for(spec)
+        self.config, self.spec, self.device = config, spec, torch.device(device)
+        torch.manual_seed(config.seed)
+        self.teacher = copy.deepcopy(teacher).to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = copy.deepcopy(teacher).to(self.device)
+        self.student.requires_grad_(True)
+        self.sample_generator = SampleGenerator(spec, config.latent_dim, config.generator_width).to(self.device)
+        self.trigger_generator = TriggerGenerator(spec.channels, config.patch_size, config.trigger_latent_dim,
+                                                  config.trigger_width, config.trigger_amplitude).to(self.device)
+        self.opt_student = torch.optim.SGD(self.student.parameters(), lr=config.student_lr,
+                                           momentum=config.student_momentum, weight_decay=config.student_weight_decay)
+        self.opt_generator = torch.optim.Adam(self.sample_generator.parameters(), lr=config.generator_lr)
+        self.opt_trigger = torch.optim.Adam(self.trigger_generator.parameters(), lr=config.trigger_lr)
+        milestones = sorted({max(1, int(round(m * config.epochs))) for m in config.lr_milestones})
+        self.schedules = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, config.lr_decay)
+                          for o in (self.opt_student, self.opt_generator, self.opt_trigger)]
+        self.bn_prior = BatchNormStatistics(self.teacher) if config.bn_prior_weight > 0 else None
+        self.epoch = 0
+        self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
+        self.history: list[EpochRecord] = []
+
+    # --- the three players of Eq. 8 -------------------------------------------------------------
+    def latent(self, dim: int) -> torch.Tensor:
+        return torch.randn(self.config.batch_size, dim, device=self.device)
+
+    def synthesise(self, z: torch.Tensor) -> torch.Tensor:
+        """G(z) mapped to pixel space (G works in normalised space, like the official code)."""
+        return self.spec.denormalise(self.sample_generator(z))
+
+    def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor) -> torch.Tensor:
+        """x + pad(Gp(z')): the candidate trigger pasted at a random place."""
+        return paste_patches(pixels, self.trigger_generator(z_trigger), self.config.patch_per_sample, self.rng)
+
+    def set_student_mode(self) -> None:
+        self.student.train()
+        if self.config.freeze_student_bn:
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def student_step(self) -> tuple[float, float, float]:
+        """min over S: L1(S(x), T(x)) + lambda * L1(S(x + delta), S(x)), x and delta detached."""
+        cfg = self.config
+        with torch.no_grad():
+            x = self.synthesise(self.latent(cfg.latent_dim))
+            x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim))
+            t_logits = self.teacher(x)
+        s_logits = self.student(x)
+        distill = l1(s_logits, t_logits)
+        regulariser = l1(self.student(x_patched), s_logits.detach()) if cfg.lam > 0 else torch.zeros((), device=self.device)
+        loss = distill + cfg.lam * regulariser
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_student.step()
+        return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
+
+    def generator_step(self) -> float:
+        """max over G: L1(S(G(z)), T(G(z))), with the image priors."""
+        cfg = self.config
+        normalised = self.sample_generator(self.latent(cfg.latent_dim))
+        pixels = self.spec.denormalise(normalised)
+        if self.bn_prior is not None:
+            self.bn_prior.enabled = True
+        t_logits = self.teacher(pixels)
+        if self.bn_prior is not None:
+            self.bn_prior.enabled = False
+        loss = -l1(self.student(pixels), t_logits) + cfg.image_prior_weight * total_variation_l2(normalised)
+        if self.bn_prior is not None:
+            loss = loss + cfg.bn_prior_weight * self.bn_prior.collect()
+        self.opt_generator.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_generator.step()
+        return float(loss)
+
+    def trigger_step(self) -> float:
+        """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached."""
+        cfg = self.config
+        with torch.no_grad():
+            x = self.synthesise(self.latent(cfg.latent_dim))
+        loss = -l1(self.student(self.patch(x, self.latent(cfg.trigger_latent_dim))), self.student(x))
+        self.opt_trigger.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_trigger.step()
+        return float(loss)
+
+    # --- epochs, diagnostics, recovery ---------------------------------------------------------
+    def run_epoch(self) -> EpochRecord:
+        import time
+
+        snapshot = self.state_dict()
+        for attempt in range(self.config.max_recoveries + 1):
+            start = time.perf_counter()
+            totals = self._train_iterations()
+            if all(math.isfinite(v) for v in totals) and self._weights_finite():
+                break
+            if attempt == self.config.max_recoveries:
+                raise DivergenceError(f"DHBE diverged (non-finite loss) in epoch {self.epoch + 1} "
+                                      f"after {attempt} recoveries; lower the learning rates")
+            self.load_state_dict(snapshot)
+            for opt in (self.opt_student, self.opt_generator, self.opt_trigger):
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+            for schedule in self.schedules:
+                schedule.base_lrs = [lr * 0.5 for lr in schedule.base_lrs]
+        for schedule in self.schedules:
+            schedule.step()
+        self.epoch += 1
+        loss, distill, regulariser = totals
+        record = EpochRecord(
+            epoch=self.epoch, iteration=self.epoch * self.config.iters_per_epoch,
+            student_updates=self.epoch * self.config.iters_per_epoch * self.config.student_steps,
+            loss_student=loss, loss_distill=distill, loss_regulariser=regulariser,
+            student_lr=self.opt_student.param_groups[0]["lr"], seconds=time.perf_counter() - start,
+            recoveries=attempt, **self.diagnostics(),
+        )
+        self.history.append(record)
+        return record
+
+    def _train_iterations(self) -> tuple[float, float, float]:
+        cfg = self.config
+        self.sample_generator.train()
+        self.trigger_generator.train()
+        sums = [0.0, 0.0, 0.0]
+        for _ in range(cfg.iters_per_epoch):
+            self.set_student_mode()
+            for _ in range(cfg.student_steps):
+                for i, value in enumerate(self.student_step()):
+                    sums[i] += value
+            self.generator_step()
+            self.trigger_step()
+            if not math.isfinite(sums[0]):
+                break
+        count = cfg.iters_per_epoch * cfg.student_steps
+        return sums[0] / count, sums[1] / count, sums[2] / count
+
+    def _weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.student.parameters())
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Data-free: measured on fresh synthetic samples and Gp's patches, models in eval mode."""
+        cfg = self.config
+        self.student.eval()
+        self.sample_generator.eval()
+        self.trigger_generator.eval()
+        x = self.synthesise(self.latent(cfg.latent_dim))
+        x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim))
+        t, s, s_patched, t_patched = (self.teacher(x), self.student(x), self.student(x_patched), self.teacher(x_patched))
+        self.sample_generator.train()
+        self.trigger_generator.train()
+        return {
+            "synthetic_agreement": float((s.argmax(1) == t.argmax(1)).float().mean()),
+            "synthetic_discrepancy": float(l1(s, t)),
+            "trigger_sensitivity": float(l1(s_patched, s)),
+            "trigger_flip_rate": float((s_patched.argmax(1) != s.argmax(1)).float().mean()),
+            "teacher_flip_rate": float((t_patched.argmax(1) != t.argmax(1)).float().mean()),
+        }
+
+    # --- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "student": copy.deepcopy(self.student.state_dict()),
+            "sample_generator": copy.deepcopy(self.sample_generator.state_dict()),
+            "trigger_generator": copy.deepcopy(self.trigger_generator.state_dict()),
+            "optimisers": [copy.deepcopy(o.state_dict()) for o in (self.opt_student, self.opt_generator, self.opt_trigger)],
+            "schedules": [s.state_dict() for s in self.schedules],
+            "torch_rng": torch.get_rng_state(),
+            "placement_rng": self.rng.get_state(),
+            "history": [asdict(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.student.load_state_dict(state["student"])
+        self.sample_generator.load_state_dict(state["sample_generator"])
+        self.trigger_generator.load_state_dict(state["trigger_generator"])
+        for opt, opt_state in zip((self.opt_student, self.opt_generator, self.opt_trigger), state["optimisers"]):
+            opt.load_state_dict(opt_state)
+        for schedule, schedule_state in zip(self.schedules, state["schedules"]):
+            schedule.load_state_dict(schedule_state)
+        torch.set_rng_state(state["torch_rng"])
+        self.rng.set_state(state["placement_rng"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+
+
+def purify(model: nn.Module, spec: InputSpec, config: DHBEConfig,
+           callbacks: tuple[Callback, ...] = (), evaluator: Optional[Evaluator] = None,
+           device: torch.device | str = "cpu") -> tuple[nn.Module, list[EpochRecord]]:
+    """Erase backdoors from `model` without data: returns (purified student, per-epoch history).
+
+    `evaluator` is the experimenter's optional measuring stick (e.g. test ACC/ASR); its numbers are
+    stored in each record's `evaluation` and are never read by the defence."""
+    trainer = DHBETrainer(model, spec, config, device)
+    while trainer.epoch < config.epochs:
+        record = trainer.run_epoch()
+        if evaluator is not None:
+            record.evaluation = evaluator(trainer.student)
+        for callback in callbacks:
+            callback(record, trainer)
+    return trainer.student.eval(), trainer.history
+
+
+def cpu_recipe(**overrides: Any) -> DHBEConfig:
+    """The project's CPU-scale recipe for small models (see docs/dhbe.md for the measurements)."""
+    return replace(CPU_RECIPE, **overrides)
+
+
+CPU_RECIPE = DHBEConfig(
+    epochs=20, iters_per_epoch=10, batch_size=128, student_lr=0.01, generator_width=16,
+    trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
+    bn_prior_weight=1.0, freeze_student_bn=True, patch_per_sample=True,
+)

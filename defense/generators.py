@@ -1,0 +1,86 @@
+"""The two generators of DHBE: G synthesises samples, Gp synthesises small trigger patches."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from defense.spec import InputSpec, require
+
+
+class SampleGenerator(nn.Module):
+    """G: z -> a synthetic image in normalised space (zero mean, unit variance per channel).
+
+    Linear -> BN -> [upsample x2 -> conv3x3 -> BN -> LeakyReLU(0.2)] x2 -> conv3x3 -> tanh ->
+    BN(affine=False), the shape of the official DHBE/DFAD generator; `width` is its ngf."""
+
+    UPSAMPLINGS = 2
+
+    def __init__(self, spec: InputSpec, latent_dim: int = 256, width: int = 64) -> None:
+        super().__init__()
+        factor = 2 ** self.UPSAMPLINGS
+        require(spec.height % factor == 0 and spec.width % factor == 0,
+                f"the sample generator needs image sides divisible by {factor}; got {spec.height}x{spec.width} "
+                f"(resize the data set, e.g. --image-size 16)")
+        self.latent_dim = latent_dim
+        self.base = (2 * width, spec.height // factor, spec.width // factor)
+        self.project = nn.Sequential(nn.Linear(latent_dim, 2 * width * self.base[1] * self.base[2]),)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(2 * width),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, 2 * width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, spec.channels, 3, 1, 1),
+            nn.Tanh(),
+            nn.BatchNorm2d(spec.channels, affine=False),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).view(z.shape[0], *self.base))
+
+
+class TriggerGenerator(nn.Module):
+    """Gp: z' -> a patch in [-amplitude, amplitude] (pixel space), one per latent vector.
+
+    Linear -> BN -> conv3x3 -> BN(affine=False) -> tanh, as in the official code."""
+
+    def __init__(self, channels: int, patch_size: int, latent_dim: int = 256, width: int = 64,
+                 amplitude: float = 1.0) -> None:
+        super().__init__()
+        require(patch_size >= 1, f"patch size must be >= 1, got {patch_size}")
+        self.shape = (width, patch_size, patch_size)
+        self.amplitude = amplitude
+        self.project = nn.Sequential(nn.Linear(latent_dim, width * patch_size * patch_size),
+                                     nn.BatchNorm1d(width * patch_size * patch_size))
+        self.body = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.BatchNorm2d(channels, affine=False), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.amplitude * self.body(self.project(z).view(z.shape[0], *self.shape))
+
+
+def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """images + zero-padded patches: at one random place for the whole batch (the official
+    `random_pad`), or at an independent random place per sample when `per_sample`."""
+    n, _, height, width = images.shape
+    k = patches.shape[-1]
+    require(k <= min(height, width), f"a {k}x{k} patch does not fit {height}x{width} images")
+    count = n if per_sample else 1
+    rows = torch.randint(0, height - k + 1, (count,), generator=generator)
+    cols = torch.randint(0, width - k + 1, (count,), generator=generator)
+    if not per_sample:
+        row, col = int(rows[0]), int(cols[0])
+        padded = torch.nn.functional.pad(patches, (col, width - k - col, row, height - k - row))
+        return images + padded
+    # Per sample: scatter each patch into a zero canvas through an index grid.
+    canvas = torch.zeros_like(images)
+    offsets = torch.arange(k, device=images.device)
+    row_idx = (rows.to(images.device)[:, None] + offsets)[:, :, None].expand(n, k, k)
+    col_idx = (cols.to(images.device)[:, None] + offsets)[:, None, :].expand(n, k, k)
+    batch_idx = torch.arange(n, device=images.device)[:, None, None].expand(n, k, k)
+    canvas = canvas.permute(0, 2, 3, 1).index_put((batch_idx, row_idx, col_idx), patches.permute(0, 2, 3, 1))
+    return images + canvas.permute(0, 3, 1, 2)

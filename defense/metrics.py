@@ -1,0 +1,76 @@
+"""Backdoor metrics: ACC, ASR (DHBE and BackdoorBench forms), amplified ASR, RA and DER.
+
+These are the experimenter's measuring stick: they need test data and the true trigger, so the
+defence itself never calls them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from defense.data import Split
+from defense.triggers import AMPLIFICATIONS, Trigger
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
+                     for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predicted == labels).float().mean()) if len(labels) else float("nan")
+
+
+def attack_success_rate(clean_pred: torch.Tensor, triggered_pred: torch.Tensor, labels: torch.Tensor,
+                        target: int, only_correct: bool = True) -> float:
+    """Fraction of non-target images classified as `target` once triggered.
+
+    only_correct=True is the DHBE form (images the model classifies correctly when clean);
+    False is the BackdoorBench form (every non-target image)."""
+    eligible = labels != target
+    if only_correct:
+        eligible &= clean_pred == labels
+    if not bool(eligible.any()):
+        return float("nan")
+    return float((triggered_pred[eligible] == target).float().mean())
+
+
+def robust_accuracy(triggered_pred: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """RA: non-target triggered images still classified as their true label."""
+    eligible = labels != target
+    return float((triggered_pred[eligible] == labels[eligible]).float().mean()) if bool(eligible.any()) else float("nan")
+
+
+def defence_effectiveness_rating(before: dict, after: dict) -> float:
+    """DER = (max(0, ASR drop) - max(0, ACC drop) + 1) / 2, with rates in [0, 1]."""
+    asr_drop = before["asr_x1"] - after["asr_x1"]
+    acc_drop = before["acc"] - after["acc"]
+    return (max(0.0, asr_drop) - max(0.0, acc_drop) + 1.0) / 2.0
+
+
+def evaluate_backdoor(model: nn.Module, test: Split, trigger: Optional[Trigger], target: int) -> dict:
+    """acc, asr_x1/x4/x9 (DHBE form), asr_all_x1/x4/x9 (BackdoorBench form) and ra, as floats in [0, 1]
+    (None where a trigger cannot be amplified, e.g. a blended one pasted 4 times)."""
+    clean = predict(model, test.images)
+    result: dict = {"acc": accuracy(clean, test.labels)}
+    if trigger is None:
+        return result
+    for copies in AMPLIFICATIONS:
+        triggered_images = trigger.paste_copies(test.images, copies)
+        if triggered_images is None:
+            result[f"asr_x{copies}"] = result[f"asr_all_x{copies}"] = None
+            continue
+        triggered = predict(model, triggered_images)
+        result[f"asr_x{copies}"] = attack_success_rate(clean, triggered, test.labels, target, only_correct=True)
+        result[f"asr_all_x{copies}"] = attack_success_rate(clean, triggered, test.labels, target, only_correct=False)
+        if copies == 1:
+            result["ra"] = robust_accuracy(triggered, test.labels, target)
+    return result

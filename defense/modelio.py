@@ -1,0 +1,140 @@
+"""Model files: safetensors weights plus a JSON manifest. One loader, used by every entry point.
+
+Loading never unpickles: safetensors holds raw tensors only, and a legacy `.pt` state dict is read
+with `torch.load(weights_only=True)`, which refuses any pickle that would build arbitrary objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from defense.errors import UnsafeFileError, ConfigError
+from defense.fileio import atomic_write_bytes, atomic_write_json
+from defense.models import MODELS, build_model
+from defense.spec import InputSpec
+
+MANIFEST_FORMAT = "backdoor-purify-model/1"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    model_name: str
+    spec: InputSpec
+    manifest: dict[str, Any]
+    weights_sha256: str
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import safetensors
+
+        versions["safetensors"] = safetensors.__version__
+    except Exception:  # pragma: no cover - safetensors is a hard dependency
+        pass
+    return versions
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, manifest) paths for a base path, a .safetensors path or a .json path."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json", ".pt", ".pth"):
+        base = path.with_suffix("")
+    else:
+        base = path
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputSpec,
+               produced_by: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write `<base>.safetensors` and `<base>.json` atomically; return the manifest path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    weights_path, manifest_path = _paths(path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    payload = safetensors_bytes(state)
+    digest = hashlib.sha256(payload).hexdigest()
+    atomic_write_bytes(weights_path, payload)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": model_name,
+        "input_spec": spec.to_dict(),
+        "num_classes": spec.num_classes,
+        "weights_file": weights_path.name,
+        "weights_sha256": digest,
+        "produced_by": dict(produced_by),
+        "versions": library_versions(),
+        **({"extra": dict(extra)} if extra else {}),
+    }
+    atomic_write_json(manifest_path, manifest)
+    return manifest_path
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model file (manifest, safetensors or weights-only `.pt` with a manifest beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model file {path} does not exist")
+    weights_path, manifest_path = _paths(path)
+    if not manifest_path.is_file():
+        raise ConfigError(f"model file {path} has no manifest {manifest_path.name} beside it")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnsafeFileError(f"manifest {manifest_path} is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    if not isinstance(manifest, dict) or "model" not in manifest or "input_spec" not in manifest:
+        raise UnsafeFileError(f"manifest {manifest_path} lacks 'model' or 'input_spec'")
+    model_name = manifest["model"]
+    if model_name not in MODELS:
+        raise UnsafeFileError(f"manifest {manifest_path} names unknown model {model_name!r}")
+    spec = InputSpec.from_dict(manifest["input_spec"])
+
+    if path.suffix in (".pt", ".pth"):
+        state, digest = _load_weights_only_pickle(path)
+    else:
+        state, digest = _load_safetensors(manifest_path.parent / manifest.get("weights_file", weights_path.name), manifest)
+
+    model = build_model(model_name, spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UnsafeFileError(f"weights in {path} do not fit model {model_name!r}: {first}") from None
+    model.to(map_location).eval()
+    return LoadedModel(model, model_name, spec, manifest, digest)
+
+
+def _load_safetensors(weights_path: Path, manifest: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors.torch import load as safetensors_load
+
+    if not weights_path.is_file():
+        raise ConfigError(f"weights file {weights_path} is missing")
+    payload = weights_path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    expected = manifest.get("weights_sha256")
+    if expected != digest:
+        raise UnsafeFileError(f"{weights_path} does not match its manifest's SHA-256 (corrupted or replaced)")
+    try:
+        return safetensors_load(payload), digest
+    except Exception as exc:
+        raise UnsafeFileError(f"{weights_path} is not a valid safetensors file: {exc}") from None
+
+
+def _load_weights_only_pickle(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    payload = path.read_bytes()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeFileError(f"refusing {path}: not a plain weights-only state dict ({reason[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsafeFileError(f"refusing {path}: it does not hold a flat state dict of tensors")
+    return state, hashlib.sha256(payload).hexdigest()
