@@ -54,13 +54,14 @@ class DHBEConfig:
     bn_prior_weight: float = 0.0          # DeepInversion prior: G's samples match T's BN statistics
     freeze_student_bn: bool = False       # student BN uses T's running statistics (eval mode)
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
+    patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
 
     def __post_init__(self) -> None:
         require(self.lam >= 0, f"lambda must be >= 0, got {self.lam}")
         for name in ("epochs", "iters_per_epoch", "student_steps", "latent_dim", "trigger_latent_dim",
-                     "generator_width", "trigger_width", "patch_size"):
+                     "generator_width", "trigger_width", "patch_size", "patch_copies"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.batch_size >= 2, f"batch_size must be >= 2 (batch norm), got {self.batch_size}")
         for name in ("student_lr", "generator_lr", "trigger_lr", "trigger_amplitude"):
@@ -71,6 +72,7 @@ class DHBEConfig:
         require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
+        require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
 
     @property
     def iterations(self) -> int:
@@ -194,7 +196,8 @@ class DHBETrainer:
 
     def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor) -> torch.Tensor:
         """x + pad(Gp(z')): the candidate trigger pasted at a random place."""
-        return paste_patches(pixels, self.trigger_generator(z_trigger), self.config.patch_per_sample, self.rng)
+        return paste_patches(pixels, self.trigger_generator(z_trigger), self.config.patch_per_sample,
+                             self.config.patch_copies, self.rng)
 
     def set_student_mode(self) -> None:
         self.student.train()

@@ -62,25 +62,28 @@ class TriggerGenerator(nn.Module):
         return self.amplitude * self.body(self.project(z).view(z.shape[0], *self.shape))
 
 
-def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool,
+def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool, max_copies: int = 1,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """images + zero-padded patches: at one random place for the whole batch (the official
-    `random_pad`), or at an independent random place per sample when `per_sample`."""
+    `random_pad`), or at independent random places per sample when `per_sample`, where each
+    sample gets between 1 and `max_copies` copies of its patch (a departure: amplified triggers)."""
     n, _, height, width = images.shape
     k = patches.shape[-1]
     require(k <= min(height, width), f"a {k}x{k} patch does not fit {height}x{width} images")
-    count = n if per_sample else 1
-    rows = torch.randint(0, height - k + 1, (count,), generator=generator)
-    cols = torch.randint(0, width - k + 1, (count,), generator=generator)
     if not per_sample:
-        row, col = int(rows[0]), int(cols[0])
-        padded = torch.nn.functional.pad(patches, (col, width - k - col, row, height - k - row))
-        return images + padded
-    # Per sample: scatter each patch into a zero canvas through an index grid.
-    canvas = torch.zeros_like(images)
+        row = int(torch.randint(0, height - k + 1, (1,), generator=generator))
+        col = int(torch.randint(0, width - k + 1, (1,), generator=generator))
+        return images + torch.nn.functional.pad(patches, (col, width - k - col, row, height - k - row))
+    copies = torch.randint(1, max_copies + 1, (n,), generator=generator).to(images.device)
     offsets = torch.arange(k, device=images.device)
-    row_idx = (rows.to(images.device)[:, None] + offsets)[:, :, None].expand(n, k, k)
-    col_idx = (cols.to(images.device)[:, None] + offsets)[:, None, :].expand(n, k, k)
     batch_idx = torch.arange(n, device=images.device)[:, None, None].expand(n, k, k)
-    canvas = canvas.permute(0, 2, 3, 1).index_put((batch_idx, row_idx, col_idx), patches.permute(0, 2, 3, 1))
-    return images + canvas.permute(0, 3, 1, 2)
+    values = patches.permute(0, 2, 3, 1)
+    out = images.permute(0, 2, 3, 1).clone()
+    for copy_index in range(max_copies):
+        rows = torch.randint(0, height - k + 1, (n,), generator=generator).to(images.device)
+        cols = torch.randint(0, width - k + 1, (n,), generator=generator).to(images.device)
+        row_idx = (rows[:, None] + offsets)[:, :, None].expand(n, k, k)
+        col_idx = (cols[:, None] + offsets)[:, None, :].expand(n, k, k)
+        active = (copy_index < copies).to(values.dtype)[:, None, None, None]
+        out = out.index_put((batch_idx, row_idx, col_idx), values * active, accumulate=True)
+    return out.permute(0, 3, 1, 2)

@@ -1,0 +1,1 @@
+"""Flower simulation of federated training with malicious, backdoor-planting clients."""

@@ -1,0 +1,119 @@
+"""The Flower apps: a ClientApp (benign or malicious by partition id) and a ServerApp that runs a
+strategy, evaluates the global model every round and writes the run folder."""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from defense.data import DataBundle, Split, load_dataset
+from defense.metrics import evaluate_backdoor
+from defense.models import build_model
+from defense.training import TrainConfig, train_classifier
+from federated.attacks import boost_update, global_trigger, poison_partition
+from federated.config import SimulationConfig
+from federated.partition import partition
+from federated.run_folder import RunFolder
+from federated.strategies import ObservedStrategy, build_strategy
+
+SKIPPED_STATE = "num_batches_tracked"  # integer counters: not averaged, not exchanged
+
+
+def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith(SKIPPED_STATE)})
+
+
+def arrays_to_model(model: torch.nn.Module, arrays: ArrayRecord) -> torch.nn.Module:
+    missing, unexpected = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+    bad = [k for k in missing if not k.endswith(SKIPPED_STATE)] + list(unexpected)
+    if bad:
+        raise ValueError(f"arrays do not fit the model: {bad[:3]}")
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle(dataset: str, data_dir: Optional[str], image_size: int) -> DataBundle:
+    return load_dataset(dataset, data_dir, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def client_data(config: SimulationConfig, client_id: int, poisoned: bool) -> Split:
+    bundle = _bundle(config.dataset, config.data_dir, config.image_size)
+    index = partition(config.partition, bundle.train.labels, config.clients, config.alpha, config.seed)[client_id]
+    data = Split(bundle.train.images[index], bundle.train.labels[index])
+    if poisoned:
+        rank = config.malicious_clients().index(client_id)
+        data = poison_partition(data, config, bundle.spec, rank, client_id)
+    return data
+
+
+def make_client_app(config: SimulationConfig) -> ClientApp:
+    app = ClientApp()
+    attackers = set(config.malicious_clients())
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        client_id = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        attacking = client_id in attackers and server_round >= config.attack_from_round
+        data = client_data(config, client_id, attacking)
+        spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
+        model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
+        train_classifier(model, data, TrainConfig(epochs=config.local_epochs, batch_size=config.local_batch_size,
+                                                  lr=config.local_lr, seed=seed), cosine=False)
+        if attacking and config.boost != 1.0:
+            model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
+        reply = RecordDict({
+            "arrays": model_to_arrays(model),
+            "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking)}),
+        })
+        return Message(content=reply, reply_to=msg)
+
+    return app
+
+
+RoundHook = Callable[[int, torch.nn.Module], None]
+
+
+def make_server_app(config: SimulationConfig, run: RunFolder,
+                    wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s) -> ServerApp:
+    """`wrap_strategy` lets a caller (the purification hook of deploy/) wrap the chosen strategy."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        bundle = _bundle(config.dataset, config.data_dir, config.image_size)
+        trigger = global_trigger(config, bundle.spec)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, bundle.spec)
+        observed = ObservedStrategy(build_strategy(config))
+        strategy = wrap_strategy(observed)
+        started = time.perf_counter()
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            arrays_to_model(model, arrays)
+            metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)
+            if server_round > 0:
+                row = {"round": server_round, **metrics, **observed.rounds.get(server_round, {}),
+                       "wall_time_s": time.perf_counter() - started}
+                run.record_round(row, model)
+            return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
+
+        result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
+                                train_config=ConfigRecord({"local-epochs": config.local_epochs}),
+                                evaluate_fn=evaluate)
+        arrays_to_model(model, result.arrays)
+        run.save_final(model)
+
+    return app

@@ -1,0 +1,71 @@
+"""The simulation's typed, validated configuration (built from the command line)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from defense.spec import require
+
+AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip")
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    clients: int = 10
+    malicious: int = 2
+    rounds: int = 20
+    local_epochs: int = 2
+    local_lr: float = 0.05
+    local_batch_size: int = 32
+    seed: int = 0
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    image_size: int = 16
+    model: str = "small-cnn"
+    partition: str = "iid"
+    alpha: float = 0.5
+    attack: str = "badnets"
+    trigger_size: int = 3
+    target: int = 0
+    poison_rate: float = 0.5
+    attack_from_round: int = 1       # attackers poison from this round on (1 = all rounds)
+    boost: float = 1.0               # model-replacement scaling of malicious updates (1 = none)
+    blend_alpha: float = 0.2
+    aggregation: str = "fedavg"
+    trimmed_beta: float = 0.2
+    clip_norm: float = 1.0
+    cpus_per_client: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.clients >= 2, f"--clients must be >= 2, got {self.clients}")
+        require(0 <= self.malicious <= self.clients, f"--malicious must be in 0..{self.clients} (--clients), got {self.malicious}")
+        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        require(self.local_epochs >= 1, f"--local-epochs must be >= 1, got {self.local_epochs}")
+        require(self.local_lr > 0, f"--local-lr must be > 0, got {self.local_lr}")
+        require(self.partition in PARTITIONS, f"--partition must be one of {', '.join(PARTITIONS)}")
+        require(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        require(1 <= self.trigger_size <= 7, f"--trigger-size must be in 1..7, got {self.trigger_size}")
+        require(0 <= self.poison_rate <= 1, f"--poison-rate must be in [0, 1], got {self.poison_rate}")
+        require(self.attack_from_round >= 1, f"--attack-rounds must start at round >= 1, got {self.attack_from_round}")
+        require(self.boost >= 1, f"--boost must be >= 1, got {self.boost}")
+        require(self.aggregation in AGGREGATIONS, f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
+        require(0 < self.trimmed_beta < 0.5, f"--trimmed-beta must be in (0, 0.5), got {self.trimmed_beta}")
+        require(self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}")
+        require(self.cpus_per_client > 0, f"cpus per client must be > 0, got {self.cpus_per_client}")
+        require(4 <= self.image_size <= 512, f"--image-size must be in 4..512, got {self.image_size}")
+        f, n = self.malicious, self.clients
+        if self.aggregation in ("krum", "multikrum"):
+            require(n > 2 * f + 2, f"--aggregation {self.aggregation} needs clients > 2*malicious + 2 ({n} <= {2 * f + 2})")
+        if self.aggregation == "bulyan":
+            require(n >= 4 * f + 3, f"--aggregation bulyan needs clients >= 4*malicious + 3 ({n} < {4 * f + 3})")
+
+    def malicious_clients(self) -> list[int]:
+        """Which partition ids attack: a fixed, seeded draw decided by the server."""
+        rng = np.random.default_rng(self.seed + 7919)
+        return sorted(int(i) for i in rng.choice(self.clients, size=self.malicious, replace=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,59 @@
+"""Runs the Flower apps on Flower's simulation engine (Ray backend), one CPU per client actor."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from defense.spec import InputSpec
+from federated.config import SimulationConfig
+from federated.run_folder import RunFolder
+
+
+def quiet_ray_environment() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
+                          wrap_strategy: Optional[Callable] = None, verbose: bool = False) -> None:
+    """Train for `config.rounds` rounds; every round's metrics and model land in `run`."""
+    quiet_ray_environment()
+    from flwr.simulation import run_simulation
+
+    from federated.apps import make_client_app, make_server_app
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    cpus = max(1, min(os.cpu_count() or 1, config.clients))
+    backend = {"client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR",
+                             "log_to_driver": False}}
+    server_app = make_server_app(config, run, wrap_strategy or (lambda s: s))
+    run_simulation(server_app=server_app, client_app=make_client_app(config), num_supernodes=config.clients,
+                   backend_config=backend, verbose_logging=verbose)
+
+
+def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
+                  purify_every: int = 0, purify_budget_s: Optional[float] = None, quiet: bool = False) -> RunFolder:
+    run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
+                    config.model, spec, quiet=quiet)
+    try:
+        hook = None
+        if purify:
+            # The front door composes the layers: deploy/ (Ray Train) plugs its hook into the run.
+            from deploy.hook import federated_purification
+
+            hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s)
+        run_simulation_rounds(config, run, wrap_strategy=hook.wrap if hook else None)
+        if not run.rows or len(run.rows) < config.rounds:
+            run.set_status("incomplete", reason="the simulation ended before its last round")
+            return run
+        comparison = hook.finish() if hook else None
+        run.finish(comparison)
+    except BaseException as exc:
+        run.set_status("incomplete", reason=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    return run

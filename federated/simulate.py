@@ -1,0 +1,112 @@
+"""`python -m federated.simulate --malicious 2`: federated training with malicious clients on
+Flower's simulation engine, then (unless --no-purify) server-side DHBE purification of the global
+model through the Ray Train job of deploy/. Writes a run folder (see --out)."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_negative_int, positive_float,
+                         positive_int, run_main)
+from defense.data import DATASETS
+from defense.errors import ConfigError
+from defense.models import MODELS
+from federated.config import PARTITIONS, SimulationConfig
+
+
+def parse_attack_rounds(text: str) -> int:
+    """'all' -> 1; 'from:K' or 'K' -> K (attackers poison from round K on)."""
+    if text == "all":
+        return 1
+    value = text.split(":", 1)[1] if text.startswith("from:") else text
+    try:
+        round_ = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all', 'K' or 'from:K', got {text!r}") from None
+    if round_ < 1:
+        raise argparse.ArgumentTypeError(f"the first attack round must be >= 1, got {round_}")
+    return round_
+
+
+def build_parser() -> ArgumentParser:
+    from federated.strategies import AGGREGATIONS
+
+    p = ArgumentParser(prog="python -m federated.simulate", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=positive_int, default=10, help="number of clients (supernodes)")
+    p.add_argument("--malicious", type=non_negative_int, default=2, help="how many clients attack")
+    p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds")
+    p.add_argument("--local-epochs", type=positive_int, default=2, help="local epochs per round")
+    p.add_argument("--local-lr", type=positive_float, default=0.05, help="clients' SGD learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="digits", choices=DATASETS.names())
+    p.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
+    p.add_argument("--image-size", type=positive_int, default=16, help="resize images to this side")
+    p.add_argument("--model", default="small-cnn", choices=MODELS.names())
+    p.add_argument("--partition", default="iid", choices=PARTITIONS)
+    p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
+    add_trigger_arguments(p)
+    p.add_argument("--poison-rate", type=fraction, default=0.5, help="fraction of a malicious client's data poisoned")
+    p.add_argument("--attack-rounds", type=parse_attack_rounds, default=1, metavar="all|K|from:K",
+                   help="rounds in which attackers poison (from round K on)")
+    p.add_argument("--boost", type=float, default=1.0, help="model-replacement scaling of malicious updates")
+    p.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS.names())
+    p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip")
+    p.add_argument("--out", default=None, help="run folder (default: a fresh folder under runs/)")
+    p.add_argument("--no-purify", action="store_true", help="skip server-side DHBE purification")
+    p.add_argument("--purify-every", type=non_negative_int, default=0,
+                   help="also purify every K rounds (0 = only at the end)")
+    p.add_argument("--purify-budget", type=positive_float, default=None,
+                   help="DHBE wall-time budget in seconds (default: the recipe's iteration count)")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+    return SimulationConfig(
+        clients=args.clients, malicious=args.malicious, rounds=args.rounds, local_epochs=args.local_epochs,
+        local_lr=args.local_lr, seed=args.seed, dataset=args.dataset, data_dir=args.data_dir,
+        image_size=args.image_size, model=args.model, partition=args.partition, alpha=args.alpha,
+        attack=args.attack, trigger_size=args.trigger_size, target=args.target, poison_rate=args.poison_rate,
+        attack_from_round=args.attack_rounds, boost=args.boost, blend_alpha=args.blend_alpha,
+        aggregation=args.aggregation, clip_norm=args.clip_norm,
+    )
+
+
+def prepare_out_dir(out: Optional[str]) -> Path:
+    from federated.run_folder import fresh_run_dir
+
+    path = Path(out) if out else fresh_run_dir()
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"--out {path} exists and is not empty")
+    parent = path.parent if not path.exists() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {path}: {parent} is not writable")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    from defense.data import load_dataset
+
+    bundle = load_dataset(config.dataset, config.data_dir, config.image_size)  # fail fast on bad data
+    if not 0 <= config.target < bundle.spec.num_classes:
+        raise ConfigError(f"--target must be in 0..{bundle.spec.num_classes - 1}, got {config.target}")
+    out = prepare_out_dir(args.out)
+    from federated.engine import run_federated
+
+    started = time.perf_counter()
+    run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
+                        purify_budget_s=args.purify_budget, quiet=args.quiet)
+    print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
+    return 0 if run else 1
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m federated.simulate")
