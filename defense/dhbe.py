@@ -185,6 +185,8 @@ class DHBETrainer:
         self.epoch = 0
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
         self.history: list[EpochRecord] = []
+        # Data-parallel runs (deploy/) average student gradients across workers here.
+        self.sync_student_gradients: Callable[[nn.Module], None] = lambda student: None
 
     # --- the three players of Eq. 8 -------------------------------------------------------------
     def latent(self, dim: int) -> torch.Tensor:
@@ -219,6 +221,7 @@ class DHBETrainer:
         loss = distill + cfg.lam * regulariser
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
+        self.sync_student_gradients(self.student)
         self.opt_student.step()
         return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
 

@@ -69,6 +69,16 @@ class RunFolder:
                   f"  trained {row.get('clients_trained', 0)}  failed {row.get('client_failures', 0)}"
                   f"  {row['wall_time_s']:6.1f}s", flush=True)
 
+    def add_purification(self, before: dict, after: dict, der: float, wall_s: float) -> None:
+        """The purified model's figures, as columns beside the last round's."""
+        if not self.rows:
+            return
+        self.rows[-1].update({f"purified_{k}": after.get(k) for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")})
+        self.rows[-1].update({"purified_der": der, "purify_wall_s": wall_s})
+        self.extra_columns = [f"purified_{k}" for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")] + \
+            ["purified_der", "purify_wall_s"]
+        write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
+
     def save_final(self, model: torch.nn.Module, name: str = "final", extra: Optional[dict] = None) -> Path:
         return save_model(model, self.root / f"{name}", self.model_name, self.spec,
                           {"tool": "federated.simulate", "rounds": len(self.rows)}, extra)

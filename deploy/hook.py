@@ -1,0 +1,135 @@
+"""The server-side purification hook: wraps any Flower strategy and purifies the aggregated global
+model with the DHBE Ray Train job every K rounds and/or after the final round.
+
+With your own ServerApp on Flower's deployment engine (`flwr run .`), three lines:
+
+    from deploy.hook import PurifyingStrategy
+    strategy = PurifyingStrategy(FedAvg(...), model_name="small-cnn", spec=spec, every=5, final_round=num_rounds)
+    result = strategy.start(grid, initial_arrays, num_rounds)     # as before
+
+Inside `python -m federated.simulate`, Flower's simulation owns the Ray runtime and its client actors
+hold every CPU, so in-run purifications ask Ray for zero CPUs (they share the cores instead of waiting
+for ever), and the final purification runs after the simulation has released Ray.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import Strategy
+
+from defense.dhbe import DHBEConfig, cpu_recipe
+from defense.modelio import LoadedModel, load_model
+from defense.models import build_model
+from defense.spec import InputSpec
+from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
+from federated.strategies import DelegatingStrategy
+
+
+def purify_arrays(arrays: ArrayRecord, model_name: str, spec: InputSpec, job: PurifyJobConfig,
+                  out: Path) -> tuple[ArrayRecord, PurifyResult]:
+    from federated.apps import arrays_to_model, model_to_arrays
+
+    model = arrays_to_model(build_model(model_name, spec), arrays).eval()
+    teacher = LoadedModel(model, model_name, spec, {}, weights_sha256="in-memory global model")
+    result = run_purify_job(teacher, job, out)
+    return model_to_arrays(result.model), result
+
+
+class PurifyingStrategy(DelegatingStrategy):
+    """Purifies the aggregated model after rounds `every`, 2*`every`, ... and after `final_round`;
+    the purified model becomes the next round's global model (or the final one)."""
+
+    def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
+                 final_round: Optional[int] = None, dhbe: Optional[DHBEConfig] = None,
+                 out_dir: Optional[Path] = None, cpus_per_worker: float = 1.0) -> None:
+        super().__init__(inner)
+        self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
+        self.dhbe = dhbe or cpu_recipe()
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
+        self.cpus_per_worker = cpus_per_worker
+        self.purifications: list[dict] = []
+
+    def due(self, server_round: int) -> bool:
+        return (self.every > 0 and server_round % self.every == 0) or server_round == self.final_round
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or not self.due(server_round):
+            return arrays, metrics
+        started = time.perf_counter()
+        job = PurifyJobConfig(dhbe=self.dhbe, cpus_per_worker=self.cpus_per_worker)
+        arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
+                                       self.out_dir / f"purified-round-{server_round:03d}")
+        self.purifications.append({"round": server_round, "model": str(result.manifest_path),
+                                   "wall_s": time.perf_counter() - started})
+        return arrays, metrics
+
+
+class FederatedPurification:
+    """What `python -m federated.simulate` plugs in: in-run purification every K rounds, and the
+    final purification with a before/after report once the simulation has released Ray."""
+
+    def __init__(self, config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
+                 dhbe: Optional[DHBEConfig] = None) -> None:
+        self.config, self.run, self.spec, self.every, self.budget_s = config, run, spec, every, budget_s
+        self.dhbe = dhbe or cpu_recipe(seed=config.seed)
+
+    def wrap(self, strategy: Strategy) -> Strategy:
+        if self.every <= 0:
+            return strategy
+        return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, dhbe=self.dhbe,
+                                 out_dir=self.run.root / "models", cpus_per_worker=0.0)
+
+    def finish(self) -> list[dict]:
+        from defense.metrics import defence_effectiveness_rating, evaluate_backdoor
+        from federated.apps import _bundle
+        from federated.attacks import global_trigger
+
+        backdoored = load_model(self.run.root / "final.json")
+        print(f"purifying the global model with DHBE on Ray Train ({self.dhbe.iterations} iterations) ...", flush=True)
+        job = PurifyJobConfig(dhbe=self.dhbe, budget_s=self.budget_s)
+        result = run_purify_job(backdoored, job, self.run.root / "purified")
+        bundle = _bundle(self.config.dataset, self.config.data_dir, self.config.image_size)
+        trigger = global_trigger(self.config, bundle.spec)
+        before = evaluate_backdoor(backdoored.model, bundle.test, trigger, self.config.target)
+        after = evaluate_backdoor(result.model, bundle.test, trigger, self.config.target)
+        rows = [{"model": "global (after training)", **before},
+                {"model": f"purified (DHBE, {result.wall_s:.0f} s)", **after}]
+        self.run.add_purification(before, after, defence_effectiveness_rating(before, after), result.wall_s)
+        plot_before_after(rows, self.run.root / "purification.png")
+        from federated.run_folder import comparison_table
+
+        print("\n".join(comparison_table(rows)))
+        return rows
+
+
+def federated_purification(config, run, spec: InputSpec, every: int = 0,
+                           budget_s: Optional[float] = None) -> FederatedPurification:
+    return FederatedPurification(config, run, spec, every, budget_s)
+
+
+def plot_before_after(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from defense.fileio import atomic_path
+
+    keys = [("acc", "ACC"), ("asr_x1", "ASR x1"), ("asr_x4", "ASR x4"), ("asr_x9", "ASR x9")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        ax.bar([k + i * width for k in range(len(keys))], [100 * (row.get(key) or 0) for key, _ in keys],
+               width=width, label=row["model"])
+    ax.set_xticks([k + width * (len(rows) - 1) / 2 for k in range(len(keys))], [label for _, label in keys])
+    ax.set_ylabel("%"), ax.set_ylim(0, 105), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

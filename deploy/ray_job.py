@@ -1,0 +1,183 @@
+"""DHBE as a Ray Train job (TorchTrainer): GPU when Ray sees one, CPU otherwise; data-parallel over
+K workers (gloo on CPU); a checkpoint every epoch so a failed worker resumes where it stopped.
+
+On a fresh local Ray by default; on an existing cluster when RAY_ADDRESS (or `address`) names one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from defense.dhbe import DHBEConfig, DHBETrainer, EpochRecord
+from defense.errors import ConfigError
+from defense.modelio import LoadedModel, load_model, save_model
+from defense.spec import InputSpec, require
+
+STATE_FILE = "trainer_state.pt"
+RESULT_NAME = "purified"
+
+
+@dataclass
+class PurifyJobConfig:
+    dhbe: DHBEConfig
+    workers: int = 1
+    use_gpu: Optional[bool] = None          # None: a GPU if the cluster has one
+    address: Optional[str] = None           # None: RAY_ADDRESS, else a fresh local Ray
+    storage_path: Optional[str] = None      # None: a temporary folder
+    name: Optional[str] = None              # reusing a name resumes that run
+    max_failures: int = 2
+    fail_after_epoch: int = 0               # test hook: one injected worker failure after this epoch
+    cpus_per_worker: float = 1.0
+    budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
+
+    def __post_init__(self) -> None:
+        require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        require(self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
+        require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")
+
+
+def _average_gradients(student: torch.nn.Module) -> None:
+    """All-reduce student gradients (what DDP does; done by hand because a DHBE step runs the
+    student forward twice, clean and patched, before one backward)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in student.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    from defense.models import build_model
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config["threads"])))
+    device = ray.train.torch.get_device()
+    spec = InputSpec.from_dict(loop_config["spec"])
+    teacher = build_model(loop_config["model_name"], spec)
+    teacher.load_state_dict(loop_config["teacher_state"])
+    config = DHBEConfig(**{**loop_config["dhbe"], "lr_milestones": tuple(loop_config["dhbe"]["lr_milestones"]),
+                           "seed": loop_config["dhbe"]["seed"] + 1000 * rank})
+    trainer = DHBETrainer(teacher, spec, config, device)
+    if world > 1:
+        trainer.sync_student_gradients = _average_gradients
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+        trainer.load_state_dict(state)
+        if world > 1:  # every worker restarts from rank 0's state, then draws its own batches
+            trainer.rng.manual_seed(config.seed + 1 + trainer.epoch)
+            torch.manual_seed(config.seed + trainer.epoch)
+
+    started = time.perf_counter()
+    fail_marker = Path(loop_config["storage"]) / f".injected-failure-{loop_config['run_name']}"
+    while trainer.epoch < config.epochs:
+        record = trainer.run_epoch()
+        last = trainer.epoch == config.epochs or (
+            loop_config["budget_s"] is not None and time.perf_counter() - started >= loop_config["budget_s"])
+        metrics = {**record.as_row(), "done": last, "rank": rank}
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint = None
+            if rank == 0:
+                torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
+                if last:
+                    save_model(trainer.student.cpu(), Path(folder) / RESULT_NAME, loop_config["model_name"], spec,
+                               loop_config["produced_by"], {"history": [asdict(r) for r in trainer.history]})
+                    trainer.student.to(device)
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+        if (loop_config["fail_after_epoch"] and trainer.epoch == loop_config["fail_after_epoch"]
+                and rank == 0 and not fail_marker.exists()):
+            fail_marker.write_text("failed once\n")
+            raise RuntimeError(f"injected worker failure after epoch {trainer.epoch}")
+        if last:
+            break
+
+
+def connect_ray(address: Optional[str] = None) -> None:
+    """Join RAY_ADDRESS / `address` when given, else start a local Ray sized to this machine."""
+    import ray
+
+    from federated.engine import quiet_ray_environment
+
+    quiet_ray_environment()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+@dataclass
+class PurifyResult:
+    model: torch.nn.Module
+    manifest_path: Path
+    history: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    device: str = "cpu"
+
+
+def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> PurifyResult:
+    """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job.dhbe.validate_for(teacher.spec)
+    started = time.perf_counter()
+    connect_ray(job.address)
+    use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < job.workers:
+        raise ConfigError(f"--gpu asks for {job.workers} GPU worker(s) but the Ray cluster has "
+                          f"{int(ray.cluster_resources().get('GPU', 0))} GPU(s)")
+    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus_per_worker = min(job.cpus_per_worker, max(cpus / job.workers, 0.01))
+    storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
+    name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
+    loop_config = {
+        "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
+        "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
+        "dhbe": job.dhbe.to_dict(), "threads": max(1, int(cpus_per_worker)), "budget_s": job.budget_s,
+        "fail_after_epoch": job.fail_after_epoch, "storage": str(storage), "run_name": name,
+        "produced_by": {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
+                        "input_weights_sha256": teacher.weights_sha256, "config": job.dhbe.to_dict(),
+                        "workers": job.workers, "gpu": bool(use_gpu)},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"the purification job failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError("the purification job ended without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        produced = load_model(Path(folder) / f"{RESULT_NAME}.json")
+        history = produced.manifest.get("extra", {}).get("history", [])
+        manifest_path = save_model(produced.model, out, produced.model_name, produced.spec,
+                                   produced.manifest["produced_by"], {"history": history})
+    return PurifyResult(produced.model, manifest_path, history, time.perf_counter() - started,
+                        "gpu" if use_gpu else "cpu")

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits16():
+    from defense.data import load_dataset
+
+    return load_dataset("digits", image_size=16)
+
+
+@pytest.fixture(scope="session")
+def badnets_scenario(tmp_path_factory):
+    """A small CNN backdoored centrally with a 3x3 patch at 10% on digits 16x16 (the foundation's attack)."""
+    from benchmarks.harness import backdoored_scenario
+
+    return backdoored_scenario("badnets", 16, 3, 0.1, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))
