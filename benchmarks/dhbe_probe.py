@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import backdoored_scenario
+from defense.scenario import backdoored_scenario
 from defense.dhbe import DHBEConfig, cpu_recipe, purify
 
 RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")

@@ -56,6 +56,7 @@ class DHBEConfig:
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
+    generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
 
     def __post_init__(self) -> None:
@@ -70,6 +71,7 @@ class DHBEConfig:
         require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         require(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
+        require(self.generator_adversarial_weight >= 0, "generator_adversarial_weight must be >= 0")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
         require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
@@ -235,7 +237,8 @@ class DHBETrainer:
         t_logits = self.teacher(pixels)
         if self.bn_prior is not None:
             self.bn_prior.enabled = False
-        loss = -l1(self.student(pixels), t_logits) + cfg.image_prior_weight * total_variation_l2(normalised)
+        loss = (-cfg.generator_adversarial_weight * l1(self.student(pixels), t_logits)
+                + cfg.image_prior_weight * total_variation_l2(normalised))
         if self.bn_prior is not None:
             loss = loss + cfg.bn_prior_weight * self.bn_prior.collect()
         self.opt_generator.zero_grad(set_to_none=True)
@@ -378,7 +381,7 @@ def cpu_recipe(**overrides: Any) -> DHBEConfig:
 
 
 CPU_RECIPE = DHBEConfig(
-    epochs=20, iters_per_epoch=10, batch_size=128, student_lr=0.01, generator_width=16,
+    lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, student_lr=0.05, generator_width=16,
     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
-    bn_prior_weight=1.0, freeze_student_bn=True, patch_per_sample=True,
+    bn_prior_weight=1.0, patch_per_sample=True, patch_copies=9,
 )

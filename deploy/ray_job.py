@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -61,12 +61,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
-    from defense.models import build_model
 
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    run_dhbe_loop(loop_config, report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+                  checkpoint_type=ray.train.Checkpoint, rank=context.get_world_rank(),
+                  world=context.get_world_size(), device=ray.train.torch.get_device())
+
+
+def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint: Callable, checkpoint_type: Any,
+                  rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                  evaluator: Optional[Callable[[torch.nn.Module], dict]] = None) -> None:
+    """The DHBE job body, shared by Ray Train workers (deploy) and Ray Tune trials (tuning):
+    resume from the last checkpoint, run epochs, report metrics and a checkpoint after each."""
+    from defense.models import build_model
+
     torch.set_num_threads(max(1, int(loop_config["threads"])))
-    device = ray.train.torch.get_device()
     spec = InputSpec.from_dict(loop_config["spec"])
     teacher = build_model(loop_config["model_name"], spec)
     teacher.load_state_dict(loop_config["teacher_state"])
@@ -76,11 +85,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if world > 1:
         trainer.sync_student_gradients = _average_gradients
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = get_checkpoint()
+    resumed_from_epoch = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
         trainer.load_state_dict(state)
+        resumed_from_epoch = trainer.epoch
         if world > 1:  # every worker restarts from rank 0's state, then draws its own batches
             trainer.rng.manual_seed(config.seed + 1 + trainer.epoch)
             torch.manual_seed(config.seed + trainer.epoch)
@@ -89,6 +100,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fail_marker = Path(loop_config["storage"]) / f".injected-failure-{loop_config['run_name']}"
     while trainer.epoch < config.epochs:
         record = trainer.run_epoch()
+        if evaluator is not None:
+            record.evaluation = evaluator(trainer.student)
         last = trainer.epoch == config.epochs or (
             loop_config["budget_s"] is not None and time.perf_counter() - started >= loop_config["budget_s"])
         metrics = {**record.as_row(), "done": last, "rank": rank}
@@ -98,16 +111,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
                 if last:
                     save_model(trainer.student.cpu(), Path(folder) / RESULT_NAME, loop_config["model_name"], spec,
-                               loop_config["produced_by"], {"history": [asdict(r) for r in trainer.history]})
+                               loop_config["produced_by"], {"history": [asdict(r) for r in trainer.history],
+                                                            "resumed_from_epoch": resumed_from_epoch})
                     trainer.student.to(device)
-                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=report_checkpoint)
+                report_checkpoint = checkpoint_type.from_directory(folder)
+            report(metrics, checkpoint=report_checkpoint)
         if (loop_config["fail_after_epoch"] and trainer.epoch == loop_config["fail_after_epoch"]
                 and rank == 0 and not fail_marker.exists()):
             fail_marker.write_text("failed once\n")
             raise RuntimeError(f"injected worker failure after epoch {trainer.epoch}")
         if last:
             break
+
+
+def job_loop_config(teacher: LoadedModel, dhbe: DHBEConfig, threads: int, storage: Path, name: str,
+                    budget_s: Optional[float] = None, fail_after_epoch: int = 0,
+                    produced_by: Optional[dict] = None) -> dict[str, Any]:
+    """Everything the job body needs, as plain data Ray can ship to workers."""
+    return {
+        "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
+        "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
+        "dhbe": dhbe.to_dict(), "threads": threads, "budget_s": budget_s,
+        "fail_after_epoch": fail_after_epoch, "storage": str(storage), "run_name": name,
+        "produced_by": produced_by or {},
+    }
 
 
 def connect_ray(address: Optional[str] = None) -> None:
@@ -133,6 +160,7 @@ class PurifyResult:
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     device: str = "cpu"
+    resumed_from_epoch: int = 0
 
 
 def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> PurifyResult:
@@ -152,15 +180,11 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     cpus_per_worker = min(job.cpus_per_worker, max(cpus / job.workers, 0.01))
     storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
-    loop_config = {
-        "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
-        "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
-        "dhbe": job.dhbe.to_dict(), "threads": max(1, int(cpus_per_worker)), "budget_s": job.budget_s,
-        "fail_after_epoch": job.fail_after_epoch, "storage": str(storage), "run_name": name,
-        "produced_by": {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
-                        "input_weights_sha256": teacher.weights_sha256, "config": job.dhbe.to_dict(),
-                        "workers": job.workers, "gpu": bool(use_gpu)},
-    }
+    loop_config = job_loop_config(
+        teacher, job.dhbe, max(1, int(cpus_per_worker)), storage, name, job.budget_s, job.fail_after_epoch,
+        {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
+         "input_weights_sha256": teacher.weights_sha256, "config": job.dhbe.to_dict(),
+         "workers": job.workers, "gpu": bool(use_gpu)})
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
@@ -176,8 +200,8 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
         raise RuntimeError("the purification job ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         produced = load_model(Path(folder) / f"{RESULT_NAME}.json")
-        history = produced.manifest.get("extra", {}).get("history", [])
+        extra = produced.manifest.get("extra", {})
         manifest_path = save_model(produced.model, out, produced.model_name, produced.spec,
-                                   produced.manifest["produced_by"], {"history": history})
-    return PurifyResult(produced.model, manifest_path, history, time.perf_counter() - started,
-                        "gpu" if use_gpu else "cpu")
+                                   produced.manifest["produced_by"], extra)
+    return PurifyResult(produced.model, manifest_path, extra.get("history", []), time.perf_counter() - started,
+                        "gpu" if use_gpu else "cpu", int(extra.get("resumed_from_epoch", 0)))

@@ -17,6 +17,6 @@ def digits16():
 @pytest.fixture(scope="session")
 def badnets_scenario(tmp_path_factory):
     """A small CNN backdoored centrally with a 3x3 patch at 10% on digits 16x16 (the foundation's attack)."""
-    from benchmarks.harness import backdoored_scenario
+    from defense.scenario import backdoored_scenario
 
     return backdoored_scenario("badnets", 16, 3, 0.1, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))

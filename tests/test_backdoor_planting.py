@@ -1,5 +1,5 @@
 """The foundation's attack really plants a backdoor, and a clean model really lacks it."""
-from benchmarks.harness import backdoored_scenario
+from defense.scenario import backdoored_scenario
 
 
 def test_poisoned_training_plants_a_backdoor(badnets_scenario):

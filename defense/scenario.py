@@ -1,4 +1,5 @@
-"""Shared benchmark harness: backdoored teachers (cached as model files) and evaluation closures."""
+"""The experimenter's scenario: a centrally poisoned model plus the test data and true trigger that
+measure it. Benchmarks, tests and tuning build backdoored teachers here; the defence never calls it."""
 from __future__ import annotations
 
 from dataclasses import dataclass

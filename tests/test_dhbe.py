@@ -1,0 +1,151 @@
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import defense.data as data_module
+from defense.dhbe import DHBEConfig, DHBETrainer, cpu_recipe, l1, purify, total_variation_l2
+from defense.errors import ConfigError
+from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
+from defense.models import build_model
+from defense.spec import InputSpec
+
+SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
+
+
+def test_sample_generator_outputs_normalised_images():
+    g = SampleGenerator(SPEC, latent_dim=32, width=8)
+    x = g(torch.randn(64, 32))
+    assert x.shape == (64, 1, 16, 16)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 0.02  # BN(affine=False)
+
+
+def test_trigger_generator_is_bounded_patch():
+    gp = TriggerGenerator(3, patch_size=5, latent_dim=16, width=8, amplitude=0.5)
+    p = gp(torch.randn(10, 16) * 100)
+    assert p.shape == (10, 3, 5, 5) and float(p.abs().max()) <= 0.5
+
+
+def test_paste_one_place_per_batch_like_the_official_random_pad():
+    images = torch.zeros(4, 1, 16, 16)
+    patches = torch.ones(4, 1, 3, 3)
+    out = paste_patches(images, patches, per_sample=False, generator=torch.Generator().manual_seed(0))
+    nz = [tuple(torch.nonzero(o[0]).min(0).values.tolist()) for o in out]
+    assert len(set(nz)) == 1 and all(float(o.sum()) == 9 for o in out)
+
+
+def test_paste_per_sample_places_and_copies():
+    images = torch.zeros(200, 1, 16, 16)
+    patches = torch.ones(200, 1, 3, 3)
+    out = paste_patches(images, patches, per_sample=True, generator=torch.Generator().manual_seed(0))
+    corners = {tuple(torch.nonzero(o[0]).min(0).values.tolist()) for o in out}
+    assert len(corners) > 50 and all(float(o.sum()) == 9 for o in out)
+    many = paste_patches(images, patches, per_sample=True, max_copies=4, generator=torch.Generator().manual_seed(0))
+    sums = many.sum(dim=(1, 2, 3))
+    assert set(sums.tolist()) <= {9.0, 18.0, 27.0, 36.0} and len(set(sums.tolist())) == 4
+
+
+def test_loss_terms_match_hand_computed_values():
+    a = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [0.5, 1.0]])
+    assert float(l1(a, b)) == pytest.approx((1 + 2 + 0 + 1) / 4)
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    # vertical diffs 2, 3 -> mean of squares 6.5; horizontal diffs 1, 2 -> 2.5
+    assert float(total_variation_l2(x)) == pytest.approx(9.0)
+
+
+def test_student_step_minimises_equation_8():
+    torch.manual_seed(0)
+    teacher = build_model("small-cnn", SPEC).eval()
+    config = replace(cpu_recipe(), batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1)
+    trainer = DHBETrainer(teacher, SPEC, config)
+    torch.manual_seed(5)
+    trainer.rng.manual_seed(5)
+    with torch.no_grad():
+        student = copy.deepcopy(trainer.student)
+        trainer.set_student_mode()
+        x = trainer.synthesise(trainer.latent(config.latent_dim))
+        xp = trainer.patch(x, trainer.latent(config.trigger_latent_dim))
+        s = student.train()(x)
+        expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(xp), s)
+    torch.manual_seed(5)
+    trainer.rng.manual_seed(5)
+    loss, distill, regulariser = trainer.student_step()
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+    assert loss == pytest.approx(distill + 0.7 * regulariser, rel=1e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
+    ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        replace(DHBEConfig(), **{field: value})
+
+
+def test_impossible_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="smaller than"):
+        DHBEConfig(patch_size=16).validate_for(SPEC)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        DHBEConfig(patch_size=3).validate_for(InputSpec(1, 10, 10, 10, (0.3,), (0.4,)))
+
+
+def test_purify_is_data_free(monkeypatch, badnets_scenario):
+    """Every data-set loader raises while DHBE runs: it never touches data."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("DHBE touched a data set")
+
+    for name in data_module.DATASETS.names():
+        monkeypatch.setitem(data_module.DATASETS._entries, name, refuse)
+    monkeypatch.setattr(data_module, "load_dataset", refuse)
+    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16)
+    student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+    assert len(history) == 1 and 0.0 <= history[0].synthetic_agreement <= 1.0
+    assert history[0].trigger_sensitivity >= 0.0 and history[0].evaluation == {}
+
+
+def test_deterministic_for_a_seed(badnets_scenario):
+    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, seed=3)
+    runs = [purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config) for _ in range(2)]
+    for p, q in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()):
+        assert torch.equal(p, q)
+    assert runs[0][1][0].loss_student == runs[1][1][0].loss_student
+
+
+def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario):
+    """A short run of the CPU recipe: ASR x1 falls from >= 90% and clean ACC mostly holds."""
+    before = badnets_scenario.evaluate(badnets_scenario.teacher)
+    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10)
+    student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+    after = badnets_scenario.evaluate(student)
+    print("before", before, "after", after)
+    assert before["asr_x1"] >= 0.9
+    assert after["asr_x1"] <= 0.3
+    assert after["acc"] >= before["acc"] - 0.08
+
+
+def test_lambda_zero_keeps_the_backdoor(badnets_scenario):
+    """The ablation: without the regulariser, distillation from a teacher copy keeps the backdoor."""
+    config = replace(cpu_recipe(), epochs=2, iters_per_epoch=10, lam=0.0)
+    student, _ = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+    assert badnets_scenario.evaluate(student)["asr_x1"] >= 0.8
+
+
+def test_divergence_is_detected_not_returned(badnets_scenario):
+    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30, max_recoveries=1)
+    from defense.errors import DivergenceError
+
+    with pytest.raises(DivergenceError, match="non-finite"):
+        purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+
+
+def test_paper_scale_configuration_runs_a_few_iterations():
+    """ResNet-18 on 32x32x3 with the official defaults (batch shrunk so CPU CI stays fast)."""
+    spec = InputSpec(3, 32, 32, 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    config = replace(DHBEConfig(), epochs=1, iters_per_epoch=1, batch_size=8, student_steps=2)
+    assert DHBEConfig().iterations == 15_000 and DHBEConfig().patch_size == 5
+    student, history = purify(build_model("resnet18", spec).eval(), spec, config)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0].loss_student))

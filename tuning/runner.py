@@ -1,0 +1,107 @@
+"""Runs a sweep with Ray Tune and writes its tables and plots."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Optional
+
+from defense.fileio import atomic_path
+from tuning.sweep import SCORE, trial
+
+SWEPT_ORDER = ("lam", "student_lr", "patch_size", "trigger_size")
+
+
+def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str, out: Path, resume: bool,
+              max_concurrent: Optional[int] = None) -> str:
+    import ray
+    from ray import tune
+
+    from deploy.ray_job import connect_ray
+
+    connect_ray()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    trainable = tune.with_resources(trial, {"cpu": 1})
+    if resume:
+        tuner = tune.Tuner.restore(str(out / "sweep"), trainable=trainable, resume_errored=True)
+    else:
+        param_space: dict[str, Any] = {"setup": setup, **{k: tune.grid_search(v) for k, v in space.items()}}
+        if samples > 1:
+            param_space["seed"] = tune.grid_search([setup["seed"] + i for i in range(samples)])
+        epochs = setup["base"]["epochs"]
+        sched = (tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 3),
+                                               reduction_factor=2) if scheduler == "asha" else None)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=sched,
+                                        max_concurrent_trials=max_concurrent or cpus),
+            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0),
+        )
+    grid = tuner.fit()
+    return write_results(grid, space, out)
+
+
+def write_results(grid, space: dict[str, list], out: Path) -> str:
+    import pandas as pd
+
+    frames, finals = [], []
+    for index, result in enumerate(grid):
+        config = {k: v for k, v in result.config.items() if k != "setup"}
+        frame = result.metrics_dataframe
+        if frame is None or frame.empty:
+            continue
+        frame = frame.assign(trial=index, **{f"config_{k}": v for k, v in config.items()})
+        frames.append(frame)
+        last = frame.iloc[-1]
+        finals.append({"trial": index, **{f"config_{k}": v for k, v in config.items()},
+                       "epochs_run": int(last["epoch"]), "stopped_early": bool(not last.get("done", False)),
+                       SCORE: float(frame[SCORE].tail(3).mean()),
+                       **{c: last[c] for c in frame.columns if c.startswith("eval_")}})
+    table = pd.concat(frames, ignore_index=True)
+    keep = [c for c in table.columns if c.startswith(("config_", "eval_")) or c in (
+        "trial", "epoch", "student_updates", "loss_distill", "loss_regulariser", "synthetic_agreement",
+        "trigger_sensitivity", "trigger_flip_rate", "teacher_flip_rate", SCORE, "seconds")]
+    table = table[keep]
+    with atomic_path(out / "trials.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    final = pd.DataFrame(finals)
+    with atomic_path(out / "final.csv") as tmp:
+        final.to_csv(tmp, index=False)
+    swept = [k for k in SWEPT_ORDER if k in space]
+    plot(final, swept, out)
+    lines = [final.to_markdown(index=False) if _has_tabulate() else final.to_string(index=False)]
+    by_score = final.sort_values(SCORE, ascending=False).iloc[0]
+    lines.append(f"best by data-free defender score: trial {int(by_score['trial'])}")
+    if "eval_asr_x1" in final:
+        oracle = final.sort_values(["eval_asr_x1", "eval_acc"], ascending=[True, False]).iloc[0]
+        lines.append(f"oracle (selected by test ASR, unavailable to a defender): trial {int(oracle['trial'])}")
+    return "\n".join(lines)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot(final, swept: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in swept:
+        column = f"config_{key}"
+        if column not in final:
+            continue
+        grouped = final.groupby(column)[[c for c in ("eval_acc", "eval_asr_x1", "eval_asr_x9") if c in final]].mean()
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for metric in grouped.columns:
+            ax.plot(grouped.index, 100 * grouped[metric], marker="o", label=metric.replace("eval_", "").upper())
+        ax.set_xlabel(key), ax.set_ylabel("% (test set, evaluation only)"), ax.set_ylim(-2, 102)
+        ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(out / f"sweep_{key}.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
