@@ -55,6 +55,7 @@ class DHBEConfig:
     freeze_student_bn: bool = False       # student BN uses T's running statistics (eval mode)
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
+    patch_replaces: bool = False          # the patch replaces pixels (BadNets-style) instead of adding
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
@@ -201,7 +202,7 @@ class DHBETrainer:
     def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor) -> torch.Tensor:
         """x + pad(Gp(z')): the candidate trigger pasted at a random place."""
         return paste_patches(pixels, self.trigger_generator(z_trigger), self.config.patch_per_sample,
-                             self.config.patch_copies, self.rng)
+                             self.config.patch_copies, self.rng, self.config.patch_replaces)
 
     def set_student_mode(self) -> None:
         self.student.train()
@@ -383,5 +384,5 @@ def cpu_recipe(**overrides: Any) -> DHBEConfig:
 CPU_RECIPE = DHBEConfig(
     lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, student_lr=0.05, generator_width=16,
     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
-    bn_prior_weight=1.0, patch_per_sample=True, patch_copies=9,
+    bn_prior_weight=1.0, patch_per_sample=True, patch_copies=9, patch_replaces=True,
 )

@@ -63,27 +63,42 @@ class TriggerGenerator(nn.Module):
 
 
 def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool, max_copies: int = 1,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """images + zero-padded patches: at one random place for the whole batch (the official
-    `random_pad`), or at independent random places per sample when `per_sample`, where each
-    sample gets between 1 and `max_copies` copies of its patch (a departure: amplified triggers)."""
-    n, _, height, width = images.shape
+                  generator: torch.Generator | None = None, replace: bool = False) -> torch.Tensor:
+    """Paste Gp's patches onto images (pixel space).
+
+    Official behaviour: `images + pad(patch)` at one random place for the whole batch (`random_pad`).
+    Departures (config flags): a random place per sample (`per_sample`), 1..`max_copies` copies per
+    sample, and `replace`, where the patch, mapped from [-1, 1] to [0, 1], replaces the pixels under it
+    as a BadNets trigger does (overlapping copies are averaged)."""
+    n, channels, height, width = images.shape
     k = patches.shape[-1]
     require(k <= min(height, width), f"a {k}x{k} patch does not fit {height}x{width} images")
+    values = (patches + 1) / 2 if replace else patches
     if not per_sample:
         row = int(torch.randint(0, height - k + 1, (1,), generator=generator))
         col = int(torch.randint(0, width - k + 1, (1,), generator=generator))
-        return images + torch.nn.functional.pad(patches, (col, width - k - col, row, height - k - row))
+        padding = (col, width - k - col, row, height - k - row)
+        canvas = torch.nn.functional.pad(values, padding)
+        if not replace:
+            return images + canvas
+        mask = torch.nn.functional.pad(torch.ones_like(values), padding)
+        return images * (1 - mask) + canvas
     copies = torch.randint(1, max_copies + 1, (n,), generator=generator).to(images.device)
     offsets = torch.arange(k, device=images.device)
     batch_idx = torch.arange(n, device=images.device)[:, None, None].expand(n, k, k)
-    values = patches.permute(0, 2, 3, 1)
-    out = images.permute(0, 2, 3, 1).clone()
+    values = values.permute(0, 2, 3, 1)
+    canvas = torch.zeros(n, height, width, channels, dtype=images.dtype, device=images.device)
+    count = torch.zeros(n, height, width, 1, dtype=images.dtype, device=images.device)
     for copy_index in range(max_copies):
         rows = torch.randint(0, height - k + 1, (n,), generator=generator).to(images.device)
         cols = torch.randint(0, width - k + 1, (n,), generator=generator).to(images.device)
         row_idx = (rows[:, None] + offsets)[:, :, None].expand(n, k, k)
         col_idx = (cols[:, None] + offsets)[:, None, :].expand(n, k, k)
         active = (copy_index < copies).to(values.dtype)[:, None, None, None]
-        out = out.index_put((batch_idx, row_idx, col_idx), values * active, accumulate=True)
-    return out.permute(0, 3, 1, 2)
+        canvas = canvas.index_put((batch_idx, row_idx, col_idx), values * active, accumulate=True)
+        count = count.index_put((batch_idx, row_idx, col_idx), active.expand(n, k, k, 1), accumulate=True)
+    canvas, count = canvas.permute(0, 3, 1, 2), count.permute(0, 3, 1, 2)
+    if not replace:
+        return images + canvas
+    covered = count > 0
+    return torch.where(covered, canvas / count.clamp_min(1), images)

@@ -46,7 +46,7 @@ class PurifyingStrategy(DelegatingStrategy):
 
     def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
                  final_round: Optional[int] = None, dhbe: Optional[DHBEConfig] = None,
-                 out_dir: Optional[Path] = None, cpus_per_worker: float = 1.0) -> None:
+                 out_dir: Optional[Path] = None, cpus_per_worker: Optional[float] = None) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
         self.dhbe = dhbe or cpu_recipe()

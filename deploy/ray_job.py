@@ -35,13 +35,13 @@ class PurifyJobConfig:
     name: Optional[str] = None              # reusing a name resumes that run
     max_failures: int = 2
     fail_after_epoch: int = 0               # test hook: one injected worker failure after this epoch
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None  # None: the cluster's CPUs shared among the workers
     budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
 
     def __post_init__(self) -> None:
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
-        require(self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
+        require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
         require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")
 
 
@@ -177,11 +177,12 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
         raise ConfigError(f"--gpu asks for {job.workers} GPU worker(s) but the Ray cluster has "
                           f"{int(ray.cluster_resources().get('GPU', 0))} GPU(s)")
     cpus = ray.cluster_resources().get("CPU", 1)
-    cpus_per_worker = min(job.cpus_per_worker, max(cpus / job.workers, 0.01))
+    share = max(cpus / job.workers, 0.01)
+    cpus_per_worker = share if job.cpus_per_worker is None else min(job.cpus_per_worker, share)
     storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
     loop_config = job_loop_config(
-        teacher, job.dhbe, max(1, int(cpus_per_worker)), storage, name, job.budget_s, job.fail_after_epoch,
+        teacher, job.dhbe, max(1, int(share)), storage, name, job.budget_s, job.fail_after_epoch,
         {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
          "input_weights_sha256": teacher.weights_sha256, "config": job.dhbe.to_dict(),
          "workers": job.workers, "gpu": bool(use_gpu)})
