@@ -56,6 +56,9 @@ class DHBEConfig:
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
     patch_replaces: bool = False          # the patch replaces pixels (BadNets-style) instead of adding
+    patch_memory: int = 0                 # replay buffer of Gp's past patches (0: none)
+    memory_fraction: float = 0.5          # share of the student's patches drawn from that buffer
+    trigger_steps: int = 1                # Gp updates per iteration
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
@@ -76,6 +79,9 @@ class DHBEConfig:
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
         require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
+        require(self.patch_memory >= 0, f"patch_memory must be >= 0, got {self.patch_memory}")
+        require(0 <= self.memory_fraction <= 1, f"memory_fraction must be in [0, 1], got {self.memory_fraction}")
+        require(self.trigger_steps >= 1, f"trigger_steps must be >= 1, got {self.trigger_steps}")
 
     @property
     def iterations(self) -> int:
@@ -188,6 +194,7 @@ class DHBETrainer:
         self.epoch = 0
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
         self.history: list[EpochRecord] = []
+        self.memory = torch.zeros(0, spec.channels, config.patch_size, config.patch_size)
         # Data-parallel runs (deploy/) average student gradients across workers here.
         self.sync_student_gradients: Callable[[nn.Module], None] = lambda student: None
 
@@ -199,10 +206,26 @@ class DHBETrainer:
         """G(z) mapped to pixel space (G works in normalised space, like the official code)."""
         return self.spec.denormalise(self.sample_generator(z))
 
-    def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor) -> torch.Tensor:
-        """x + pad(Gp(z')): the candidate trigger pasted at a random place."""
-        return paste_patches(pixels, self.trigger_generator(z_trigger), self.config.patch_per_sample,
+    def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor, replay: bool = False) -> torch.Tensor:
+        """x + pad(Gp(z')): the candidate trigger pasted at a random place. With `replay`, part of
+        the patches come from the memory of Gp's past patches (the student keeps facing old triggers)."""
+        patches = self.trigger_generator(z_trigger)
+        if replay and len(self.memory):
+            count = int(round(self.config.memory_fraction * len(patches)))
+            picks = torch.randint(0, len(self.memory), (count,), generator=self.rng)
+            patches = torch.cat([self.memory[picks].to(patches), patches[count:]])
+        return paste_patches(pixels, patches, self.config.patch_per_sample,
                              self.config.patch_copies, self.rng, self.config.patch_replaces)
+
+    def remember(self, z_trigger: torch.Tensor) -> None:
+        """Add some of Gp's current patches to the replay memory (a ring buffer)."""
+        if self.config.patch_memory == 0:
+            return
+        with torch.no_grad():
+            self.trigger_generator.eval()
+            fresh = self.trigger_generator(z_trigger[:16]).cpu()
+            self.trigger_generator.train()
+        self.memory = torch.cat([self.memory, fresh])[-self.config.patch_memory:]
 
     def set_student_mode(self) -> None:
         self.student.train()
@@ -216,7 +239,7 @@ class DHBETrainer:
         cfg = self.config
         with torch.no_grad():
             x = self.synthesise(self.latent(cfg.latent_dim))
-            x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim))
+            x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim), replay=True)
             t_logits = self.teacher(x)
         s_logits = self.student(x)
         distill = l1(s_logits, t_logits)
@@ -245,18 +268,20 @@ class DHBETrainer:
         self.opt_generator.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_generator.step()
-        return float(loss)
+        return float(loss.detach())
 
     def trigger_step(self) -> float:
         """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached."""
         cfg = self.config
         with torch.no_grad():
             x = self.synthesise(self.latent(cfg.latent_dim))
-        loss = -l1(self.student(self.patch(x, self.latent(cfg.trigger_latent_dim))), self.student(x))
+        z_trigger = self.latent(cfg.trigger_latent_dim)
+        loss = -l1(self.student(self.patch(x, z_trigger)), self.student(x))
         self.opt_trigger.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_trigger.step()
-        return float(loss)
+        self.remember(z_trigger)
+        return float(loss.detach())
 
     # --- epochs, diagnostics, recovery ---------------------------------------------------------
     def run_epoch(self) -> EpochRecord:
@@ -302,7 +327,8 @@ class DHBETrainer:
                 for i, value in enumerate(self.student_step()):
                     sums[i] += value
             self.generator_step()
-            self.trigger_step()
+            for _ in range(cfg.trigger_steps):
+                self.trigger_step()
             if not math.isfinite(sums[0]):
                 break
         count = cfg.iters_per_epoch * cfg.student_steps
@@ -342,6 +368,7 @@ class DHBETrainer:
             "schedules": [s.state_dict() for s in self.schedules],
             "torch_rng": torch.get_rng_state(),
             "placement_rng": self.rng.get_state(),
+            "patch_memory": self.memory.clone(),
             "history": [asdict(r) for r in self.history],
         }
 
@@ -356,6 +383,7 @@ class DHBETrainer:
             schedule.load_state_dict(schedule_state)
         torch.set_rng_state(state["torch_rng"])
         self.rng.set_state(state["placement_rng"])
+        self.memory = state.get("patch_memory", self.memory[:0])
         self.history = [EpochRecord(**r) for r in state["history"]]
 
 

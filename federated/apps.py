@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -63,6 +64,10 @@ def make_client_app(config: SimulationConfig) -> ClientApp:
         torch.set_num_threads(1)
         client_id = int(context.node_config["partition-id"])
         server_round = int(msg.content["config"]["server-round"])
+        if config.client_failure_rate > 0:  # injected fault (reliability tests)
+            draw = np.random.default_rng([config.seed, server_round, client_id]).random()
+            if draw < config.client_failure_rate:
+                raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
         attacking = client_id in attackers and server_round >= config.attack_from_round
         data = client_data(config, client_id, attacking)
         spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
@@ -75,7 +80,7 @@ def make_client_app(config: SimulationConfig) -> ClientApp:
             model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
         reply = RecordDict({
             "arrays": model_to_arrays(model),
-            "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking)}),
+            "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking), "client-id": client_id}),
         })
         return Message(content=reply, reply_to=msg)
 
@@ -97,7 +102,7 @@ def make_server_app(config: SimulationConfig, run: RunFolder,
         trigger = global_trigger(config, bundle.spec)
         torch.manual_seed(config.seed)
         model = build_model(config.model, bundle.spec)
-        observed = ObservedStrategy(build_strategy(config))
+        observed = ObservedStrategy(build_strategy(config), config.max_update_norm)
         strategy = wrap_strategy(observed)
         started = time.perf_counter()
 
@@ -112,7 +117,8 @@ def make_server_app(config: SimulationConfig, run: RunFolder,
 
         result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
                                 train_config=ConfigRecord({"local-epochs": config.local_epochs}),
-                                evaluate_fn=evaluate)
+                                evaluate_fn=evaluate, timeout=config.round_timeout_s)
+        run.write_rejections(observed.rejections)
         arrays_to_model(model, result.arrays)
         run.save_final(model)
 

@@ -38,6 +38,9 @@ class SimulationConfig:
     trimmed_beta: float = 0.2
     clip_norm: float = 1.0
     cpus_per_client: float = 1.0
+    max_update_norm: float = 10.0    # reject updates with ||L - G|| > this x ||G||
+    round_timeout_s: float = 600.0   # a client slower than this counts as failed
+    client_failure_rate: float = 0.0 # injected fault: this fraction of clients raise every round
 
     def __post_init__(self) -> None:
         require(self.clients >= 2, f"--clients must be >= 2, got {self.clients}")
@@ -55,6 +58,9 @@ class SimulationConfig:
         require(0 < self.trimmed_beta < 0.5, f"--trimmed-beta must be in (0, 0.5), got {self.trimmed_beta}")
         require(self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}")
         require(self.cpus_per_client > 0, f"cpus per client must be > 0, got {self.cpus_per_client}")
+        require(self.max_update_norm > 0, f"--max-update-norm must be > 0, got {self.max_update_norm}")
+        require(self.round_timeout_s > 0, f"--round-timeout must be > 0, got {self.round_timeout_s}")
+        require(0 <= self.client_failure_rate < 1, f"client failure rate must be in [0, 1), got {self.client_failure_rate}")
         require(4 <= self.image_size <= 512, f"--image-size must be in 4..512, got {self.image_size}")
         f, n = self.malicious, self.clients
         if self.aggregation in ("krum", "multikrum"):

@@ -16,7 +16,7 @@ from defense.modelio import save_model
 from defense.spec import InputSpec
 
 ROUND_COLUMNS = ["round", "acc", "asr_x1", "asr_x4", "asr_x9", "asr_all_x1", "ra", "clients_trained",
-                 "client_failures", "malicious_clients", "wall_time_s"]
+                 "client_failures", "updates_rejected", "malicious_clients", "wall_time_s"]
 
 
 def fresh_run_dir(base: str | Path = "runs") -> Path:
@@ -39,7 +39,8 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
     data = {c: [row.get(c) for row in rows] for c in columns}
     schema = pa.schema([(c, pa.int64() if c in ("round", "clients_trained", "client_failures", "malicious_clients",
-                                                  "epoch", "trial") else pa.float64()) for c in columns])
+                                                  "epoch", "trial", "updates_rejected") else pa.float64())
+                        for c in columns])
     table = pa.Table.from_pydict({c: [None if v is None else v for v in data[c]] for c in columns}, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -68,6 +69,10 @@ class RunFolder:
                   f" {_fmt(row.get('asr_x4'))} {_fmt(row.get('asr_x9'))}  malicious {row.get('malicious_clients', 0)}"
                   f"  trained {row.get('clients_trained', 0)}  failed {row.get('client_failures', 0)}"
                   f"  {row['wall_time_s']:6.1f}s", flush=True)
+
+    def write_rejections(self, rejections: list[dict]) -> None:
+        """Every rejected client update: round, node and reason."""
+        atomic_write_json(self.root / "rejected_updates.json", rejections)
 
     def add_purification(self, before: dict, after: dict, der: float, wall_s: float) -> None:
         """The purified model's figures, as columns beside the last round's."""

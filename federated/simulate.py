@@ -55,6 +55,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--boost", type=float, default=1.0, help="model-replacement scaling of malicious updates")
     p.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS.names())
     p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip")
+    p.add_argument("--max-update-norm", type=positive_float, default=10.0,
+                   help="reject client updates with ||local - global|| > this x ||global||")
+    p.add_argument("--round-timeout", type=positive_float, default=600.0, help="seconds to wait for clients per round")
+    p.add_argument("--inject-client-failures", type=fraction, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="run folder (default: a fresh folder under runs/)")
     p.add_argument("--no-purify", action="store_true", help="skip server-side DHBE purification")
     p.add_argument("--purify-every", type=non_negative_int, default=0,
@@ -72,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         image_size=args.image_size, model=args.model, partition=args.partition, alpha=args.alpha,
         attack=args.attack, trigger_size=args.trigger_size, target=args.target, poison_rate=args.poison_rate,
         attack_from_round=args.attack_rounds, boost=args.boost, blend_alpha=args.blend_alpha,
-        aggregation=args.aggregation, clip_norm=args.clip_norm,
+        aggregation=args.aggregation, clip_norm=args.clip_norm, max_update_norm=args.max_update_norm,
+        round_timeout_s=args.round_timeout, client_failure_rate=args.inject_client_failures,
     )
 
 

@@ -9,7 +9,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian,
                                      FedTrimmedAvg, Krum, MultiKrum, Strategy)
 
+import logging
+
 from defense.registry import Registry
+from federated.validation import validate_update
+
+LOG = logging.getLogger("federated.strategies")
 
 if TYPE_CHECKING:
     from federated.config import SimulationConfig
@@ -93,19 +98,53 @@ class DelegatingStrategy(Strategy):
 
 
 class ObservedStrategy(DelegatingStrategy):
-    """Records, per round, how many clients replied, failed, and trained maliciously."""
+    """Validates every update before aggregation (federated/validation.py), hands the valid ones to
+    the inner strategy in a fixed order (by client id, so aggregation is deterministic), and records
+    per round how many clients replied, failed, were rejected and trained maliciously."""
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, max_relative_norm: float = float("inf")) -> None:
         super().__init__(inner)
+        self.max_relative_norm = max_relative_norm
         self.rounds: dict[int, dict[str, int]] = {}
+        self.rejections: list[dict] = []
+        self._reference: dict = {}
+
+    def expect(self, arrays: ArrayRecord) -> None:
+        """The global model the next replies must be updates of."""
+        self._reference = {k: arrays[k].numpy() for k in arrays.keys()}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.expect(arrays)
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
+        ok, rejected = [], 0
+        for message in replies:
+            if message.has_error():
+                continue
+            reason = validate_update(message.content, self._reference, self.max_relative_norm)
+            if reason is None:
+                ok.append(message)
+                continue
+            rejected += 1
+            node = getattr(getattr(message, "metadata", None), "src_node_id", None)
+            self.rejections.append({"round": server_round, "node": node, "reason": reason})
+            LOG.warning("round %d: rejected the update of node %s: %s", server_round, node, reason)
+        ok.sort(key=_client_id)
         self.rounds[server_round] = {
             "clients_trained": len(ok),
-            "client_failures": len(replies) - len(ok),
-            "malicious_clients": sum(int(m.content["metrics"].get("malicious", 0)) for m in ok
-                                     if "metrics" in m.content),
+            "client_failures": sum(1 for m in replies if m.has_error()),
+            "updates_rejected": rejected,
+            "malicious_clients": sum(int(m.content["metrics"].get("malicious", 0)) for m in ok),
         }
-        return self.inner.aggregate_train(server_round, replies)
+        if not ok:
+            return None, None
+        return self.inner.aggregate_train(server_round, ok)
+
+
+def _client_id(message: Message) -> float:
+    try:
+        return float(message.content["metrics"]["client-id"])
+    except Exception:
+        return float("inf")

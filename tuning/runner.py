@@ -37,7 +37,15 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
             run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0),
         )
     grid = tuner.fit()
-    return write_results(grid, space, out)
+    table = write_results(grid, space, out)
+    if grid.errors:
+        raise SweepIncomplete(f"{len(grid.errors)} trial(s) failed ({grid.errors[0]!s:.120}); "
+                              f"finished trials are kept: rerun with --resume --out {out}")
+    return table
+
+
+class SweepIncomplete(RuntimeError):
+    """Some trials failed; the sweep can be resumed."""
 
 
 def write_results(grid, space: dict[str, list], out: Path) -> str:
@@ -56,6 +64,8 @@ def write_results(grid, space: dict[str, list], out: Path) -> str:
                        "epochs_run": int(last["epoch"]), "stopped_early": bool(not last.get("done", False)),
                        SCORE: float(frame[SCORE].tail(3).mean()),
                        **{c: last[c] for c in frame.columns if c.startswith("eval_")}})
+    if not frames:
+        return "no trial reported a result"
     table = pd.concat(frames, ignore_index=True)
     keep = [c for c in table.columns if c.startswith(("config_", "eval_")) or c in (
         "trial", "epoch", "student_updates", "loss_distill", "loss_regulariser", "synthetic_agreement",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,6 +37,14 @@ def trial(params: dict[str, Any]) -> None:
     from deploy.ray_job import job_loop_config, run_dhbe_loop
 
     setup = params["setup"]
+    swept = {k: v for k, v in params.items() if k != "setup"}
+    with open(Path(setup["out"]) / "trial_starts.log", "a") as log:
+        log.write(json.dumps(swept, sort_keys=True) + "\n")
+    if setup.get("fail_once") and swept == setup["fail_once"]:
+        marker = Path(setup["out"]) / ".injected-failure"
+        if not marker.exists():
+            marker.write_text("failed once\n")
+            raise RuntimeError(f"injected trial failure for {swept}")
     trigger_size = int(params.get("trigger_size", setup["trigger_size"]))
     if "trigger_size" in params:  # the patch-size preset plants one teacher per trigger size
         scenario = backdoored_scenario(setup["attack"], setup["image_size"], trigger_size, target=setup["target"],
@@ -88,6 +96,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--image-size", type=positive_int, default=16, help="for teachers planted by the preset")
     p.add_argument("--max-concurrent", type=positive_int, default=None, help="default: the cluster's CPUs")
+    p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)  # test hook: JSON of a trial to fail once
     add_trigger_arguments(p)
     from deploy.purify import add_dhbe_arguments
 
@@ -110,13 +119,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--resume: no sweep to resume in {out}")
     if not args.resume and (out / "sweep").exists():
         raise ConfigError(f"{out} already holds a sweep; pass --resume or another --out")
-    from tuning.runner import run_sweep
+    from tuning.runner import SweepIncomplete, run_sweep
 
     setup = {"model": str(Path(args.model).resolve()) if args.model else None, "attack": args.attack,
              "trigger_size": args.trigger_size, "target": args.target, "dataset": args.dataset,
              "data_dir": args.data_dir, "image_size": args.image_size, "seed": base.seed,
-             "base": base.to_dict(), "out": str(out), "cache": str(out / "teachers")}
-    table = run_sweep(setup, PRESETS[args.preset], args.samples, args.scheduler, out, args.resume, args.max_concurrent)
+             "base": base.to_dict(), "out": str(out), "cache": str(out / "teachers"),
+             "fail_once": json.loads(args.inject_failure) if args.inject_failure else None}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        table = run_sweep(setup, PRESETS[args.preset], args.samples, args.scheduler, out, args.resume,
+                          args.max_concurrent)
+    except SweepIncomplete as exc:
+        print(f"python -m tuning.sweep: {exc}", file=sys.stderr)
+        return 1
     print(table)
     return 0
 

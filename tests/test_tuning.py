@@ -1,0 +1,55 @@
+"""Ray Tune sweeps: a 2-trial sweep end to end, and an interrupted sweep resumed."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from defense.modelio import save_model
+
+
+@pytest.fixture()
+def model_file(tmp_path, badnets_scenario):
+    save_model(badnets_scenario.teacher, tmp_path / "teacher", "small-cnn", badnets_scenario.bundle.spec, {"tool": "test"})
+    return tmp_path / "teacher.json"
+
+
+TINY = ["--set", "epochs=2", "iters_per_epoch=2", "batch_size=16"]
+
+
+def _space(monkeypatch):
+    import tuning.sweep as sweep
+
+    monkeypatch.setitem(sweep.PRESETS, "lambda", {"lam": [0.0, 1.0]})
+
+
+def test_two_trial_sweep_writes_tables_and_plots(tmp_path, model_file, monkeypatch):
+    from tuning.sweep import main
+
+    _space(monkeypatch)
+    out = tmp_path / "sweep"
+    assert main([str(model_file), "--preset", "lambda", "--scheduler", "none", "--out", str(out), *TINY]) == 0
+    table = pq.read_table(out / "trials.parquet").to_pandas()
+    assert sorted(table["config_lam"].unique()) == [0.0, 1.0]
+    for column in ("trial", "epoch", "synthetic_agreement", "trigger_flip_rate", "defender_score",
+                   "eval_acc", "eval_asr_x1", "eval_asr_x9"):
+        assert column in table.columns
+    assert len(table) == 4  # 2 trials x 2 epochs
+    final = (out / "final.csv").read_text()
+    assert final.startswith("trial,") and len(final.strip().splitlines()) == 3
+    assert (out / "sweep_lam.png").stat().st_size > 1000
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, model_file, monkeypatch):
+    from tuning.sweep import main
+
+    _space(monkeypatch)
+    out = tmp_path / "sweep"
+    # The lambda = 1 trial dies once (an injected crash), as if the sweep had been interrupted.
+    assert main([str(model_file), "--preset", "lambda", "--scheduler", "none", "--out", str(out),
+                 "--inject-failure", json.dumps({"lam": 1.0}), *TINY]) == 1
+    assert main([str(model_file), "--resume", "--out", str(out)]) == 0
+    starts = [json.loads(line) for line in (out / "trial_starts.log").read_text().splitlines()]
+    assert starts.count({"lam": 0.0}) == 1      # finished trial not redone
+    assert starts.count({"lam": 1.0}) == 2      # the interrupted one ran again
+    table = pq.read_table(out / "trials.parquet").to_pandas()
+    assert sorted(table["config_lam"].unique()) == [0.0, 1.0] and len(table) == 4
