@@ -54,12 +54,35 @@ def main() -> None:
     start = time.perf_counter()
     epochs = []
 
+    def trigger_probe(trainer) -> float:
+        """Research diagnostic (uses test data and the target, so never part of the defence): how
+        often Gp's current patches, pasted at the true trigger's corner of non-target test images,
+        make the *teacher* answer the target class, i.e. whether Gp has found the backdoor."""
+        import torch
+        from defense.generators import paste_patches
+
+        test = scenario.bundle.test
+        images = test.images[test.labels != scenario.target][:256]
+        with torch.no_grad():
+            trainer.trigger_generator.eval()
+            patches = trainer.trigger_generator(torch.randn(len(images), config.trigger_latent_dim))
+            trainer.trigger_generator.train()
+            k = patches.shape[-1]
+            values = (patches + 1) / 2 if config.patch_replaces else patches
+            patched = images.clone()
+            if config.patch_replaces:
+                patched[..., -k:, -k:] = values
+            else:
+                patched[..., -k:, -k:] += values
+            return float((scenario.teacher(patched).argmax(1) == scenario.target).float().mean())
+
     def log(record, trainer):
+        record.evaluation["gp_finds_trigger"] = trigger_probe(trainer)
         ev = record.evaluation
         print(f"ep {record.epoch:3d} acc {ev['acc']:.3f} asr {ev['asr_x1']:.3f}/{ev.get('asr_x4') or 0:.3f}/"
               f"{ev.get('asr_x9') or 0:.3f} agree {record.synthetic_agreement:.2f} sens {record.trigger_sensitivity:.3f} "
               f"flipS {record.trigger_flip_rate:.2f} flipT {record.teacher_flip_rate:.2f} Ld {record.loss_distill:.4f} "
-              f"Lr {record.loss_regulariser:.4f} {time.perf_counter() - start:.0f}s", flush=True)
+              f"Lr {record.loss_regulariser:.4f} GpT {ev['gp_finds_trigger']:.2f} {time.perf_counter() - start:.0f}s", flush=True)
         epochs.append(record.as_row())
 
     _, history = purify(scenario.teacher, scenario.bundle.spec, config, callbacks=(log,), evaluator=scenario.evaluate)

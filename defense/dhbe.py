@@ -56,9 +56,11 @@ class DHBEConfig:
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
     patch_replaces: bool = False          # the patch replaces pixels (BadNets-style) instead of adding
-    patch_memory: int = 0                 # replay buffer of Gp's past patches (0: none)
-    memory_fraction: float = 0.5          # share of the student's patches drawn from that buffer
+    trigger_warmup_steps: int = 0         # Gp steps against the untouched student (= T) before training
+    patch_memory: int = 0                 # bank of Gp's warm-up patches, replayed to the student (0: none)
+    memory_fraction: float = 0.5          # share of the student's patches drawn from that bank
     trigger_steps: int = 1                # Gp updates per iteration
+    student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
@@ -80,8 +82,10 @@ class DHBEConfig:
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
         require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
         require(self.patch_memory >= 0, f"patch_memory must be >= 0, got {self.patch_memory}")
+        require(self.trigger_warmup_steps >= 0, f"trigger_warmup_steps must be >= 0, got {self.trigger_warmup_steps}")
         require(0 <= self.memory_fraction <= 1, f"memory_fraction must be in [0, 1], got {self.memory_fraction}")
         require(self.trigger_steps >= 1, f"trigger_steps must be >= 1, got {self.trigger_steps}")
+        require(0 <= self.student_ema < 1, f"student_ema must be in [0, 1), got {self.student_ema}")
 
     @property
     def iterations(self) -> int:
@@ -195,6 +199,9 @@ class DHBETrainer:
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
         self.history: list[EpochRecord] = []
         self.memory = torch.zeros(0, spec.channels, config.patch_size, config.patch_size)
+        self.averaged = (torch.optim.swa_utils.AveragedModel(
+            self.student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.student_ema),
+            use_buffers=True) if config.student_ema > 0 else None)
         # Data-parallel runs (deploy/) average student gradients across workers here.
         self.sync_student_gradients: Callable[[nn.Module], None] = lambda student: None
 
@@ -223,7 +230,7 @@ class DHBETrainer:
             return
         with torch.no_grad():
             self.trigger_generator.eval()
-            fresh = self.trigger_generator(z_trigger[:16]).cpu()
+            fresh = self.trigger_generator(z_trigger[:8]).cpu()
             self.trigger_generator.train()
         self.memory = torch.cat([self.memory, fresh])[-self.config.patch_memory:]
 
@@ -249,6 +256,8 @@ class DHBETrainer:
         loss.backward()
         self.sync_student_gradients(self.student)
         self.opt_student.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.student)
         return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
 
     def generator_step(self) -> float:
@@ -280,8 +289,15 @@ class DHBETrainer:
         self.opt_trigger.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_trigger.step()
-        self.remember(z_trigger)
         return float(loss.detach())
+
+    def warm_up_trigger_generator(self) -> None:
+        """Before the game starts, S is still T: Gp maximising S's sensitivity searches T's own
+        backdoor. Its patches go into the bank the student is later regularised against."""
+        self.set_student_mode()
+        for step in range(self.config.trigger_warmup_steps):
+            self.trigger_step()
+            self.remember(self.latent(self.config.trigger_latent_dim))
 
     # --- epochs, diagnostics, recovery ---------------------------------------------------------
     def run_epoch(self) -> EpochRecord:
@@ -318,6 +334,8 @@ class DHBETrainer:
 
     def _train_iterations(self) -> tuple[float, float, float]:
         cfg = self.config
+        if self.epoch == 0 and cfg.trigger_warmup_steps and not len(self.memory):
+            self.warm_up_trigger_generator()
         self.sample_generator.train()
         self.trigger_generator.train()
         sums = [0.0, 0.0, 0.0]
@@ -334,6 +352,10 @@ class DHBETrainer:
         count = cfg.iters_per_epoch * cfg.student_steps
         return sums[0] / count, sums[1] / count, sums[2] / count
 
+    def output_model(self) -> nn.Module:
+        """The purified model: S, or its moving average when `student_ema` > 0."""
+        return self.averaged.module if self.averaged is not None else self.student
+
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.student.parameters())
 
@@ -341,12 +363,13 @@ class DHBETrainer:
     def diagnostics(self) -> dict[str, float]:
         """Data-free: measured on fresh synthetic samples and Gp's patches, models in eval mode."""
         cfg = self.config
-        self.student.eval()
+        output = self.output_model()
+        output.eval()
         self.sample_generator.eval()
         self.trigger_generator.eval()
         x = self.synthesise(self.latent(cfg.latent_dim))
         x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim))
-        t, s, s_patched, t_patched = (self.teacher(x), self.student(x), self.student(x_patched), self.teacher(x_patched))
+        t, s, s_patched, t_patched = (self.teacher(x), output(x), output(x_patched), self.teacher(x_patched))
         self.sample_generator.train()
         self.trigger_generator.train()
         return {
@@ -362,6 +385,7 @@ class DHBETrainer:
         return {
             "epoch": self.epoch,
             "student": copy.deepcopy(self.student.state_dict()),
+            "averaged": copy.deepcopy(self.averaged.state_dict()) if self.averaged is not None else {},
             "sample_generator": copy.deepcopy(self.sample_generator.state_dict()),
             "trigger_generator": copy.deepcopy(self.trigger_generator.state_dict()),
             "optimisers": [copy.deepcopy(o.state_dict()) for o in (self.opt_student, self.opt_generator, self.opt_trigger)],
@@ -375,6 +399,8 @@ class DHBETrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.student.load_state_dict(state["student"])
+        if self.averaged is not None and state.get("averaged"):
+            self.averaged.load_state_dict(state["averaged"])
         self.sample_generator.load_state_dict(state["sample_generator"])
         self.trigger_generator.load_state_dict(state["trigger_generator"])
         for opt, opt_state in zip((self.opt_student, self.opt_generator, self.opt_trigger), state["optimisers"]):
@@ -398,10 +424,10 @@ def purify(model: nn.Module, spec: InputSpec, config: DHBEConfig,
     while trainer.epoch < config.epochs:
         record = trainer.run_epoch()
         if evaluator is not None:
-            record.evaluation = evaluator(trainer.student)
+            record.evaluation = evaluator(trainer.output_model())
         for callback in callbacks:
             callback(record, trainer)
-    return trainer.student.eval(), trainer.history
+    return trainer.output_model().eval(), trainer.history
 
 
 def cpu_recipe(**overrides: Any) -> DHBEConfig:
@@ -411,6 +437,7 @@ def cpu_recipe(**overrides: Any) -> DHBEConfig:
 
 CPU_RECIPE = DHBEConfig(
     lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, student_lr=0.05, generator_width=16,
-    trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
-    bn_prior_weight=1.0, patch_per_sample=True, patch_copies=9, patch_replaces=True,
+    trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3, bn_prior_weight=1.0,
+    patch_per_sample=True, patch_copies=9, patch_replaces=True, trigger_amplitude=2.0, trigger_lr=0.01,
+    trigger_warmup_steps=300, patch_memory=2400, memory_fraction=0.9, student_ema=0.995,
 )

@@ -73,7 +73,8 @@ def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool,
     n, channels, height, width = images.shape
     k = patches.shape[-1]
     require(k <= min(height, width), f"a {k}x{k} patch does not fit {height}x{width} images")
-    values = (patches + 1) / 2 if replace else patches
+    # replace: [-a, a] -> pixel values, clamped to the valid range [0, 1]
+    values = ((patches + 1) / 2).clamp(0.0, 1.0) if replace else patches
     if not per_sample:
         row = int(torch.randint(0, height - k + 1, (1,), generator=generator))
         col = int(torch.randint(0, width - k + 1, (1,), generator=generator))

@@ -101,7 +101,7 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
     while trainer.epoch < config.epochs:
         record = trainer.run_epoch()
         if evaluator is not None:
-            record.evaluation = evaluator(trainer.student)
+            record.evaluation = evaluator(trainer.output_model())
         last = trainer.epoch == config.epochs or (
             loop_config["budget_s"] is not None and time.perf_counter() - started >= loop_config["budget_s"])
         metrics = {**record.as_row(), "done": last, "rank": rank}
@@ -110,10 +110,10 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
             if rank == 0:
                 torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
                 if last:
-                    save_model(trainer.student.cpu(), Path(folder) / RESULT_NAME, loop_config["model_name"], spec,
+                    save_model(trainer.output_model().cpu(), Path(folder) / RESULT_NAME, loop_config["model_name"], spec,
                                loop_config["produced_by"], {"history": [asdict(r) for r in trainer.history],
                                                             "resumed_from_epoch": resumed_from_epoch})
-                    trainer.student.to(device)
+                    trainer.output_model().to(device)
                 report_checkpoint = checkpoint_type.from_directory(folder)
             report(metrics, checkpoint=report_checkpoint)
         if (loop_config["fail_after_epoch"] and trainer.epoch == loop_config["fail_after_epoch"]

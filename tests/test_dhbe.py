@@ -59,7 +59,8 @@ def test_loss_terms_match_hand_computed_values():
 def test_student_step_minimises_equation_8():
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
-    config = replace(cpu_recipe(), batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1)
+    config = replace(cpu_recipe(), batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1,
+                     trigger_warmup_steps=0, student_ema=0.0)
     trainer = DHBETrainer(teacher, SPEC, config)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
@@ -118,7 +119,7 @@ def test_deterministic_for_a_seed(badnets_scenario):
 def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario):
     """A short run of the CPU recipe: ASR x1 falls from >= 90% and clean ACC mostly holds."""
     before = badnets_scenario.evaluate(badnets_scenario.teacher)
-    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10)
+    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10, trigger_warmup_steps=100, student_ema=0.0)
     student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     after = badnets_scenario.evaluate(student)
     print("before", before, "after", after)
@@ -129,17 +130,30 @@ def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario)
 
 def test_lambda_zero_keeps_the_backdoor(badnets_scenario):
     """The ablation: without the regulariser, distillation from a teacher copy keeps the backdoor."""
-    config = replace(cpu_recipe(), epochs=2, iters_per_epoch=10, lam=0.0)
+    config = replace(cpu_recipe(), epochs=2, iters_per_epoch=10, lam=0.0, trigger_warmup_steps=0, student_ema=0.0)
     student, _ = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     assert badnets_scenario.evaluate(student)["asr_x1"] >= 0.8
 
 
 def test_divergence_is_detected_not_returned(badnets_scenario):
-    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30, max_recoveries=1)
+    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30, max_recoveries=1,
+                     trigger_warmup_steps=10)
     from defense.errors import DivergenceError
 
     with pytest.raises(DivergenceError, match="non-finite"):
         purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+
+
+def test_warm_up_fills_the_trigger_bank_and_ema_is_handed_back(badnets_scenario):
+    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, trigger_warmup_steps=5,
+                     patch_memory=24)
+    trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+    trainer.run_epoch()
+    assert trainer.memory.shape == (24, 1, 3, 3)  # 5 steps x 8 patches, capped at 24
+    assert trainer.output_model() is trainer.averaged.module
+    student_state = trainer.student.state_dict()
+    assert any(not torch.equal(v, student_state[k]) for k, v in trainer.output_model().state_dict().items()
+               if v.is_floating_point())
 
 
 def test_paper_scale_configuration_runs_a_few_iterations():
