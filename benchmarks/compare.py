@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from benchmarks.tables import cell, group_rows
 from defense.baselines import DEFENCES, DefenceConfig, clean_subset, defend
 from defense.dhbe import cpu_recipe
 from defense.fileio import atomic_write_json, atomic_write_text
@@ -63,16 +63,9 @@ def main() -> None:
 def summarise(rows: list[dict], per_class: int) -> str:
     lines = ["| attack | defence | clean data | ACC % | ASR x1 % | ASR x4 % | ASR x9 % | RA % | DER | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["attack"], row["defence"]), []).append(row)
-    for (attack, defence), members in groups.items():
+    for (attack, defence), members in group_rows(rows).items():
         budget = "none" if members[0]["clean_budget"] == 0 else f"{per_class}/class ({members[0]['clean_budget']})"
-        cells = []
-        for key in KEYS:
-            values = [m[key] for m in members if m.get(key) is not None]
-            scale = 100 if key not in ("der", "wall_s") else 1
-            cells.append("n/a" if not values else f"{scale * statistics.mean(values):.{2 if key == 'der' else 1}f}")
+        cells = [cell(members, key) for key in KEYS]
         lines.append(f"| {attack} | {defence} | {budget} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Means over {len(set(r['seed'] for r in rows))} seed(s). ASR in the DHBE form. DER = "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from defense.dhbe import cpu_recipe, purify
 from defense.fileio import atomic_write_json, atomic_write_text
+from benchmarks.tables import cell, group_rows
 from defense.scenario import backdoored_scenario
 
 RESULTS = Path("benchmarks/results")
@@ -43,20 +43,8 @@ def run(attacks: list[str], seeds: list[int], variants: dict, tiny: bool) -> lis
 def summarise(rows: list[dict]) -> str:
     lines = ["| attack | defence | seeds | ACC % | ASR x1 % | ASR x4 % | ASR x9 % | wall s |",
              "|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["attack"], row["defence"]), []).append(row)
-    for (attack, defence), members in groups.items():
-        cells = []
-        for key in KEYS + ("wall_s",):
-            values = [m[key] for m in members if m.get(key) is not None]
-            if not values:
-                cells.append("n/a")
-                continue
-            scale = 1 if key == "wall_s" else 100
-            mean = scale * statistics.mean(values)
-            spread = scale * (max(values) - min(values)) / 2
-            cells.append(f"{mean:.1f} ± {spread:.1f}")
+    for (attack, defence), members in group_rows(rows).items():
+        cells = [cell(members, key, spread=True) for key in KEYS + ("wall_s",)]
         lines.append(f"| {attack} | {defence} | {len(members)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("mean ± half-range over seeds; ASR in the DHBE form; blended triggers have no x4/x9 form.")

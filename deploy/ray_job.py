@@ -104,7 +104,7 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
             record.evaluation = evaluator(trainer.output_model())
         last = trainer.epoch == config.epochs or (
             loop_config["budget_s"] is not None and time.perf_counter() - started >= loop_config["budget_s"])
-        metrics = {**record.as_row(), "done": last, "rank": rank}
+        metrics = {**record.as_row(), "final_epoch": last, "rank": rank}
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:

@@ -87,11 +87,13 @@ def prepare_out_dir(out: Optional[str]) -> Path:
     path = Path(out) if out else fresh_run_dir()
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {path} exists and is not empty")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file, not a folder")
     parent = path.parent if not path.exists() else path
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {path}: {parent} is not writable")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {path}: {parent} is not a writable folder")
     return path
 
 

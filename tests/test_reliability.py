@@ -31,3 +31,33 @@ def test_the_same_seed_gives_identical_metrics(tmp_path):
     assert main([*TINY, "--seed", "3", "--out", str(second)]) == 0
     assert _metrics(first) == _metrics(second)
     assert (first / "final.safetensors").read_bytes() == (second / "final.safetensors").read_bytes()
+
+
+def test_an_interrupted_run_says_it_is_incomplete(tmp_path, monkeypatch, digits16):
+    import pytest
+
+    import federated.engine as engine
+    from federated.config import SimulationConfig
+
+    def interrupted(config, run, wrap_strategy=None, verbose=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run_simulation_rounds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_federated(SimulationConfig(), tmp_path / "run", digits16.spec, purify=False)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "incomplete" and "KeyboardInterrupt" in status["reason"]
+    assert not list((tmp_path / "run").rglob("*.tmp")) and not (tmp_path / "run" / "final.json").exists()
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "federated.simulate", "--out", str(blocker / "run")],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "not a writable folder" in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -61,7 +61,7 @@ def write_results(grid, space: dict[str, list], out: Path) -> str:
         frames.append(frame)
         last = frame.iloc[-1]
         finals.append({"trial": index, **{f"config_{k}": v for k, v in config.items()},
-                       "epochs_run": int(last["epoch"]), "stopped_early": bool(not last.get("done", False)),
+                       "epochs_run": int(last["epoch"]), "stopped_early": not bool(last.get("final_epoch", False)),
                        SCORE: float(frame[SCORE].tail(3).mean()),
                        **{c: last[c] for c in frame.columns if c.startswith("eval_")}})
     if not frames:
