@@ -8,8 +8,9 @@ With your own ServerApp on Flower's deployment engine (`flwr run .`), three line
     result = strategy.start(grid, initial_arrays, num_rounds)     # as before
 
 Inside `python -m federated.simulate`, Flower's simulation owns the Ray runtime and its client actors
-hold every CPU, so in-run purifications ask Ray for zero CPUs (they share the cores instead of waiting
-for ever), and the final purification runs after the simulation has released Ray.
+hold every CPU, so the simulation's Ray gets one extra custom resource slot ("server_job") that no
+client actor claims; in-run purifications ask for that slot and zero CPUs (they share the cores
+instead of waiting for ever), and the final purification runs after the simulation has released Ray.
 """
 from __future__ import annotations
 
@@ -46,12 +47,14 @@ class PurifyingStrategy(DelegatingStrategy):
 
     def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
                  final_round: Optional[int] = None, dhbe: Optional[DHBEConfig] = None,
-                 out_dir: Optional[Path] = None, cpus_per_worker: Optional[float] = None) -> None:
+                 out_dir: Optional[Path] = None, cpus_per_worker: Optional[float] = None,
+                 extra_resources: Optional[dict] = None) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
         self.dhbe = dhbe or cpu_recipe()
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.cpus_per_worker = cpus_per_worker
+        self.extra_resources = extra_resources or {}
         self.purifications: list[dict] = []
 
     def due(self, server_round: int) -> bool:
@@ -62,7 +65,8 @@ class PurifyingStrategy(DelegatingStrategy):
         if arrays is None or not self.due(server_round):
             return arrays, metrics
         started = time.perf_counter()
-        job = PurifyJobConfig(dhbe=self.dhbe, cpus_per_worker=self.cpus_per_worker)
+        job = PurifyJobConfig(dhbe=self.dhbe, cpus_per_worker=self.cpus_per_worker,
+                              extra_resources=self.extra_resources)
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
                                        self.out_dir / f"purified-round-{server_round:03d}")
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
@@ -82,8 +86,11 @@ class FederatedPurification:
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
             return strategy
+        from federated.engine import SERVER_JOB_RESOURCE
+
         return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, dhbe=self.dhbe,
-                                 out_dir=self.run.root / "models", cpus_per_worker=0.0)
+                                 out_dir=self.run.root / "models", cpus_per_worker=0.0,
+                                 extra_resources={SERVER_JOB_RESOURCE: 1.0})
 
     def finish(self) -> list[dict]:
         from defense.metrics import defence_effectiveness_rating, evaluate_backdoor
@@ -108,9 +115,16 @@ class FederatedPurification:
         return rows
 
 
-def federated_purification(config, run, spec: InputSpec, every: int = 0,
-                           budget_s: Optional[float] = None) -> FederatedPurification:
-    return FederatedPurification(config, run, spec, every, budget_s)
+def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
+                           overrides: Optional[dict] = None) -> FederatedPurification:
+    """The hook `federated.simulate` plugs in; `overrides` are DHBEConfig fields over the CPU recipe."""
+    from dataclasses import replace
+
+    from deploy.purify import coerce_fields
+
+    dhbe = replace(cpu_recipe(seed=config.seed), **coerce_fields(overrides or {}))
+    dhbe.validate_for(spec)
+    return FederatedPurification(config, run, spec, every, budget_s, dhbe)
 
 
 def plot_before_after(rows: list[dict], path: Path) -> None:

@@ -37,6 +37,7 @@ class PurifyJobConfig:
     fail_after_epoch: int = 0               # test hook: one injected worker failure after this epoch
     cpus_per_worker: Optional[float] = None  # None: the cluster's CPUs shared among the workers
     budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
+    extra_resources: dict = field(default_factory=dict)  # e.g. the simulation's server-job slot
 
     def __post_init__(self) -> None:
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
@@ -153,6 +154,15 @@ def connect_ray(address: Optional[str] = None) -> None:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
 
+def worker_resources(cpus: float, use_gpu: bool, extra: dict) -> dict:
+    """Ray resources of one worker; a zero CPU request is left out (Ray refuses all-zero bundles)."""
+    resources = {"CPU": cpus} if cpus > 0 else {}
+    if use_gpu:
+        resources["GPU"] = 1
+    resources.update(extra)
+    return resources
+
+
 @dataclass
 class PurifyResult:
     model: torch.nn.Module
@@ -189,7 +199,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                     resources_per_worker=worker_resources(cpus_per_worker, use_gpu, job.extra_resources)),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -11,6 +11,9 @@ from federated.config import SimulationConfig
 from federated.run_folder import RunFolder
 
 
+SERVER_JOB_RESOURCE = "server_job"
+
+
 def quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -30,14 +33,18 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
     backend = {"client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR",
-                             "log_to_driver": False}}
+                             "log_to_driver": False,
+                             # a slot no client actor claims: server-side jobs (in-run purification)
+                             # run on it instead of waiting for the CPUs the client actors hold
+                             "resources": {SERVER_JOB_RESOURCE: 1.0}}}
     server_app = make_server_app(config, run, wrap_strategy or (lambda s: s))
     run_simulation(server_app=server_app, client_app=make_client_app(config), num_supernodes=config.clients,
                    backend_config=backend, verbose_logging=verbose)
 
 
 def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
-                  purify_every: int = 0, purify_budget_s: Optional[float] = None, quiet: bool = False) -> RunFolder:
+                  purify_every: int = 0, purify_budget_s: Optional[float] = None,
+                  purify_overrides: Optional[dict] = None, quiet: bool = False) -> RunFolder:
     run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
                     config.model, spec, quiet=quiet)
     try:
@@ -46,7 +53,8 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
             # The front door composes the layers: deploy/ (Ray Train) plugs its hook into the run.
             from deploy.hook import federated_purification
 
-            hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s)
+            hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
+                                          overrides=purify_overrides or {})
         run_simulation_rounds(config, run, wrap_strategy=hook.wrap if hook else None)
         if not run.rows or len(run.rows) < config.rounds:
             run.set_status("incomplete", reason="the simulation ended before its last round")

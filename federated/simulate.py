@@ -65,6 +65,8 @@ def build_parser() -> ArgumentParser:
                    help="also purify every K rounds (0 = only at the end)")
     p.add_argument("--purify-budget", type=positive_float, default=None,
                    help="DHBE wall-time budget in seconds (default: the recipe's iteration count)")
+    p.add_argument("--purify-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override fields of DHBE's CPU recipe, e.g. --purify-set epochs=10 lam=0.5")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     return p
 
@@ -109,8 +111,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from federated.engine import run_federated
 
     started = time.perf_counter()
+    overrides = dict(pair.split("=", 1) for pair in args.purify_set if "=" in pair)
+    if len(overrides) != len(args.purify_set):
+        raise ConfigError("--purify-set expects FIELD=VALUE pairs")
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
-                        purify_budget_s=args.purify_budget, quiet=args.quiet)
+                        purify_budget_s=args.purify_budget, purify_overrides=overrides, quiet=args.quiet)
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
     return 0 if run else 1
 
