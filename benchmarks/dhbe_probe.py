@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    types = {f.name: f.type for f in fields(DHBEConfig)}
     out = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
@@ -59,7 +58,6 @@ def main() -> None:
         often Gp's current patches, pasted at the true trigger's corner of non-target test images,
         make the *teacher* answer the target class, i.e. whether Gp has found the backdoor."""
         import torch
-        from defense.generators import paste_patches
 
         test = scenario.bundle.test
         images = test.images[test.labels != scenario.target][:256]

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 

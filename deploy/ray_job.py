@@ -5,18 +5,17 @@ On a fresh local Ray by default; on an existing cluster when RAY_ADDRESS (or `ad
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from defense.dhbe import DHBEConfig, DHBETrainer, EpochRecord
+from defense.dhbe import DHBEConfig, DHBETrainer
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
 from defense.spec import InputSpec, require

@@ -87,9 +87,6 @@ def make_client_app(config: SimulationConfig) -> ClientApp:
     return app
 
 
-RoundHook = Callable[[int, torch.nn.Module], None]
-
-
 def make_server_app(config: SimulationConfig, run: RunFolder,
                     wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s) -> ServerApp:
     """`wrap_strategy` lets a caller (the purification hook of deploy/) wrap the chosen strategy."""

@@ -8,7 +8,7 @@ from defense.errors import ConfigError
 from defense.metrics import (attack_success_rate, defence_effectiveness_rating, evaluate_backdoor,
                              robust_accuracy)
 from defense.spec import InputSpec
-from defense.triggers import (BlendedTrigger, PatchTrigger, TriggerConfig, checkerboard, grid_positions,
+from defense.triggers import (BlendedTrigger, TriggerConfig, checkerboard, grid_positions,
                               make_trigger, poison)
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))

@@ -3,7 +3,6 @@ and the valid updates beside them are still aggregated exactly."""
 from dataclasses import dataclass, field
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg

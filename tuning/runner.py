@@ -1,7 +1,6 @@
 """Runs a sweep with Ray Tune and writes its tables and plots."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Optional
 
