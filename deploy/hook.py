@@ -7,10 +7,11 @@ With your own ServerApp on Flower's deployment engine (`flwr run .`), three line
     strategy = PurifyingStrategy(FedAvg(...), model_name="small-cnn", spec=spec, every=5, final_round=num_rounds)
     result = strategy.start(grid, initial_arrays, num_rounds)     # as before
 
-Inside `python -m federated.simulate`, Flower's simulation owns the Ray runtime and its client actors
-hold every CPU, so the simulation's Ray gets one extra custom resource slot ("server_job") that no
-client actor claims; in-run purifications ask for that slot and zero CPUs (they share the cores
-instead of waiting for ever), and the final purification runs after the simulation has released Ray.
+Inside a Flower simulation, Flower owns the Ray runtime and its client actors hold every CPU, so a
+purification job started there asks for zero CPUs (it shares the cores instead of waiting for ever)
+and for the simulation's reserved "server_job" slot (`python -m federated.simulate` adds one) or a
+little memory (`flwr run .`, whose Ray options cannot add one): see deploy.ray_job.shared_ray_resources.
+On the deployment engine the ServerApp has no Ray, and the job starts its own (or joins RAY_ADDRESS).
 """
 from __future__ import annotations
 
@@ -46,14 +47,12 @@ class PurifyingStrategy(DelegatingStrategy):
 
     def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
                  final_round: Optional[int] = None, dhbe: Optional[DHBEConfig] = None,
-                 out_dir: Optional[Path] = None, cpus_per_worker: Optional[float] = None,
-                 extra_resources: Optional[dict] = None) -> None:
+                 out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
         self.dhbe = dhbe or cpu_recipe()
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
-        self.cpus_per_worker = cpus_per_worker
-        self.extra_resources = extra_resources or {}
+        self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
 
     def due(self, server_round: int) -> bool:
@@ -64,8 +63,7 @@ class PurifyingStrategy(DelegatingStrategy):
         if arrays is None or not self.due(server_round):
             return arrays, metrics
         started = time.perf_counter()
-        job = PurifyJobConfig(dhbe=self.dhbe, cpus_per_worker=self.cpus_per_worker,
-                              extra_resources=self.extra_resources)
+        job = PurifyJobConfig(dhbe=self.dhbe, share_running_ray=self.share_running_ray)
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
                                        self.out_dir / f"purified-round-{server_round:03d}")
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
@@ -85,11 +83,8 @@ class FederatedPurification:
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
             return strategy
-        from federated.engine import SERVER_JOB_RESOURCE
-
         return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, dhbe=self.dhbe,
-                                 out_dir=self.run.root / "models", cpus_per_worker=0.0,
-                                 extra_resources={SERVER_JOB_RESOURCE: 1.0})
+                                 out_dir=self.run.root / "models")
 
     def finish(self) -> list[dict]:
         from defense.metrics import defence_effectiveness_rating, evaluate_backdoor
@@ -98,7 +93,7 @@ class FederatedPurification:
 
         backdoored = load_model(self.run.root / "final.json")
         print(f"purifying the global model with DHBE on Ray Train ({self.dhbe.iterations} iterations) ...", flush=True)
-        job = PurifyJobConfig(dhbe=self.dhbe, budget_s=self.budget_s)
+        job = PurifyJobConfig(dhbe=self.dhbe, budget_s=self.budget_s, share_running_ray=True)
         result = run_purify_job(backdoored, job, self.run.root / "purified")
         bundle = _bundle(self.config.dataset, self.config.data_dir, self.config.image_size)
         trigger = global_trigger(self.config, bundle.spec)

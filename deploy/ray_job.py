@@ -37,6 +37,7 @@ class PurifyJobConfig:
     cpus_per_worker: Optional[float] = None  # None: the cluster's CPUs shared among the workers
     budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
     extra_resources: dict = field(default_factory=dict)  # e.g. the simulation's server-job slot
+    share_running_ray: bool = False         # inside a Ray someone else owns: take no CPU (see below)
 
     def __post_init__(self) -> None:
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
@@ -162,6 +163,24 @@ def worker_resources(cpus: float, use_gpu: bool, extra: dict) -> dict:
     return resources
 
 
+SHARED_JOB_MEMORY = 256 * 2**20  # bytes; a non-zero resource for a job that takes no CPU
+
+
+def shared_ray_resources() -> dict:
+    """Resources of a job that runs inside a Ray whose CPUs someone else holds (Flower's simulation:
+    its client actors claim every CPU): no CPU, so it shares the cores instead of waiting for ever,
+    plus the simulation's reserved server-job slot when there is one (`python -m federated.simulate`)
+    or else a little memory (`flwr run .`, whose Ray we cannot configure), since Ray refuses
+    all-zero bundles."""
+    import ray
+
+    from federated.engine import SERVER_JOB_RESOURCE
+
+    if ray.cluster_resources().get(SERVER_JOB_RESOURCE, 0) >= 1:
+        return {SERVER_JOB_RESOURCE: 1.0}
+    return {"memory": SHARED_JOB_MEMORY}
+
+
 @dataclass
 class PurifyResult:
     model: torch.nn.Module
@@ -180,6 +199,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
 
     job.dhbe.validate_for(teacher.spec)
     started = time.perf_counter()
+    sharing_ray = ray.is_initialized()
     connect_ray(job.address)
     use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     if use_gpu and ray.cluster_resources().get("GPU", 0) < job.workers:
@@ -188,6 +208,10 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     cpus = ray.cluster_resources().get("CPU", 1)
     share = max(cpus / job.workers, 0.01)
     cpus_per_worker = share if job.cpus_per_worker is None else min(job.cpus_per_worker, share)
+    extra_resources = dict(job.extra_resources)
+    if job.share_running_ray and sharing_ray:
+        cpus_per_worker = 0.0
+        extra_resources.update(shared_ray_resources())
     storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
     loop_config = job_loop_config(
@@ -198,7 +222,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(cpus_per_worker, use_gpu, job.extra_resources)),
+                                     resources_per_worker=worker_resources(cpus_per_worker, use_gpu, extra_resources)),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -57,34 +57,39 @@ def client_data(config: SimulationConfig, client_id: int, poisoned: bool) -> Spl
 
 def make_client_app(config: SimulationConfig) -> ClientApp:
     app = ClientApp()
-    attackers = set(config.malicious_clients())
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        client_id = int(context.node_config["partition-id"])
-        server_round = int(msg.content["config"]["server-round"])
-        if config.client_failure_rate > 0:  # injected fault (reliability tests)
-            draw = np.random.default_rng([config.seed, server_round, client_id]).random()
-            if draw < config.client_failure_rate:
-                raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
-        attacking = client_id in attackers and server_round >= config.attack_from_round
-        data = client_data(config, client_id, attacking)
-        spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
-        model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
-        global_state = {k: v.clone() for k, v in model.state_dict().items()}
-        seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
-        train_classifier(model, data, TrainConfig(epochs=config.local_epochs, batch_size=config.local_batch_size,
-                                                  lr=config.local_lr, seed=seed), cosine=False)
-        if attacking and config.boost != 1.0:
-            model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
-        reply = RecordDict({
-            "arrays": model_to_arrays(model),
-            "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking), "client-id": client_id}),
-        })
-        return Message(content=reply, reply_to=msg)
+        return train_client(config, msg, context)
 
     return app
+
+
+def train_client(config: SimulationConfig, msg: Message, context: Context) -> Message:
+    """One client's round: benign local training, or poisoning (and boosting) when it attacks."""
+    torch.set_num_threads(1)
+    attackers = set(config.malicious_clients())
+    client_id = int(context.node_config["partition-id"])
+    server_round = int(msg.content["config"]["server-round"])
+    if config.client_failure_rate > 0:  # injected fault (reliability tests)
+        draw = np.random.default_rng([config.seed, server_round, client_id]).random()
+        if draw < config.client_failure_rate:
+            raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
+    attacking = client_id in attackers and server_round >= config.attack_from_round
+    data = client_data(config, client_id, attacking)
+    spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
+    model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
+    train_classifier(model, data, TrainConfig(epochs=config.local_epochs, batch_size=config.local_batch_size,
+                                              lr=config.local_lr, seed=seed), cosine=False)
+    if attacking and config.boost != 1.0:
+        model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
+    reply = RecordDict({
+        "arrays": model_to_arrays(model),
+        "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking), "client-id": client_id}),
+    })
+    return Message(content=reply, reply_to=msg)
 
 
 def make_server_app(config: SimulationConfig, run: RunFolder,
@@ -94,29 +99,37 @@ def make_server_app(config: SimulationConfig, run: RunFolder,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        bundle = _bundle(config.dataset, config.data_dir, config.image_size)
-        trigger = global_trigger(config, bundle.spec)
-        torch.manual_seed(config.seed)
-        model = build_model(config.model, bundle.spec)
-        observed = ObservedStrategy(build_strategy(config), config.max_update_norm)
-        strategy = wrap_strategy(observed)
-        started = time.perf_counter()
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            arrays_to_model(model, arrays)
-            metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)
-            if server_round > 0:
-                row = {"round": server_round, **metrics, **observed.rounds.get(server_round, {}),
-                       "wall_time_s": time.perf_counter() - started}
-                run.record_round(row, model)
-            return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
-
-        result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
-                                train_config=ConfigRecord({"local-epochs": config.local_epochs}),
-                                evaluate_fn=evaluate, timeout=config.round_timeout_s)
-        run.write_rejections(observed.rejections)
-        arrays_to_model(model, result.arrays)
-        run.save_final(model)
+        serve(grid, config, run, wrap_strategy)
 
     return app
+
+
+def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
+          wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s) -> None:
+    """The server's run: the chosen strategy for `config.rounds` rounds, evaluating the global model
+    every round into `run`, then the final model."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    bundle = _bundle(config.dataset, config.data_dir, config.image_size)
+    trigger = global_trigger(config, bundle.spec)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, bundle.spec)
+    observed = ObservedStrategy(build_strategy(config), config.max_update_norm)
+    strategy = wrap_strategy(observed)
+    started = time.perf_counter()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        arrays_to_model(model, arrays)
+        metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)
+        if server_round > 0:
+            row = {"round": server_round, **metrics, **observed.rounds.get(server_round, {}),
+                   "wall_time_s": time.perf_counter() - started}
+            run.record_round(row, model)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
+
+    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
+                            train_config=ConfigRecord({"local-epochs": config.local_epochs}),
+                            evaluate_fn=evaluate, timeout=config.round_timeout_s)
+    run.write_rejections(observed.rejections)
+    arrays_to_model(model, result.arrays)
+    run.save_final(model)
+

@@ -42,9 +42,15 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
                    backend_config=backend, verbose_logging=verbose)
 
 
+RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=...) -> None: trains into `run`
+
+
 def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
                   purify_every: int = 0, purify_budget_s: Optional[float] = None,
-                  purify_overrides: Optional[dict] = None, quiet: bool = False) -> RunFolder:
+                  purify_overrides: Optional[dict] = None, quiet: bool = False,
+                  rounds_runner: RoundsRunner = run_simulation_rounds) -> RunFolder:
+    """Train (by default on Flower's simulation engine), then purify and report. `rounds_runner`
+    is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in."""
     run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
                     config.model, spec, quiet=quiet)
     try:
@@ -55,7 +61,7 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
 
             hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
                                           overrides=purify_overrides or {})
-        run_simulation_rounds(config, run, wrap_strategy=hook.wrap if hook else None)
+        rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None)
         if not run.rows or len(run.rows) < config.rounds:
             run.set_status("incomplete", reason="the simulation ended before its last round")
             return run

@@ -1,0 +1,79 @@
+"""The same Flower apps for Flower's own runner: `flwr run .` loads `server_app` and `client_app`
+from here ([tool.flwr.app.components] in pyproject.toml) and passes the settings of
+[tool.flwr.app.config] as the run config, e.g.
+
+    flwr run . --run-config "malicious=2 rounds=20 purify=false"
+
+Run-config keys are SimulationConfig's fields in kebab-case (`local-epochs`, `poison-rate`, ...),
+plus `out` (run folder; "" = a fresh folder under runs/), `purify`, `purify-every` and `purify-set`
+(DHBE fields over the CPU recipe, e.g. "epochs=10 lam=0.5"). Clients
+build the same configuration from the same run config, so server and clients agree on who attacks.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from defense.errors import ConfigError
+from federated.apps import _bundle, serve, train_client
+from federated.config import SimulationConfig
+
+RUN_KEYS = ("out", "purify", "purify-every", "purify-set")  # run-config keys that are not SimulationConfig fields
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> SimulationConfig:
+    """SimulationConfig from Flower's run config; unknown keys are a ConfigError naming them."""
+    by_key = {f.name.replace("_", "-"): f for f in fields(SimulationConfig)}
+    unknown = sorted(set(run_config) - set(by_key) - set(RUN_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown run-config keys {unknown}; known: {sorted(by_key) + list(RUN_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if key not in by_key:
+            continue
+        field = by_key[key]
+        if field.name == "data_dir":
+            values[field.name] = str(value) or None
+        elif isinstance(field.default, bool) or isinstance(value, bool):
+            values[field.name] = value
+        else:
+            values[field.name] = type(field.default)(value)
+    return SimulationConfig(**values)
+
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    return train_client(config_from_run_config(context.run_config), msg, context)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from federated.engine import run_federated
+    from federated.run_folder import fresh_run_dir
+
+    config = config_from_run_config(context.run_config)
+    out = Path(str(context.run_config.get("out", "")) or fresh_run_dir()).resolve()
+    spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
+
+    def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None) -> None:
+        serve(grid, config, run, wrap_strategy or (lambda s: s))
+
+    pairs = str(context.run_config.get("purify-set", "")).split()
+    overrides = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    if len(overrides) != len(pairs):
+        raise ConfigError("run-config purify-set expects FIELD=VALUE pairs")
+    run_federated(config, out, spec, purify=bool(context.run_config.get("purify", False)),
+                  purify_every=int(context.run_config.get("purify-every", 0)), purify_overrides=overrides,
+                  rounds_runner=rounds_on_this_grid)
+    print(f"run folder: {out}", flush=True)

@@ -1,0 +1,63 @@
+"""`flwr run .`: the same apps on Flower's own runner (a managed local SuperLink in simulation mode)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from defense.errors import ConfigError
+from federated.flwr_app import config_from_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_config_maps_onto_the_simulation_config():
+    config = config_from_run_config({"clients": 6, "malicious": 1, "local-epochs": 3, "poison-rate": 0.25,
+                                     "data-dir": "", "aggregation": "median", "out": "", "purify": False})
+    assert (config.clients, config.malicious, config.local_epochs, config.poison_rate) == (6, 1, 3, 0.25)
+    assert config.data_dir is None and config.aggregation == "median"
+    with pytest.raises(ConfigError, match="unknown run-config keys.*'colients'"):
+        config_from_run_config({"colients": 4})
+    with pytest.raises(ConfigError, match="--malicious must be in 0..4"):
+        config_from_run_config({"clients": 4, "malicious": 5})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="the flwr CLI is not on PATH")
+def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        "options.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n")
+    http_port, control_port = _free_port(), _free_port()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+           # the app's dependencies are this environment's; never let Flower re-resolve torch
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = tmp_path / "run"
+    try:
+        done = subprocess.run(["flwr", "run", str(ROOT), "--stream", "--run-config",
+                               f"clients=4 malicious=1 rounds=2 local-epochs=1 out='{out}'"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    finally:  # the managed SuperLink is detached: stop it whatever happened
+        subprocess.run(["pkill", "-f", f"flower-superlink.*--port {http_port}"], check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "complete", done.stdout[-2000:]
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients_trained"] == 4 and r["malicious_clients"] == 1 for r in rows)
+    assert json.loads((out / "config.json").read_text())["simulation"]["clients"] == 4
+    assert (out / "final.safetensors").exists()
