@@ -1,5 +1,6 @@
 """Iterations per second of DHBE: (a) the official loop's structure re-implemented step for step
-(every forward tracked by autograd and detached afterwards, as in DHBE_train.py) against (b) the
+(every forward tracked by autograd and detached afterwards, the teacher's parameters left
+trainable, as in DHBE_train.py) against (b) the
 project's loop (`DHBETrainer`), on the same model, batch, seed and config.
 
     python -m benchmarks.dhbe_throughput [--iterations N] [--tiny]
@@ -87,6 +88,8 @@ def measure(mode: str, iterations: int, config: DHBEConfig, model: str) -> dict:
     teacher = build_model(model, SPEC).eval()
     trainer = DHBETrainer(teacher, SPEC, config)
     trainer.set_student_mode()
+    if mode == "official":  # DHBE_train.py never freezes the teacher: its forwards build graphs too
+        trainer.teacher.requires_grad_(True)
     step = official_iteration if mode == "official" else project_iteration
     first = step(trainer)  # warm-up, and the losses to compare
     started = time.perf_counter()

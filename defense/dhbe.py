@@ -13,6 +13,7 @@ project's CPU-scale recipe (`cpu_recipe`) and the measurements behind it are in 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from defense.errors import DivergenceError
-from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
+from defense.generators import SampleGenerator, TriggerGenerator, blend_patterns, paste_patches
 from defense.spec import InputSpec, require
 
 
@@ -59,10 +60,13 @@ class DHBEConfig:
     trigger_warmup_steps: int = 0         # Gp steps against the untouched student (= T) before training
     patch_memory: int = 0                 # bank of Gp's warm-up patches, replayed to the student (0: none)
     memory_fraction: float = 0.5          # share of the student's patches drawn from that bank
+    random_patch_fraction: float = 0.0    # share of the student's patches that are random binary patches
     trigger_steps: int = 1                # Gp updates per iteration
     student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
+    blend_lam: float = 0.0                # >0: a second regulariser against full-image blended patterns
+    blend_alpha: float = 0.2              # the largest blend ratio Gb may use (perceptibility bound)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
 
     def __post_init__(self) -> None:
@@ -84,7 +88,12 @@ class DHBEConfig:
         require(self.patch_memory >= 0, f"patch_memory must be >= 0, got {self.patch_memory}")
         require(self.trigger_warmup_steps >= 0, f"trigger_warmup_steps must be >= 0, got {self.trigger_warmup_steps}")
         require(0 <= self.memory_fraction <= 1, f"memory_fraction must be in [0, 1], got {self.memory_fraction}")
+        require(0 <= self.random_patch_fraction <= 1 - self.memory_fraction or self.patch_memory == 0,
+                "random_patch_fraction + memory_fraction must be <= 1")
+        require(0 <= self.random_patch_fraction <= 1, f"random_patch_fraction must be in [0, 1], got {self.random_patch_fraction}")
         require(self.trigger_steps >= 1, f"trigger_steps must be >= 1, got {self.trigger_steps}")
+        require(self.blend_lam >= 0, f"blend_lam must be >= 0, got {self.blend_lam}")
+        require(0 < self.blend_alpha < 1, f"blend_alpha must be in (0, 1), got {self.blend_alpha}")
         require(0 <= self.student_ema < 1, f"student_ema must be in [0, 1), got {self.student_ema}")
 
     @property
@@ -99,6 +108,19 @@ class DHBEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Gradients flow through `module` to its inputs, but none are computed for its parameters
+    (the student during the G and Gp steps: those gradients would be thrown away)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -191,9 +213,17 @@ class DHBETrainer:
                                            momentum=config.student_momentum, weight_decay=config.student_weight_decay)
         self.opt_generator = torch.optim.Adam(self.sample_generator.parameters(), lr=config.generator_lr)
         self.opt_trigger = torch.optim.Adam(self.trigger_generator.parameters(), lr=config.trigger_lr)
+        self.optimisers = [self.opt_student, self.opt_generator, self.opt_trigger]
+        # Gb (departure, blend_lam > 0): a full-image pattern blended in, for blended triggers
+        self.blend_generator: Optional[TriggerGenerator] = None
+        if config.blend_lam > 0:
+            self.blend_generator = TriggerGenerator(spec.channels, (spec.height, spec.width), config.trigger_latent_dim,
+                                                    config.trigger_width).to(self.device)
+            self.opt_blend = torch.optim.Adam(self.blend_generator.parameters(), lr=config.trigger_lr)
+            self.optimisers.append(self.opt_blend)
         milestones = sorted({max(1, int(round(m * config.epochs))) for m in config.lr_milestones})
         self.schedules = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, config.lr_decay)
-                          for o in (self.opt_student, self.opt_generator, self.opt_trigger)]
+                          for o in self.optimisers]
         self.bn_prior = BatchNormStatistics(self.teacher) if config.bn_prior_weight > 0 else None
         self.epoch = 0
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
@@ -214,13 +244,22 @@ class DHBETrainer:
         return self.spec.denormalise(self.sample_generator(z))
 
     def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor, replay: bool = False) -> torch.Tensor:
-        """x + pad(Gp(z')): the candidate trigger pasted at a random place. With `replay`, part of
-        the patches come from the memory of Gp's past patches (the student keeps facing old triggers)."""
+        """x + pad(Gp(z')): the candidate trigger pasted at a random place. With `replay` (student
+        steps), part of the patches come from the memory of Gp's past patches (the student keeps
+        facing old triggers) and part are random binary patches (any small high-contrast patch)."""
         patches = self.trigger_generator(z_trigger)
-        if replay and len(self.memory):
-            count = int(round(self.config.memory_fraction * len(patches)))
-            picks = torch.randint(0, len(self.memory), (count,), generator=self.rng)
-            patches = torch.cat([self.memory[picks].to(patches), patches[count:]])
+        if replay:
+            parts, used = [], 0
+            if len(self.memory):
+                used = int(round(self.config.memory_fraction * len(patches)))
+                picks = torch.randint(0, len(self.memory), (used,), generator=self.rng)
+                parts.append(self.memory[picks].to(patches))
+            if self.config.random_patch_fraction > 0:
+                count = int(round(self.config.random_patch_fraction * len(patches)))
+                signs = torch.randint(0, 2, (count, *patches.shape[1:]), generator=self.rng).to(patches) * 2 - 1
+                parts.append(signs * self.config.trigger_amplitude)
+                used += count
+            patches = torch.cat([*parts, patches[used:]])
         return paste_patches(pixels, patches, self.config.patch_per_sample,
                              self.config.patch_copies, self.rng, self.config.patch_replaces)
 
@@ -252,6 +291,11 @@ class DHBETrainer:
         distill = l1(s_logits, t_logits)
         regulariser = l1(self.student(x_patched), s_logits.detach()) if cfg.lam > 0 else torch.zeros((), device=self.device)
         loss = distill + cfg.lam * regulariser
+        if self.blend_generator is not None:
+            with torch.no_grad():
+                ratios = cfg.blend_alpha * torch.rand(len(x), generator=self.rng).to(x)
+                x_blended = blend_patterns(x, self.blend_generator(self.latent(cfg.trigger_latent_dim)), ratios)
+            loss = loss + cfg.blend_lam * l1(self.student(x_blended), s_logits.detach())
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         self.sync_student_gradients(self.student)
@@ -270,7 +314,9 @@ class DHBETrainer:
         t_logits = self.teacher(pixels)
         if self.bn_prior is not None:
             self.bn_prior.enabled = False
-        loss = (-cfg.generator_adversarial_weight * l1(self.student(pixels), t_logits)
+        with frozen(self.student) as student:
+            s_logits = student(pixels)
+        loss = (-cfg.generator_adversarial_weight * l1(s_logits, t_logits)
                 + cfg.image_prior_weight * total_variation_l2(normalised))
         if self.bn_prior is not None:
             loss = loss + cfg.bn_prior_weight * self.bn_prior.collect()
@@ -284,11 +330,29 @@ class DHBETrainer:
         cfg = self.config
         with torch.no_grad():
             x = self.synthesise(self.latent(cfg.latent_dim))
-        z_trigger = self.latent(cfg.trigger_latent_dim)
-        loss = -l1(self.student(self.patch(x, z_trigger)), self.student(x))
+        with frozen(self.student) as student:
+            patched_logits = student(self.patch(x, self.latent(cfg.trigger_latent_dim)))
+            with torch.no_grad():
+                clean_logits = student(x)
+            loss = -l1(patched_logits, clean_logits)
         self.opt_trigger.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_trigger.step()
+        if self.blend_generator is not None:
+            self.blend_step(x)
+        return float(loss.detach())
+
+    def blend_step(self, x: torch.Tensor) -> float:
+        """max over Gb: L1(S((1 - a) x + a Gb(z')), S(x)) at the largest ratio a = blend_alpha."""
+        cfg = self.config
+        with torch.no_grad():
+            clean = self.student(x)
+        blended = blend_patterns(x, self.blend_generator(self.latent(cfg.trigger_latent_dim)), cfg.blend_alpha)
+        with frozen(self.student) as student:
+            loss = -l1(student(blended), clean)
+        self.opt_blend.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_blend.step()
         return float(loss.detach())
 
     def warm_up_trigger_generator(self) -> None:
@@ -313,7 +377,7 @@ class DHBETrainer:
                 raise DivergenceError(f"DHBE diverged (non-finite loss) in epoch {self.epoch + 1} "
                                       f"after {attempt} recoveries; lower the learning rates")
             self.load_state_dict(snapshot)
-            for opt in (self.opt_student, self.opt_generator, self.opt_trigger):
+            for opt in self.optimisers:
                 for group in opt.param_groups:
                     group["lr"] *= 0.5
             for schedule in self.schedules:
@@ -338,6 +402,8 @@ class DHBETrainer:
             self.warm_up_trigger_generator()
         self.sample_generator.train()
         self.trigger_generator.train()
+        if self.blend_generator is not None:
+            self.blend_generator.train()
         sums = [0.0, 0.0, 0.0]
         for _ in range(cfg.iters_per_epoch):
             self.set_student_mode()
@@ -388,7 +454,8 @@ class DHBETrainer:
             "averaged": copy.deepcopy(self.averaged.state_dict()) if self.averaged is not None else {},
             "sample_generator": copy.deepcopy(self.sample_generator.state_dict()),
             "trigger_generator": copy.deepcopy(self.trigger_generator.state_dict()),
-            "optimisers": [copy.deepcopy(o.state_dict()) for o in (self.opt_student, self.opt_generator, self.opt_trigger)],
+            "blend_generator": copy.deepcopy(self.blend_generator.state_dict()) if self.blend_generator else {},
+            "optimisers": [copy.deepcopy(o.state_dict()) for o in self.optimisers],
             "schedules": [s.state_dict() for s in self.schedules],
             "torch_rng": torch.get_rng_state(),
             "placement_rng": self.rng.get_state(),
@@ -403,7 +470,9 @@ class DHBETrainer:
             self.averaged.load_state_dict(state["averaged"])
         self.sample_generator.load_state_dict(state["sample_generator"])
         self.trigger_generator.load_state_dict(state["trigger_generator"])
-        for opt, opt_state in zip((self.opt_student, self.opt_generator, self.opt_trigger), state["optimisers"]):
+        if self.blend_generator is not None:
+            self.blend_generator.load_state_dict(state["blend_generator"])
+        for opt, opt_state in zip(self.optimisers, state["optimisers"]):
             opt.load_state_dict(opt_state)
         for schedule, schedule_state in zip(self.schedules, state["schedules"]):
             schedule.load_state_dict(schedule_state)

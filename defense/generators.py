@@ -48,14 +48,15 @@ class TriggerGenerator(nn.Module):
 
     Linear -> BN -> conv3x3 -> BN(affine=False) -> tanh, as in the official code."""
 
-    def __init__(self, channels: int, patch_size: int, latent_dim: int = 256, width: int = 64,
+    def __init__(self, channels: int, patch_size: int | tuple[int, int], latent_dim: int = 256, width: int = 64,
                  amplitude: float = 1.0) -> None:
         super().__init__()
-        require(patch_size >= 1, f"patch size must be >= 1, got {patch_size}")
-        self.shape = (width, patch_size, patch_size)
+        height, width_px = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        require(height >= 1 and width_px >= 1, f"patch size must be >= 1, got {patch_size}")
+        self.shape = (width, height, width_px)
         self.amplitude = amplitude
-        self.project = nn.Sequential(nn.Linear(latent_dim, width * patch_size * patch_size),
-                                     nn.BatchNorm1d(width * patch_size * patch_size))
+        self.project = nn.Sequential(nn.Linear(latent_dim, width * height * width_px),
+                                     nn.BatchNorm1d(width * height * width_px))
         self.body = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.BatchNorm2d(channels, affine=False), nn.Tanh())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -103,3 +104,12 @@ def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool,
         return images + canvas
     covered = count > 0
     return torch.where(covered, canvas / count.clamp_min(1), images)
+
+
+def blend_patterns(images: torch.Tensor, patterns: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """(1 - alpha) x + alpha p: a full-image pattern blended in, as a blended trigger is (Chen et al.
+    2017); `patterns` in [-1, 1] (the generator's tanh) are mapped to pixel values in [0, 1], `alpha` is
+    a float or one ratio per sample."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(images).view(-1, 1, 1, 1)
+    return (1 - alpha) * images + alpha * ((patterns + 1) / 2).clamp(0.0, 1.0)

@@ -1,0 +1,89 @@
+"""Scaling: wall time of the federated simulation (no purification) against clients and rounds, and
+DHBE's speed (CPU recipe, small CNN) against image size.
+
+    python -m benchmarks.scaling [--tiny]
+
+Writes benchmarks/results/scaling.md and scaling.json. Each federated run is a fresh Flower
+simulation (Ray start included), so its time is what a user waits for."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from defense.data import load_dataset
+from defense.dhbe import DHBETrainer, cpu_recipe
+from defense.fileio import atomic_write_json, atomic_write_text
+from defense.models import build_model
+from federated.config import SimulationConfig
+
+FEDERATED_GRID = [(5, 20), (10, 20), (20, 20), (10, 5), (10, 10)]  # (clients, rounds)
+IMAGE_SIZES = (8, 16, 32)
+
+
+def time_federated(clients: int, rounds: int, local_epochs: int = 2) -> dict:
+    from federated.engine import run_federated
+
+    config = SimulationConfig(clients=clients, malicious=min(2, clients // 4), rounds=rounds, local_epochs=local_epochs)
+    spec = load_dataset("digits", None, config.image_size).spec
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        run = run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
+        wall = time.perf_counter() - started
+    last = run.rows[-1]
+    return {"clients": clients, "rounds": rounds, "wall_s": round(wall, 1),
+            "s_per_round": round(wall / rounds, 2), "acc": round(last["acc"], 4), "asr_x1": round(last["asr_x1"], 4)}
+
+
+def time_dhbe(image_size: int, iterations: int, batch_size: int) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    spec = load_dataset("digits", None, image_size).spec
+    config = replace(cpu_recipe(), batch_size=batch_size, trigger_warmup_steps=0, patch_memory=0,
+                     patch_size=min(3, image_size - 1), iters_per_epoch=iterations, epochs=2)
+    trainer = DHBETrainer(build_model("small-cnn", spec).eval(), spec, config)
+    trainer.run_epoch()  # warm-up epoch
+    started = time.perf_counter()
+    trainer.run_epoch()
+    seconds = time.perf_counter() - started
+    recipe = cpu_recipe()
+    it_per_s = iterations / seconds
+    return {"image_size": image_size, "it_per_s": round(it_per_s, 2),
+            "recipe_iterations": recipe.iterations,
+            "recipe_seconds_estimate": round(recipe.iterations / it_per_s + recipe.trigger_warmup_steps / (3 * it_per_s), 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="one small setting each, printed, not written")
+    args = parser.parse_args()
+    grid = [(4, 2)] if args.tiny else FEDERATED_GRID
+    federated = [time_federated(c, r, local_epochs=1 if args.tiny else 2) for c, r in grid]
+    sizes = (8,) if args.tiny else IMAGE_SIZES
+    dhbe = [time_dhbe(size, 2 if args.tiny else 20, 16 if args.tiny else 128) for size in sizes]
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    lines = [f"# Scaling ({machine['cpus']} CPUs, torch {machine['torch']})", "",
+             "Federated simulation, digits 16x16, small CNN, 2 local epochs, FedAvg, no purification "
+             "(fresh Ray each run, start included):", "",
+             "| clients | rounds | wall s | s per round | final ACC % | final ASR x1 % |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {r['rounds']} | {r['wall_s']} | {r['s_per_round']} | {100 * r['acc']:.1f} | "
+              f"{100 * r['asr_x1']:.1f} |" for r in federated]
+    lines += ["", "DHBE, CPU recipe (batch 128, 5 student steps per iteration), small CNN, against image size:", "",
+              "| image | iterations/s | recipe iterations | recipe estimate s (incl. Gp warm-up) |", "|---|---|---|---|"]
+    lines += [f"| {r['image_size']}x{r['image_size']} | {r['it_per_s']} | {r['recipe_iterations']} | "
+              f"{r['recipe_seconds_estimate']:.0f} |" for r in dhbe]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.tiny:
+        atomic_write_json(Path("benchmarks/results/scaling.json"), {"federated": federated, "dhbe": dhbe, "machine": machine})
+        atomic_write_text(Path("benchmarks/results/scaling.md"), text)
+
+
+if __name__ == "__main__":
+    main()
