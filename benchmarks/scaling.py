@@ -69,7 +69,7 @@ def main() -> None:
     dhbe = [time_dhbe(size, 2 if args.tiny else 20, 16 if args.tiny else 128) for size in sizes]
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
     lines = [f"# Scaling ({machine['cpus']} CPUs, torch {machine['torch']})", "",
-             "Federated simulation, digits 16x16, small CNN, 2 local epochs, FedAvg, no purification "
+             "Federated simulation, digits 16x16, small CNN, 2 local epochs, FedAvg, min(2, clients // 4) malicious clients, no purification "
              "(fresh Ray each run, start included):", "",
              "| clients | rounds | wall s | s per round | final ACC % | final ASR x1 % |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['rounds']} | {r['wall_s']} | {r['s_per_round']} | {100 * r['acc']:.1f} | "
