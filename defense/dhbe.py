@@ -60,6 +60,7 @@ class DHBEConfig:
     trigger_warmup_steps: int = 0         # Gp steps against the untouched student (= T) before training
     patch_memory: int = 0                 # bank of Gp's warm-up patches, replayed to the student (0: none)
     memory_fraction: float = 0.5          # share of the student's patches drawn from that bank
+    bank_refresh_steps: int = 0           # per epoch after the first: Gp steps against T refilling the bank
     random_patch_fraction: float = 0.0    # share of the student's patches that are random binary patches
     trigger_steps: int = 1                # Gp updates per iteration
     student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
@@ -88,6 +89,7 @@ class DHBEConfig:
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
         require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
         require(self.patch_memory >= 0, f"patch_memory must be >= 0, got {self.patch_memory}")
+        require(self.bank_refresh_steps >= 0, f"bank_refresh_steps must be >= 0, got {self.bank_refresh_steps}")
         require(self.trigger_warmup_steps >= 0, f"trigger_warmup_steps must be >= 0, got {self.trigger_warmup_steps}")
         require(0 <= self.memory_fraction <= 1, f"memory_fraction must be in [0, 1], got {self.memory_fraction}")
         require(0 <= self.random_patch_fraction <= 1 - self.memory_fraction or self.patch_memory == 0,
@@ -330,20 +332,21 @@ class DHBETrainer:
         self.opt_generator.step()
         return float(loss.detach())
 
-    def trigger_step(self) -> float:
-        """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached."""
+    def trigger_step(self, against: Optional[nn.Module] = None) -> float:
+        """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached. `against` = T searches the
+        teacher's own backdoor instead (bank refresh)."""
         cfg = self.config
         with torch.no_grad():
             x = self.synthesise(self.latent(cfg.latent_dim))
-        with frozen(self.student) as student:
-            patched_logits = student(self.patch(x, self.latent(cfg.trigger_latent_dim)))
+        with frozen(against or self.student) as model:
+            patched_logits = model(self.patch(x, self.latent(cfg.trigger_latent_dim)))
             with torch.no_grad():
-                clean_logits = student(x)
+                clean_logits = model(x)
             loss = -l1(patched_logits, clean_logits)
         self.opt_trigger.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_trigger.step()
-        if self.blend_generator is not None:
+        if self.blend_generator is not None and against is None:
             self.blend_step(x)
         return float(loss.detach())
 
@@ -366,6 +369,13 @@ class DHBETrainer:
         self.set_student_mode()
         for step in range(self.config.trigger_warmup_steps):
             self.trigger_step()
+            self.remember(self.latent(self.config.trigger_latent_dim))
+
+    def refresh_trigger_bank(self) -> None:
+        """Gp drifts away from T's backdoor once S stops reacting to it (and S then relapses): every
+        epoch, a few Gp steps against T itself put T's current strongest patches back in the bank."""
+        for step in range(self.config.bank_refresh_steps):
+            self.trigger_step(against=self.teacher)
             self.remember(self.latent(self.config.trigger_latent_dim))
 
     # --- epochs, diagnostics, recovery ---------------------------------------------------------
@@ -405,6 +415,8 @@ class DHBETrainer:
         cfg = self.config
         if self.epoch == 0 and cfg.trigger_warmup_steps and not len(self.memory):
             self.warm_up_trigger_generator()
+        elif self.epoch > 0 and cfg.bank_refresh_steps and cfg.patch_memory:
+            self.refresh_trigger_bank()
         self.sample_generator.train()
         self.trigger_generator.train()
         if self.blend_generator is not None:
