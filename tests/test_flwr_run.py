@@ -61,3 +61,46 @@ def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
     assert all(r["clients_trained"] == 4 and r["malicious_clients"] == 1 for r in rows)
     assert json.loads((out / "config.json").read_text())["simulation"]["clients"] == 4
     assert (out / "final.safetensors").exists()
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's deployment CLIs are not on PATH")
+def test_the_same_apps_run_on_the_deployment_engine(tmp_path):
+    """Stretch of the federated issue: a SuperLink and two SuperNodes on loopback, one round."""
+    ports = {name: _free_port() for name in ("http", "fleet", "control", "node0", "node1")}
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+        f'address = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    commands = [["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                 "--port", str(ports["http"]), "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
+                 "--control-api-address", f"127.0.0.1:{ports['control']}", "--database", str(tmp_path / "state.db")]]
+    commands += [["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{ports['fleet']}",
+                  "--port", str(ports[f"node{i}"]), "--node-config", f"partition-id={i} num-partitions=2"]
+                 for i in range(2)]
+    processes = []
+    out = tmp_path / "run"
+    try:
+        for i, command in enumerate(commands):
+            processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=(logs / f"{i}.log").open("w"),
+                                              stderr=subprocess.STDOUT))
+        done = subprocess.run(["flwr", "run", str(ROOT), "loopback", "--stream", "--run-config",
+                               f"clients=2 malicious=1 rounds=1 local-epochs=1 out='{out}'"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    log_tail = "".join((logs / f"{i}.log").read_text()[-1500:] for i in range(len(commands)))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + log_tail
+    assert json.loads((out / "status.json").read_text())["state"] == "complete", done.stdout[-2000:] + log_tail
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["round"] for r in rows] == [1] and rows[0]["clients_trained"] == 2 and rows[0]["malicious_clients"] == 1

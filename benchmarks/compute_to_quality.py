@@ -1,0 +1,71 @@
+"""Compute to quality: ACC and ASR against student updates, read from the logged DHBE probes
+(benchmarks/results/dhbe_experiments.jsonl; each probe logs the evaluation after every epoch).
+
+    python -m benchmarks.compute_to_quality [--tags TAG ...]
+
+Default: the CPU recipe's three seeds. Writes benchmarks/results/compute_to_quality.md with the
+mean over the chosen runs at each logged number of student updates, and the first point at which
+the DHBE issue's bar (ASR x1 <= 5%, ASR x9 <= 10%, ACC drop <= 2 points) holds for every run."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from defense.fileio import atomic_write_text
+
+LOG = Path("benchmarks/results/dhbe_experiments.jsonl")
+RECIPE_TAGS = ("r-warmup-mf0.9-ema-s0", "r-warmup-mf0.9-ema-s1", "r-warmup-mf0.9-ema-s2")
+OFFICIAL_STUDENT_UPDATES = 300 * 50 * 5  # the paper's 15,000 iterations x 5 student steps
+
+
+def load_runs(tags: tuple[str, ...]) -> list[dict]:
+    runs = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()]
+    chosen = [r for r in runs if r["tag"] in tags]
+    missing = set(tags) - {r["tag"] for r in chosen}
+    if missing:
+        raise SystemExit(f"no logged run with tag(s) {sorted(missing)} in {LOG}")
+    return chosen
+
+
+def meets_bar(epoch: dict, teacher_acc: float) -> bool:
+    return (epoch["eval_asr_x1"] <= 0.05 and (epoch.get("eval_asr_x9") or 0) <= 0.10
+            and teacher_acc - epoch["eval_acc"] <= 0.02)
+
+
+def table(runs: list[dict]) -> str:
+    updates = sorted({e["student_updates"] for r in runs for e in r["epochs"]})
+    lines = ["| student updates | share of the official 75,000 | ACC % | ACC drop (points) | ASR x1 % | ASR x4 % | "
+             "ASR x9 % | runs meeting the bar |", "|---|---|---|---|---|---|---|---|"]
+    for count in updates:
+        rows = [(r, e) for r in runs for e in r["epochs"] if e["student_updates"] == count]
+        if len(rows) < len(runs) or (count not in updates[:3] and count % 150):
+            continue
+
+        def mean(key: str) -> float:
+            return 100 * statistics.mean(e.get(key) or 0.0 for _, e in rows)
+
+        drop = statistics.mean(100 * (r["teacher"]["acc"] - e["eval_acc"]) for r, e in rows)
+        meeting = sum(meets_bar(e, r["teacher"]["acc"]) for r, e in rows)
+        lines.append(f"| {count} | {count / OFFICIAL_STUDENT_UPDATES:.1%} | {mean('eval_acc'):.1f} | {drop:.1f} | "
+                     f"{mean('eval_asr_x1'):.1f} | {mean('eval_asr_x4'):.1f} | {mean('eval_asr_x9'):.1f} | "
+                     f"{meeting}/{len(rows)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tags", nargs="*", default=list(RECIPE_TAGS))
+    parser.add_argument("--out", default="benchmarks/results/compute_to_quality.md")
+    args = parser.parse_args()
+    runs = load_runs(tuple(args.tags))
+    text = (f"# Compute to quality (runs: {', '.join(args.tags)}; mean over runs)\n\n{table(runs)}\n\n"
+            "Bar: ASR x1 <= 5%, ASR x9 <= 10%, ACC drop <= 2 points (the DHBE issue's). "
+            "The learning-rate schedule is that of each run's full length.\n")
+    print(text)
+    atomic_write_text(Path(args.out), text)
+
+
+if __name__ == "__main__":
+    main()
