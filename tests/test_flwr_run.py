@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -31,6 +32,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
 
 
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="the flwr CLI is not on PATH")
@@ -66,20 +77,20 @@ def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's deployment CLIs are not on PATH")
 def test_the_same_apps_run_on_the_deployment_engine(tmp_path):
     """Stretch of the federated issue: a SuperLink and two SuperNodes on loopback, one round."""
-    ports = {name: _free_port() for name in ("http", "fleet", "control", "node0", "node1")}
+    # Flower 1.41's SuperLink serves its Control, Fleet and Runtime APIs on one HTTP port
+    ports = {name: _free_port() for name in ("http", "node0", "node1")}
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{ports["control"]}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{ports["http"]}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     logs = tmp_path / "logs"
     logs.mkdir()
     commands = [["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                 "--port", str(ports["http"]), "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
-                 "--control-api-address", f"127.0.0.1:{ports['control']}", "--database", str(tmp_path / "state.db")]]
-    commands += [["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{ports['fleet']}",
+                 "--port", str(ports["http"]), "--database", str(tmp_path / "state.db")]]
+    commands += [["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{ports['http']}",
                   "--port", str(ports[f"node{i}"]), "--node-config", f"partition-id={i} num-partitions=2"]
                  for i in range(2)]
     processes = []
@@ -88,6 +99,8 @@ def test_the_same_apps_run_on_the_deployment_engine(tmp_path):
         for i, command in enumerate(commands):
             processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=(logs / f"{i}.log").open("w"),
                                               stderr=subprocess.STDOUT))
+            if i == 0:
+                _wait_for_port(ports["http"])
         done = subprocess.run(["flwr", "run", str(ROOT), "loopback", "--stream", "--run-config",
                                f"clients=2 malicious=1 rounds=1 local-epochs=1 out='{out}'"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
