@@ -33,7 +33,7 @@ def test_the_same_seed_gives_identical_metrics(tmp_path):
     assert (first / "final.safetensors").read_bytes() == (second / "final.safetensors").read_bytes()
 
 
-def test_an_interrupted_run_says_it_is_incomplete(tmp_path, monkeypatch, digits16):
+def test_an_interrupted_run_says_it_is_incomplete(tmp_path, digits16):
     import pytest
 
     import federated.engine as engine
@@ -42,9 +42,9 @@ def test_an_interrupted_run_says_it_is_incomplete(tmp_path, monkeypatch, digits1
     def interrupted(config, run, wrap_strategy=None, verbose=False):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "run_simulation_rounds", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        engine.run_federated(SimulationConfig(), tmp_path / "run", digits16.spec, purify=False)
+        engine.run_federated(SimulationConfig(), tmp_path / "run", digits16.spec, purify=False,
+                             rounds_runner=interrupted)
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "incomplete" and "KeyboardInterrupt" in status["reason"]
     assert not list((tmp_path / "run").rglob("*.tmp")) and not (tmp_path / "run" / "final.json").exists()
