@@ -57,6 +57,7 @@ class DHBEConfig:
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
     patch_replaces: bool = False          # the patch replaces pixels (BadNets-style) instead of adding
+    generator_warmup_steps: int = 0       # G steps on its priors alone before training (S = T: no discrepancy yet)
     trigger_warmup_steps: int = 0         # Gp steps against the untouched student (= T) before training
     patch_memory: int = 0                 # bank of Gp's warm-up patches, replayed to the student (0: none)
     memory_fraction: float = 0.5          # share of the student's patches drawn from that bank
@@ -66,6 +67,7 @@ class DHBEConfig:
     student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
+    class_balance_weight: float = 0.0     # DAFL's information-entropy prior: G's batch spread over T's classes
     blend_lam: float = 0.0                # >0: a second regulariser against full-image blended patterns
     blend_alpha: float = 0.2              # the largest blend ratio Gb may use (perceptibility bound)
     # --- speed only, the maths is unchanged ---
@@ -85,11 +87,13 @@ class DHBEConfig:
         require(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
         require(self.generator_adversarial_weight >= 0, "generator_adversarial_weight must be >= 0")
+        require(self.class_balance_weight >= 0, f"class_balance_weight must be >= 0, got {self.class_balance_weight}")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
         require(self.patch_copies == 1 or self.patch_per_sample, "patch_copies > 1 needs patch_per_sample")
         require(self.patch_memory >= 0, f"patch_memory must be >= 0, got {self.patch_memory}")
         require(self.bank_refresh_steps >= 0, f"bank_refresh_steps must be >= 0, got {self.bank_refresh_steps}")
+        require(self.generator_warmup_steps >= 0, f"generator_warmup_steps must be >= 0, got {self.generator_warmup_steps}")
         require(self.trigger_warmup_steps >= 0, f"trigger_warmup_steps must be >= 0, got {self.trigger_warmup_steps}")
         require(0 <= self.memory_fraction <= 1, f"memory_fraction must be in [0, 1], got {self.memory_fraction}")
         require(0 <= self.random_patch_fraction <= 1 - self.memory_fraction or self.patch_memory == 0,
@@ -130,6 +134,14 @@ def frozen(module: nn.Module):
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean absolute error on logits: the |.|_1 of Eq. 8."""
     return F.l1_loss(a, b)
+
+
+def class_imbalance(logits: torch.Tensor) -> torch.Tensor:
+    """log K - H(mean softmax): zero when a batch's samples spread evenly over the K classes
+    (the information-entropy loss of DAFL, Chen et al. 2019)."""
+    mean_probability = F.softmax(logits, dim=1).mean(dim=0)
+    entropy = -(mean_probability * torch.log(mean_probability.clamp_min(1e-12))).sum()
+    return math.log(logits.shape[1]) - entropy
 
 
 def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +324,8 @@ class DHBETrainer:
         return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
 
     def generator_step(self) -> float:
-        """max over G: L1(S(G(z)), T(G(z))), with the image priors."""
+        """max over G: L1(S(G(z)), T(G(z))), with the image priors (and, as a departure, T's
+        batch-norm statistics and an even spread over T's classes)."""
         cfg = self.config
         normalised = self.sample_generator(self.latent(cfg.latent_dim))
         pixels = self.spec.denormalise(normalised)
@@ -324,7 +337,8 @@ class DHBETrainer:
         with frozen(self.student) as student:
             s_logits = student(pixels)
         loss = (-cfg.generator_adversarial_weight * l1(s_logits, t_logits)
-                + cfg.image_prior_weight * total_variation_l2(normalised))
+                + cfg.image_prior_weight * total_variation_l2(normalised)
+                + cfg.class_balance_weight * class_imbalance(t_logits))
         if self.bn_prior is not None:
             loss = loss + cfg.bn_prior_weight * self.bn_prior.collect()
         self.opt_generator.zero_grad(set_to_none=True)
@@ -363,10 +377,14 @@ class DHBETrainer:
         self.opt_blend.step()
         return float(loss.detach())
 
-    def warm_up_trigger_generator(self) -> None:
-        """Before the game starts, S is still T: Gp maximising S's sensitivity searches T's own
-        backdoor. Its patches go into the bank the student is later regularised against."""
+    def warm_up(self) -> None:
+        """Before the game starts, S is still T. G's discrepancy term is zero, so G steps follow its
+        image priors alone (DeepInversion: samples with T's batch-norm statistics). Gp maximising S's
+        sensitivity then searches T's own backdoor; its patches go into the bank the student is later
+        regularised against."""
         self.set_student_mode()
+        for step in range(self.config.generator_warmup_steps):
+            self.generator_step()
         for step in range(self.config.trigger_warmup_steps):
             self.trigger_step()
             self.remember(self.latent(self.config.trigger_latent_dim))
@@ -413,8 +431,8 @@ class DHBETrainer:
 
     def _train_iterations(self) -> tuple[float, float, float]:
         cfg = self.config
-        if self.epoch == 0 and cfg.trigger_warmup_steps and not len(self.memory):
-            self.warm_up_trigger_generator()
+        if self.epoch == 0 and (cfg.trigger_warmup_steps or cfg.generator_warmup_steps) and not len(self.memory):
+            self.warm_up()
         elif self.epoch > 0 and cfg.bank_refresh_steps and cfg.patch_memory:
             self.refresh_trigger_bank()
         self.sample_generator.train()

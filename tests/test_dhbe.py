@@ -81,6 +81,7 @@ def test_student_step_minimises_equation_8():
 @pytest.mark.parametrize("field,value,message", [
     ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
     ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
+    ("generator_warmup_steps", -1, "generator_warmup_steps"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -163,3 +164,25 @@ def test_paper_scale_configuration_runs_a_few_iterations():
     assert DHBEConfig().iterations == 15_000 and DHBEConfig().patch_size == 5
     student, history = purify(build_model("resnet18", spec).eval(), spec, config)
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0].loss_student))
+
+
+def test_generator_warm_up_fits_the_teachers_batch_norm_statistics_and_leaves_s_as_t(badnets_scenario):
+    """Before the game, G's steps follow its priors alone: the BN-statistics mismatch on T falls,
+    and S (still a copy of T) is not updated."""
+    config = replace(cpu_recipe(), batch_size=32, generator_warmup_steps=40, trigger_warmup_steps=0,
+                     generator_lr=1e-2)
+    trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+
+    def mismatch() -> float:
+        torch.manual_seed(11)
+        trainer.bn_prior.enabled = True
+        with torch.no_grad():
+            trainer.teacher(trainer.synthesise(trainer.latent(config.latent_dim)))
+        trainer.bn_prior.enabled = False
+        return float(trainer.bn_prior.collect())
+
+    before = mismatch()
+    trainer.warm_up()
+    assert mismatch() < 0.7 * before
+    for p, q in zip(trainer.student.parameters(), trainer.teacher.parameters()):
+        assert torch.equal(p, q)
