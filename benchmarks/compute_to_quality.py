@@ -16,7 +16,7 @@ from pathlib import Path
 from defense.fileio import atomic_write_text
 
 LOG = Path("benchmarks/results/dhbe_experiments.jsonl")
-RECIPE_TAGS = ("r-warmup-mf0.9-ema-s0", "r-warmup-mf0.9-ema-s1", "r-warmup-mf0.9-ema-s2")
+RECIPE_TAGS = ("s3-advw0-ms89-bal1-s0", "s3-advw0-ms89-bal1-s1", "s3-advw0-ms89-bal1-s2")  # the CPU recipe
 OFFICIAL_STUDENT_UPDATES = 300 * 50 * 5  # the paper's 15,000 iterations x 5 student steps
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from defense.data import Split
-from defense.dhbe import DHBEConfig, cpu_recipe, purify
+from defense.dhbe import DHBEConfig, cpu_recipe, plain_adversarial_distillation, purify
 from defense.registry import Registry
 from defense.spec import InputSpec, require
 from defense.training import TrainConfig, train_classifier
@@ -75,7 +75,7 @@ def dhbe(model, spec, clean, config):
 @register("adv-distill", needs_clean_data=False)
 def adversarial_distillation(model, spec, clean, config):
     """DHBE without the backdoor regulariser (lambda = 0): the paper's ablation."""
-    return purify(model, spec, replace(config.dhbe or cpu_recipe(), lam=0.0, seed=config.seed))[0]
+    return purify(model, spec, replace(plain_adversarial_distillation(config.dhbe or cpu_recipe()), seed=config.seed))[0]
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:

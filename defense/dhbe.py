@@ -539,9 +539,15 @@ def cpu_recipe(**overrides: Any) -> DHBEConfig:
     return replace(CPU_RECIPE, **overrides)
 
 
+def plain_adversarial_distillation(config: DHBEConfig) -> DHBEConfig:
+    """The paper's ablation: no backdoor regulariser (lambda = 0), G back in the adversarial game."""
+    return replace(config, lam=0.0, generator_adversarial_weight=1.0)
+
+
 CPU_RECIPE = DHBEConfig(
     lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, student_lr=0.05, generator_width=16,
     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3, bn_prior_weight=1.0,
     patch_per_sample=True, patch_copies=9, patch_replaces=True, trigger_amplitude=2.0, trigger_lr=0.01,
     trigger_warmup_steps=300, patch_memory=2400, memory_fraction=0.9, student_ema=0.995,
+    generator_adversarial_weight=0.0, class_balance_weight=1.0, lr_milestones=(0.8, 0.9),
 )

@@ -1,4 +1,5 @@
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import defense.data as data_module
-from defense.dhbe import DHBEConfig, DHBETrainer, cpu_recipe, l1, purify, total_variation_l2
+from defense.dhbe import DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, l1, purify, total_variation_l2
 from defense.errors import ConfigError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import build_model
@@ -54,6 +55,11 @@ def test_loss_terms_match_hand_computed_values():
     x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
     # vertical diffs 2, 3 -> mean of squares 6.5; horizontal diffs 1, 2 -> 2.5
     assert float(total_variation_l2(x)) == pytest.approx(9.0)
+    # a batch spread evenly over 4 classes is balanced; all samples sure of one class cost log 4
+    assert float(class_imbalance(torch.eye(4) * 50)) == pytest.approx(0.0, abs=1e-6)
+    assert float(class_imbalance(torch.tensor([[50.0, 0, 0, 0]] * 3))) == pytest.approx(math.log(4), abs=1e-6)
+    # mean softmax (0.5, 0.5, 0, 0): entropy log 2
+    assert float(class_imbalance(torch.tensor([[50.0, 0, -50, -50], [0, 50.0, -50, -50]]))) == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_student_step_minimises_equation_8():
@@ -81,7 +87,7 @@ def test_student_step_minimises_equation_8():
 @pytest.mark.parametrize("field,value,message", [
     ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
     ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
-    ("generator_warmup_steps", -1, "generator_warmup_steps"),
+    ("generator_warmup_steps", -1, "generator_warmup_steps"), ("class_balance_weight", -0.5, "class_balance_weight"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -186,3 +192,18 @@ def test_generator_warm_up_fits_the_teachers_batch_norm_statistics_and_leaves_s_
     assert mismatch() < 0.7 * before
     for p, q in zip(trainer.student.parameters(), trainer.teacher.parameters()):
         assert torch.equal(p, q)
+
+
+def test_class_balance_prior_spreads_gs_samples_over_the_teachers_classes(badnets_scenario):
+    """With BN statistics alone, T labels G's samples unevenly (on a backdoored T, often its target
+    class); the information-entropy prior spreads them out."""
+    def imbalance_after_warm_up(weight: float) -> float:
+        config = replace(cpu_recipe(), batch_size=64, generator_warmup_steps=60, trigger_warmup_steps=0,
+                         generator_lr=1e-2, class_balance_weight=weight)
+        trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+        trainer.warm_up()
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return float(class_imbalance(trainer.teacher(trainer.synthesise(torch.randn(512, config.latent_dim)))))
+
+    assert imbalance_after_warm_up(5.0) < 0.5 * imbalance_after_warm_up(0.0)
