@@ -2,7 +2,8 @@
 
 For each attack (3x3 BadNets patch, blended) and seed, a centrally poisoned small CNN on digits
 16x16 is purified with the CPU recipe, with the same recipe at lambda = 0 (distillation alone), and
-with the paper's ablation (lambda = 0, G adversarial again). Writes benchmarks/results/dhbe_table.md and .json (mean and spread over seeds)."""
+with the paper's ablation (lambda = 0, G adversarial again). Writes benchmarks/results/dhbe_table.md
+and .json (mean and spread over seeds)."""
 from __future__ import annotations
 
 import argparse

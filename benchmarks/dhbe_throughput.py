@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from defense.dhbe import DHBEConfig, DHBETrainer, total_variation_l2
 from defense.fileio import atomic_write_json
+from defense.generators import paste_patches
 from defense.models import build_model
 from defense.spec import InputSpec
 
@@ -44,8 +45,6 @@ def official_iteration(t: DHBETrainer) -> list[float]:
         fake = t.sample_generator(z).detach()
         z2 = torch.randn(cfg.batch_size, cfg.trigger_latent_dim)
         pert = t.trigger_generator(z2)
-        from defense.generators import paste_patches
-
         pixels = t.spec.denormalise(fake)
         patched = paste_patches(pixels, pert, False, 1, t.rng).detach()
         t.opt_student.zero_grad()
@@ -66,8 +65,6 @@ def official_iteration(t: DHBETrainer) -> list[float]:
     z = torch.randn(cfg.batch_size, cfg.latent_dim)
     fake = t.sample_generator(z).detach()
     pixels = t.spec.denormalise(fake)
-    from defense.generators import paste_patches
-
     t.opt_trigger.zero_grad()
     patched = paste_patches(pixels, t.trigger_generator(torch.randn(cfg.batch_size, cfg.trigger_latent_dim)),
                             False, 1, t.rng)
