@@ -2,6 +2,11 @@
 to benchmarks/results/dhbe_experiments.jsonl. Usage:
 
     python -m benchmarks.dhbe_probe --attack badnets --seed 0 --set lam=0.1 epochs=20 ...
+    python -m benchmarks.dhbe_probe --model runs/main/final.json --switch 15:lam=0 ...
+
+`--model` probes a model file (e.g. the federated run's global model; trigger and target as the
+attack used them) instead of a centrally poisoned teacher. `--switch EPOCH:FIELD=VALUE` changes a
+config field after that epoch (an ablation of one term mid-run).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from defense.scenario import backdoored_scenario
+from defense.scenario import backdoored_scenario, model_file_scenario
 from defense.dhbe import DHBEConfig, cpu_recipe, purify
 
 RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
@@ -43,9 +48,20 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[])
+    parser.add_argument("--model", help="probe this model file instead of a centrally poisoned teacher")
+    parser.add_argument("--target", type=int, default=0, help="the attack's target class (with --model)")
+    parser.add_argument("--bf16", action="store_true", help="run DHBE under CPU bfloat16 autocast")
+    parser.add_argument("--switch", nargs="*", default=[], metavar="EPOCH:FIELD=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    scenario = backdoored_scenario(args.attack, args.image_size, args.trigger_size, seed=args.seed)
+    if args.model:
+        scenario = model_file_scenario(args.model, args.attack, args.trigger_size, args.target)
+    else:
+        scenario = backdoored_scenario(args.attack, args.image_size, args.trigger_size, seed=args.seed)
+    switches: dict[int, dict] = {}
+    for item in args.switch:
+        epoch, pair = item.split(":", 1)
+        switches.setdefault(int(epoch), {}).update(parse_overrides([pair]))
     base = DHBEConfig() if args.official else cpu_recipe()
     config = replace(base, seed=args.seed, **parse_overrides(args.set))
     before = scenario.evaluate(scenario.teacher)
@@ -82,12 +98,21 @@ def main() -> None:
               f"flipS {record.trigger_flip_rate:.2f} flipT {record.teacher_flip_rate:.2f} Ld {record.loss_distill:.4f} "
               f"Lr {record.loss_regulariser:.4f} GpT {ev['gp_finds_trigger']:.2f} {time.perf_counter() - start:.0f}s", flush=True)
         epochs.append(record.as_row())
+        if record.epoch in switches:
+            trainer.config = replace(trainer.config, **switches[record.epoch])
 
-    _, history = purify(scenario.teacher, scenario.bundle.spec, config, callbacks=(log,), evaluator=scenario.evaluate)
+    def evaluate(model):  # the measuring stick stays in float32
+        with torch.autocast("cpu", enabled=False):
+            return scenario.evaluate(model)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        _, history = purify(scenario.teacher, scenario.bundle.spec, config, callbacks=(log,), evaluator=evaluate)
     wall = time.perf_counter() - start
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as handle:
         handle.write(json.dumps({"tag": args.tag, "scenario": scenario.name, "config": config.to_dict(),
+                                 **({"switch": args.switch} if args.switch else {}),
+                                 **({"autocast": "bf16"} if args.bf16 else {}),
                                  "teacher": before, "final": history[-1].evaluation, "wall_s": wall,
                                  "epochs": epochs}) + "\n")
     print(f"wall {wall:.1f}s final {json.dumps(history[-1].evaluation)}")

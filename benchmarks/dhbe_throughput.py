@@ -4,15 +4,17 @@ trainable, NCHW memory layout, as in DHBE_train.py) against (b) the project's lo
 (`DHBETrainer`: channels-last, no parameter gradients where they are thrown away), on the same
 model, batch, seed and config.
 
-    python -m benchmarks.dhbe_throughput [--iterations N] [--tiny]
+    python -m benchmarks.dhbe_throughput [--iterations N] [--tiny] [--bf16]
 
 Each side runs in its own process (peak RSS per side), alternating, 5 pairs. Writes
 benchmarks/results/dhbe_throughput.json with official_it_per_s, project_it_per_s, speedup (median
 of the pairs), peak_rss_mb and the first iteration's losses of both (equal to float precision:
-NHWC convolutions sum in another order)."""
+NHWC convolutions sum in another order). `--bf16` runs the project's side under CPU bfloat16 autocast
+(a lever that changes the maths; written to dhbe_throughput_bf16.json, never over the main result)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -82,7 +84,7 @@ def project_iteration(t: DHBETrainer) -> list[float]:
     return losses
 
 
-def measure(mode: str, iterations: int, config: DHBEConfig, model: str) -> dict:
+def measure(mode: str, iterations: int, config: DHBEConfig, model: str, bf16: bool = False) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     teacher = build_model(model, SPEC).eval()
@@ -93,11 +95,14 @@ def measure(mode: str, iterations: int, config: DHBEConfig, model: str) -> dict:
     if mode == "official":  # DHBE_train.py never freezes the teacher: its forwards build graphs too
         trainer.teacher.requires_grad_(True)
     step = official_iteration if mode == "official" else project_iteration
-    first = step(trainer)  # warm-up, and the losses to compare
-    started = time.perf_counter()
-    for _ in range(iterations):
-        step(trainer)
-    seconds = time.perf_counter() - started
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and mode == "project"
+                else contextlib.nullcontext())
+    with autocast:
+        first = step(trainer)  # warm-up, and the losses to compare
+        started = time.perf_counter()
+        for _ in range(iterations):
+            step(trainer)
+        seconds = time.perf_counter() - started
     return {"it_per_s": iterations / seconds, "first_losses": first,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -109,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="small-cnn")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="the project's side under bfloat16 autocast")
     parser.add_argument("--mode", choices=("official", "project"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The official structure: per-batch placement, no BN prior; generators sized for the CPU.
@@ -116,7 +122,7 @@ def main() -> None:
                      trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3)
     iterations = 2 if args.tiny else args.iterations
     if args.mode:
-        print(json.dumps(measure(args.mode, iterations, config, args.model)))
+        print(json.dumps(measure(args.mode, iterations, config, args.model, args.bf16)))
         return
     # This machine's speed drifts by +-15% from minute to minute: the sides alternate, and the
     # speed-up is the median of the per-pair ratios.
@@ -125,7 +131,8 @@ def main() -> None:
         for mode in ("official", "project"):
             done = subprocess.run([sys.executable, "-m", "benchmarks.dhbe_throughput", "--mode", mode,
                                    "--iterations", str(iterations), "--batch-size", str(config.batch_size),
-                                   "--model", args.model], capture_output=True, text=True, check=True)
+                                   "--model", args.model, *(["--bf16"] if args.bf16 else [])],
+                                  capture_output=True, text=True, check=True)
             runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
     sides = {mode: {"it_per_s": statistics.median(r["it_per_s"] for r in found),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in found), "first_losses": found[0]["first_losses"]}
@@ -141,13 +148,14 @@ def main() -> None:
         # NHWC convolutions round differently: equal to float precision, not bit for bit
         "max_relative_loss_difference": max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(
             sides["official"]["first_losses"], sides["project"]["first_losses"])),
-        "config": {"batch_size": config.batch_size, "iterations": iterations, "repeats": len(ratios), "model": args.model,
+        "config": {"bf16_autocast": args.bf16, "batch_size": config.batch_size, "iterations": iterations, "repeats": len(ratios), "model": args.model,
                    "student_steps": config.student_steps},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
     print(json.dumps(result, indent=2))
     if not args.tiny:
-        atomic_write_json(Path("benchmarks/results/dhbe_throughput.json"), result)
+        name = "dhbe_throughput_bf16.json" if args.bf16 else "dhbe_throughput.json"
+        atomic_write_json(Path("benchmarks/results") / name, result)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ class DHBEConfig:
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     class_balance_weight: float = 0.0     # DAFL's information-entropy prior: G's batch spread over T's classes
+    distill_loss: str = "l1"              # "l1" on logits (official) or "kl": KL(T || S) on softmax outputs
+    distill_trim_fraction: float = 0.0    # per student step, leave the samples of largest |S - T| out of the distillation
     blend_lam: float = 0.0                # >0: a second regulariser against full-image blended patterns
     blend_alpha: float = 0.2              # the largest blend ratio Gb may use (perceptibility bound)
     # --- speed only, the maths is unchanged ---
@@ -87,6 +89,10 @@ class DHBEConfig:
         require(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
         require(self.generator_adversarial_weight >= 0, "generator_adversarial_weight must be >= 0")
+        require(self.distill_loss in DISTILL_LOSSES,
+                f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
+        require(0 <= self.distill_trim_fraction < 1,
+                f"distill_trim_fraction must be in [0, 1), got {self.distill_trim_fraction}")
         require(self.class_balance_weight >= 0, f"class_balance_weight must be >= 0, got {self.class_balance_weight}")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
@@ -134,6 +140,30 @@ def frozen(module: nn.Module):
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean absolute error on logits: the |.|_1 of Eq. 8."""
     return F.l1_loss(a, b)
+
+
+def per_sample_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax T || softmax S) per sample."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
+                    reduction="none", log_target=True).sum(dim=1)
+
+
+DISTILL_LOSSES = {
+    "l1": lambda s, t: (s - t).abs().mean(dim=1),
+    "kl": per_sample_kl,
+}
+
+
+def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str = "l1",
+                 trim_fraction: float = 0.0) -> torch.Tensor:
+    """The first term of Eq. 8, per sample, averaged over the samples whose loss is not among the
+    largest `trim_fraction` (a trimmed mean: once S has unlearned a backdoor, S and T disagree most
+    on trigger-carrying samples, and distilling on those would teach the backdoor back)."""
+    if loss == "l1" and trim_fraction == 0:
+        return l1(student_logits, teacher_logits)  # the official term, summed in the official order
+    per_sample = DISTILL_LOSSES[loss](student_logits, teacher_logits)
+    kept = len(per_sample) - int(trim_fraction * len(per_sample))
+    return per_sample.topk(kept, largest=False).values.mean()
 
 
 def class_imbalance(logits: torch.Tensor) -> torch.Tensor:
@@ -307,7 +337,7 @@ class DHBETrainer:
             x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim), replay=True)
             t_logits = self.teacher(x)
         s_logits = self.student(x)
-        distill = l1(s_logits, t_logits)
+        distill = distillation(s_logits, t_logits, cfg.distill_loss, cfg.distill_trim_fraction)
         regulariser = l1(self.student(x_patched), s_logits.detach()) if cfg.lam > 0 else torch.zeros((), device=self.device)
         loss = distill + cfg.lam * regulariser
         if self.blend_generator is not None:

@@ -55,3 +55,14 @@ def backdoored_scenario(attack: str = "badnets", image_size: int = 16, trigger_s
         if path is not None:
             save_model(teacher, path, model, bundle.spec, {"tool": "benchmarks.harness", "scenario": name})
     return Scenario(teacher.eval(), bundle, trigger, target, name)
+
+
+def model_file_scenario(path: str | Path, attack: str = "badnets", trigger_size: int = 3, target: int = 0,
+                        dataset: str = "digits", data_dir: str | Path | None = None) -> Scenario:
+    """A backdoored model from a file (e.g. the federated run's global model), measured with the
+    true trigger and target that the attack used."""
+    loaded = load_model(path)
+    bundle = load_dataset(dataset, data_dir, image_size=loaded.spec.height)
+    trigger = make_trigger(attack, loaded.spec, TriggerConfig(trigger_size))
+    return Scenario(loaded.model.eval(), bundle, trigger, target, f"file:{path}")
+
