@@ -53,6 +53,7 @@ class DHBEConfig:
     seed: int = 0
     # --- departures from the official recipe (defaults = official behaviour) ---
     bn_prior_weight: float = 0.0          # DeepInversion prior: G's samples match T's BN statistics
+    bn_prior_layers: int = 0              # 0: all of T's BN layers; k > 0: only the first k (input side)
     freeze_student_bn: bool = False       # student BN uses T's running statistics (eval mode)
     patch_per_sample: bool = False        # paste Gp's patch at a random place per sample, not per batch
     patch_copies: int = 1                 # per sample: paste 1..patch_copies copies (amplified triggers)
@@ -88,6 +89,7 @@ class DHBEConfig:
         require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         require(all(0 < m < 1 for m in self.lr_milestones), f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         require(self.image_prior_weight >= 0 and self.bn_prior_weight >= 0, "prior weights must be >= 0")
+        require(self.bn_prior_layers >= 0, f"bn_prior_layers must be >= 0, got {self.bn_prior_layers}")
         require(self.generator_adversarial_weight >= 0, "generator_adversarial_weight must be >= 0")
         require(self.distill_loss in DISTILL_LOSSES,
                 f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
@@ -182,12 +184,13 @@ def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchNormStatistics:
-    """DeepInversion's prior: |batch mean - running mean| + |batch var - running var| at T's BN layers."""
+    """DeepInversion's prior: |batch mean - running mean| + |batch var - running var| at T's BN layers
+    (all of them, or the first `first_layers`: a poisoned model's deeper statistics encode its trigger)."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, teacher: nn.Module, first_layers: int = 0) -> None:
         self.losses: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in teacher.modules()
-                        if isinstance(m, nn.BatchNorm2d)]
+        layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.handles = [m.register_forward_hook(self._hook) for m in layers[:first_layers or len(layers)]]
         self.enabled = False
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
@@ -273,7 +276,8 @@ class DHBETrainer:
         milestones = sorted({max(1, int(round(m * config.epochs))) for m in config.lr_milestones})
         self.schedules = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, config.lr_decay)
                           for o in self.optimisers]
-        self.bn_prior = BatchNormStatistics(self.teacher) if config.bn_prior_weight > 0 else None
+        self.bn_prior = (BatchNormStatistics(self.teacher, config.bn_prior_layers)
+                         if config.bn_prior_weight > 0 else None)
         self.epoch = 0
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
         self.history: list[EpochRecord] = []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import defense.data as data_module
-from defense.dhbe import (DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, distillation, l1, purify,
+from defense.dhbe import (BatchNormStatistics, DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, distillation, l1, purify,
                           total_variation_l2)
 from defense.errors import ConfigError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
@@ -76,6 +76,21 @@ def test_distillation_variants_match_hand_computed_values():
     assert float(distillation(teacher, teacher, "kl")) == pytest.approx(0.0, abs=1e-7)
 
 
+
+def test_batch_norm_prior_covers_all_or_the_first_layers():
+    teacher = build_model("small-cnn", SPEC).eval()
+    layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    x = torch.rand(4, *SPEC.shape)
+    for first, hooked in ((0, layers), (1, 1), (2, 2)):
+        prior = BatchNormStatistics(teacher, first)
+        prior.enabled = True
+        teacher(x)
+        assert len(prior.losses) == hooked
+        assert float(prior.collect()) > 0
+        for handle in prior.handles:
+            handle.remove()
+
+
 def test_student_step_minimises_equation_8():
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
@@ -102,7 +117,7 @@ def test_student_step_minimises_equation_8():
     ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
     ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
     ("generator_warmup_steps", -1, "generator_warmup_steps"), ("class_balance_weight", -0.5, "class_balance_weight"),
-    ("distill_loss", "mse", "distill_loss"), ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
+    ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"), ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
