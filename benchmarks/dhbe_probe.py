@@ -20,6 +20,7 @@ import torch
 
 from defense.scenario import backdoored_scenario, model_file_scenario
 from defense.dhbe import DHBEConfig, cpu_recipe, purify
+from defense.triggers import TriggerConfig
 
 RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
 
@@ -55,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        scenario = model_file_scenario(args.model, args.attack, args.trigger_size, args.target)
+        scenario = model_file_scenario(args.model, args.attack, TriggerConfig(args.trigger_size), args.target)
     else:
         scenario = backdoored_scenario(args.attack, args.image_size, args.trigger_size, seed=args.seed)
     switches: dict[int, dict] = {}

@@ -6,11 +6,9 @@ import json
 from typing import Optional, Sequence
 
 from defense.cli import ArgumentParser, add_trigger_arguments, run_main
-from defense.data import DATASETS, load_dataset
-from defense.errors import ConfigError
-from defense.modelio import load_model
-from defense.triggers import TriggerConfig, make_trigger
-from defense.metrics import evaluate_backdoor
+from defense.data import DATASETS
+from defense.scenario import model_file_scenario
+from defense.triggers import TriggerConfig
 
 
 def build_parser() -> ArgumentParser:
@@ -24,16 +22,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    loaded = load_model(args.model)
-    spec = loaded.spec
-    bundle = load_dataset(args.dataset, args.data_dir, image_size=spec.height)
-    if bundle.spec.shape != spec.shape or bundle.spec.num_classes != spec.num_classes:
-        raise ConfigError(f"model expects {spec.shape} inputs and {spec.num_classes} classes; "
-                          f"data set {args.dataset!r} gives {bundle.spec.shape} and {bundle.spec.num_classes}")
-    if not 0 <= args.target < spec.num_classes:
-        raise ConfigError(f"--target must be in 0..{spec.num_classes - 1}, got {args.target}")
-    trigger = make_trigger(args.attack, spec, TriggerConfig(args.trigger_size, args.blend_alpha))
-    metrics = evaluate_backdoor(loaded.model, bundle.test, trigger, args.target)
+    scenario = model_file_scenario(args.model, args.attack, TriggerConfig(args.trigger_size, args.blend_alpha),
+                                   args.target, args.dataset, args.data_dir)
+    metrics = scenario.evaluate(scenario.teacher)
     print(json.dumps({"model": str(args.model), "dataset": args.dataset, "attack": args.attack,
                       "trigger_size": args.trigger_size, "target": args.target, **metrics}))
     return 0

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from defense.data import DataBundle, load_dataset
+from defense.errors import ConfigError
 from defense.metrics import evaluate_backdoor
 from defense.modelio import load_model, save_model
 from defense.models import build_model
@@ -57,12 +58,16 @@ def backdoored_scenario(attack: str = "badnets", image_size: int = 16, trigger_s
     return Scenario(teacher.eval(), bundle, trigger, target, name)
 
 
-def model_file_scenario(path: str | Path, attack: str = "badnets", trigger_size: int = 3, target: int = 0,
-                        dataset: str = "digits", data_dir: str | Path | None = None) -> Scenario:
-    """A backdoored model from a file (e.g. the federated run's global model), measured with the
-    true trigger and target that the attack used."""
+def model_file_scenario(path: str | Path, attack: str = "badnets", trigger: TriggerConfig = TriggerConfig(),
+                        target: int = 0, dataset: str = "digits", data_dir: str | Path | None = None) -> Scenario:
+    """A backdoored model from a file (e.g. the federated run's global model), measured on `dataset`
+    with the true trigger and target that the attack used."""
     loaded = load_model(path)
-    bundle = load_dataset(dataset, data_dir, image_size=loaded.spec.height)
-    trigger = make_trigger(attack, loaded.spec, TriggerConfig(trigger_size))
-    return Scenario(loaded.model.eval(), bundle, trigger, target, f"file:{path}")
-
+    spec = loaded.spec
+    bundle = load_dataset(dataset, data_dir, image_size=spec.height)
+    if bundle.spec.shape != spec.shape or bundle.spec.num_classes != spec.num_classes:
+        raise ConfigError(f"model expects {spec.shape} inputs and {spec.num_classes} classes; "
+                          f"data set {dataset!r} gives {bundle.spec.shape} and {bundle.spec.num_classes}")
+    if not 0 <= target < spec.num_classes:
+        raise ConfigError(f"--target must be in 0..{spec.num_classes - 1}, got {target}")
+    return Scenario(loaded.model.eval(), bundle, make_trigger(attack, spec, trigger), target, f"file:{path}")

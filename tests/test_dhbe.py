@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import defense.data as data_module
-from defense.dhbe import (BatchNormStatistics, DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, distillation, l1, purify,
-                          total_variation_l2)
+from defense.dhbe import (BatchNormStatistics, DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, distillation, l1,
+                          purify, total_variation_l2)
 from defense.errors import ConfigError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import build_model
@@ -63,7 +63,6 @@ def test_loss_terms_match_hand_computed_values():
     assert float(class_imbalance(torch.tensor([[50.0, 0, -50, -50], [0, 50.0, -50, -50]]))) == pytest.approx(math.log(2), abs=1e-5)
 
 
-
 def test_distillation_variants_match_hand_computed_values():
     teacher = torch.zeros(4, 2)
     student = torch.tensor([[0.1, 0.1], [0.2, -0.2], [5.0, 5.0], [0.3, 0.3]])  # per-sample L1 .1 .2 5 .3
@@ -74,7 +73,6 @@ def test_distillation_variants_match_hand_computed_values():
     kl = distillation(torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(1, 2), "kl")
     assert float(kl) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
     assert float(distillation(teacher, teacher, "kl")) == pytest.approx(0.0, abs=1e-7)
-
 
 
 def test_batch_norm_prior_covers_all_or_the_first_layers():
@@ -117,7 +115,8 @@ def test_student_step_minimises_equation_8():
     ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
     ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
     ("generator_warmup_steps", -1, "generator_warmup_steps"), ("class_balance_weight", -0.5, "class_balance_weight"),
-    ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"), ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
+    ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"),
+    ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
