@@ -21,22 +21,14 @@ import torch
 from defense.scenario import backdoored_scenario, model_file_scenario
 from defense.dhbe import DHBEConfig, cpu_recipe, purify
 from defense.triggers import TriggerConfig
+from deploy.purify import coerce_fields
 
 RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        current = getattr(DHBEConfig(), key)
-        if isinstance(current, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, tuple):
-            out[key] = tuple(float(v) for v in value.split(",") if v)
-        else:
-            out[key] = type(current)(value)
-    return out
+def overrides(pairs: list[str]) -> dict:
+    """FIELD=VALUE pairs as typed DHBEConfig fields (the same parsing as `deploy.purify --set`)."""
+    return coerce_fields(dict(pair.split("=", 1) for pair in pairs))
 
 
 def main() -> None:
@@ -62,9 +54,9 @@ def main() -> None:
     switches: dict[int, dict] = {}
     for item in args.switch:
         epoch, pair = item.split(":", 1)
-        switches.setdefault(int(epoch), {}).update(parse_overrides([pair]))
+        switches.setdefault(int(epoch), {}).update(overrides([pair]))
     base = DHBEConfig() if args.official else cpu_recipe()
-    config = replace(base, seed=args.seed, **parse_overrides(args.set))
+    config = replace(base, seed=args.seed, **overrides(args.set))
     before = scenario.evaluate(scenario.teacher)
     print("teacher", json.dumps(before))
     start = time.perf_counter()

@@ -41,11 +41,16 @@ def run(attacks: list[str], seeds: list[int], variants: dict, tiny: bool) -> lis
     return rows
 
 
-def summarise(rows: list[dict]) -> str:
-    lines = ["| attack | defence | seeds | ACC % | ASR x1 % | ASR x4 % | ASR x9 % | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+HEADERS = {"acc": "ACC %", "asr_x1": "ASR x1 %", "asr_x4": "ASR x4 %", "asr_x9": "ASR x9 %",
+           "acc_drop": "ACC drop (points)", "wall_s": "wall s"}
+
+
+def summarise(rows: list[dict], first_column: str = "attack", keys: tuple[str, ...] = KEYS) -> str:
+    columns = keys + ("wall_s",)
+    lines = [f"| {first_column} | defence | seeds | " + " | ".join(HEADERS[k] for k in columns) + " |",
+             "|---" * (len(columns) + 3) + "|"]
     for (attack, defence), members in group_rows(rows).items():
-        cells = [cell(members, key, spread=True) for key in KEYS + ("wall_s",)]
+        cells = [cell(members, key, spread=True) for key in columns]
         lines.append(f"| {attack} | {defence} | {len(members)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("mean ± half-range over seeds; ASR in the DHBE form; blended triggers have no x4/x9 form.")

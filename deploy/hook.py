@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from defense.dhbe import DHBEConfig, cpu_recipe
+from defense.dhbe import RECIPES, DHBEConfig, federated_recipe
 from defense.modelio import LoadedModel, load_model
 from defense.models import build_model
 from defense.spec import InputSpec
@@ -50,7 +50,7 @@ class PurifyingStrategy(DelegatingStrategy):
                  out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
-        self.dhbe = dhbe or cpu_recipe()
+        self.dhbe = dhbe or federated_recipe()
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
@@ -78,7 +78,7 @@ class FederatedPurification:
     def __init__(self, config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
                  dhbe: Optional[DHBEConfig] = None) -> None:
         self.config, self.run, self.spec, self.every, self.budget_s = config, run, spec, every, budget_s
-        self.dhbe = dhbe or cpu_recipe(seed=config.seed)
+        self.dhbe = dhbe or federated_recipe(seed=config.seed)
 
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
@@ -110,13 +110,13 @@ class FederatedPurification:
 
 
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
-                           overrides: Optional[dict] = None) -> FederatedPurification:
-    """The hook `federated.simulate` plugs in; `overrides` are DHBEConfig fields over the CPU recipe."""
+                           overrides: Optional[dict] = None, recipe: str = "federated") -> FederatedPurification:
+    """The hook `federated.simulate` plugs in; `overrides` are DHBEConfig fields over `recipe`."""
     from dataclasses import replace
 
     from deploy.purify import coerce_fields
 
-    dhbe = replace(cpu_recipe(seed=config.seed), **coerce_fields(overrides or {}))
+    dhbe = replace(RECIPES.get(recipe)(seed=config.seed), **coerce_fields(overrides or {}))
     dhbe.validate_for(spec)
     return FederatedPurification(config, run, spec, every, budget_s, dhbe)
 

@@ -9,23 +9,21 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from defense.cli import ArgumentParser, non_negative_int, positive_float, positive_int, run_main
-from defense.dhbe import DHBEConfig, cpu_recipe
+from defense.dhbe import RECIPES, DHBEConfig
 from defense.errors import ConfigError
-
-RECIPES = ("cpu", "official")
-
 
 def add_dhbe_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DHBE configuration")
-    group.add_argument("--recipe", choices=RECIPES, default="cpu",
-                       help="cpu: the project's small-scale recipe; official: the paper's defaults")
+    group.add_argument("--recipe", choices=RECIPES.names(), default="cpu",
+                       help="cpu: the project's small-scale recipe; federated: the same for a FedAvg global "
+                            "model (docs/dhbe.md); official: the paper's defaults")
     group.add_argument("--config", default=None, help="JSON file of DHBEConfig fields (applied after --recipe)")
     group.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                        help="override DHBEConfig fields, e.g. --set lam=0.5 epochs=10")
 
 
 def dhbe_config_from_args(args: argparse.Namespace) -> DHBEConfig:
-    config = cpu_recipe() if args.recipe == "cpu" else DHBEConfig()
+    config = RECIPES.get(args.recipe)()
     overrides: dict = {}
     if args.config:
         path = Path(args.config)
@@ -55,13 +53,16 @@ def coerce_fields(values: dict) -> dict:
         try:
             if isinstance(current, bool):
                 out[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            elif current is None:  # an optional number: "none" keeps it unset
+                out[key] = None if value is None or str(value).lower() == "none" else float(value)
             elif isinstance(current, tuple):
                 items = value if isinstance(value, (list, tuple)) else str(value).split(",")
                 out[key] = tuple(float(v) for v in items if str(v) != "")
             else:
                 out[key] = type(current)(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"DHBE field {key} expects a {type(current).__name__}, got {value!r}") from None
+            expected = "number" if current is None else type(current).__name__
+            raise ConfigError(f"DHBE field {key} expects a {expected}, got {value!r}") from None
     return out
 
 

@@ -47,7 +47,7 @@ RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=...) -> None: 
 
 def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
                   purify_every: int = 0, purify_budget_s: Optional[float] = None,
-                  purify_overrides: Optional[dict] = None, quiet: bool = False,
+                  purify_overrides: Optional[dict] = None, purify_recipe: str = "federated", quiet: bool = False,
                   rounds_runner: RoundsRunner = run_simulation_rounds) -> RunFolder:
     """Train (by default on Flower's simulation engine), then purify and report. `rounds_runner`
     is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in."""
@@ -60,7 +60,7 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
             from deploy.hook import federated_purification
 
             hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
-                                          overrides=purify_overrides or {})
+                                          overrides=purify_overrides or {}, recipe=purify_recipe)
         rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None)
         if not run.rows or len(run.rows) < config.rounds:
             run.set_status("incomplete", reason="the simulation ended before its last round")

@@ -5,9 +5,10 @@ from here ([tool.flwr.app.components] in pyproject.toml) and passes the settings
     flwr run . --run-config "malicious=2 rounds=20 purify=false"
 
 Run-config keys are SimulationConfig's fields in kebab-case (`local-epochs`, `poison-rate`, ...),
-plus `out` (run folder; "" = a fresh folder under runs/), `purify`, `purify-every` and `purify-set`
-(DHBE fields over the CPU recipe, e.g. "epochs=10 lam=0.5"). Clients
-build the same configuration from the same run config, so server and clients agree on who attacks.
+plus `out` (run folder; "" = a fresh folder under runs/), `purify`, `purify-every`, `purify-recipe`
+(defense.dhbe.RECIPES; default "federated") and `purify-set` (DHBE fields over the recipe, e.g.
+"epochs=10 lam=0.5"). Clients build the same configuration from the same run config, so server and
+clients agree on who attacks.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from defense.errors import ConfigError
 from federated.apps import _bundle, serve, train_client
 from federated.config import SimulationConfig
 
-RUN_KEYS = ("out", "purify", "purify-every", "purify-set")  # run-config keys that are not SimulationConfig fields
+RUN_KEYS = ("out", "purify", "purify-every", "purify-recipe", "purify-set")  # run-config keys that are not SimulationConfig fields
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> SimulationConfig:
@@ -75,5 +76,5 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("run-config purify-set expects FIELD=VALUE pairs")
     run_federated(config, out, spec, purify=bool(context.run_config.get("purify", False)),
                   purify_every=int(context.run_config.get("purify-every", 0)), purify_overrides=overrides,
-                  rounds_runner=rounds_on_this_grid)
+                  purify_recipe=str(context.run_config.get("purify-recipe", "federated")), rounds_runner=rounds_on_this_grid)
     print(f"run folder: {out}", flush=True)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_negative_int, positive_float,
                          positive_int, run_main)
 from defense.data import DATASETS
+from defense.dhbe import RECIPES
 from defense.errors import ConfigError
 from defense.models import MODELS
 from federated.config import PARTITIONS, SimulationConfig
@@ -65,8 +66,10 @@ def build_parser() -> ArgumentParser:
                    help="also purify every K rounds (0 = only at the end)")
     p.add_argument("--purify-budget", type=positive_float, default=None,
                    help="DHBE wall-time budget in seconds (default: the recipe's iteration count)")
+    p.add_argument("--purify-recipe", default="federated", choices=RECIPES.names(),
+                   help="DHBE recipe (defense.dhbe.RECIPES; docs/dhbe.md says why federated is the default here)")
     p.add_argument("--purify-set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="override fields of DHBE's CPU recipe, e.g. --purify-set epochs=10 lam=0.5")
+                   help="override fields of the DHBE recipe, e.g. --purify-set epochs=10 lam=0.5")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     return p
 
@@ -115,7 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(overrides) != len(args.purify_set):
         raise ConfigError("--purify-set expects FIELD=VALUE pairs")
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
-                        purify_budget_s=args.purify_budget, purify_overrides=overrides, quiet=args.quiet)
+                        purify_budget_s=args.purify_budget, purify_overrides=overrides,
+                        purify_recipe=args.purify_recipe, quiet=args.quiet)
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
     return 0 if run else 1
 

@@ -89,6 +89,24 @@ def test_batch_norm_prior_covers_all_or_the_first_layers():
             handle.remove()
 
 
+def test_batch_norm_prior_weighs_the_deeper_layers_by_deep_weight():
+    teacher = build_model("small-cnn", SPEC).eval()
+    x = torch.rand(4, *SPEC.shape)
+
+    def per_layer(first: int, deep_weight: float) -> list[float]:
+        prior = BatchNormStatistics(teacher, first, deep_weight)
+        prior.enabled = True
+        teacher(x)
+        losses = [float(loss) for loss in prior.losses]
+        for handle in prior.handles:
+            handle.remove()
+        return losses
+
+    full = per_layer(0, 0.0)
+    assert per_layer(1, 0.25) == pytest.approx([full[0]] + [0.25 * v for v in full[1:]])
+    assert per_layer(1, 0.0) == pytest.approx(full[:1])
+
+
 def test_student_step_minimises_equation_8():
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
@@ -111,11 +129,27 @@ def test_student_step_minimises_equation_8():
     assert loss == pytest.approx(distill + 0.7 * regulariser, rel=1e-5)
 
 
+def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
+    teacher = build_model("small-cnn", SPEC).eval()
+    config = replace(cpu_recipe(), batch_size=8, epochs=15, lam=1.0, lam_after=0.3, lam_step_at=0.5,
+                     trigger_warmup_steps=0)
+    trainer = DHBETrainer(teacher, SPEC, config)
+    seen = {}
+    for epoch in range(config.epochs):
+        trainer.epoch = epoch  # completed epochs, as run_epoch counts them
+        seen[epoch + 1] = trainer.current_lambda()
+    assert {e for e, lam in seen.items() if lam == 1.0} == set(range(1, 9))  # round(0.5 * 15) = 8 epochs
+    assert {e for e, lam in seen.items() if lam == 0.3} == set(range(9, 16))
+    assert DHBETrainer(teacher, SPEC, replace(config, lam_after=None)).current_lambda() == 1.0
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
     ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
     ("generator_warmup_steps", -1, "generator_warmup_steps"), ("class_balance_weight", -0.5, "class_balance_weight"),
     ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"),
+    ("bn_prior_deep_weight", 1.5, "bn_prior_deep_weight"), ("lam_after", -0.1, "lam_after"),
+    ("lam_step_at", 1.0, "lam_step_at"),
     ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
 ])
 def test_config_validation(field, value, message):
