@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.dhbe_table import KEYS, summarise
+from defense.cli import field_pairs
 from defense.data import load_dataset
 from defense.dhbe import RECIPES, purify
 from defense.fileio import atomic_write_json, atomic_write_text
@@ -48,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tiny = {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16} if args.tiny else {}
-    fields = {**coerce_fields(dict(pair.split("=", 1) for pair in args.set)), **tiny}
+    fields = {**coerce_fields(field_pairs(args.set, "--set")), **tiny}
     label = f" with {' '.join(args.set)}" if args.set else ""
     recipes = {f"DHBE ({name} recipe{label})": RECIPES.get(name)(**fields) for name in args.recipes}
     rows = []

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from defense.scenario import backdoored_scenario, model_file_scenario
-from defense.dhbe import DHBEConfig, cpu_recipe, purify
+from defense.cli import field_pairs
+from defense.dhbe import RECIPES, purify
 from defense.triggers import TriggerConfig
 from deploy.purify import coerce_fields
 
@@ -28,7 +29,7 @@ RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
 
 def overrides(pairs: list[str]) -> dict:
     """FIELD=VALUE pairs as typed DHBEConfig fields (the same parsing as `deploy.purify --set`)."""
-    return coerce_fields(dict(pair.split("=", 1) for pair in pairs))
+    return coerce_fields(field_pairs(pairs, "--set"))
 
 
 def main() -> None:
@@ -37,7 +38,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--trigger-size", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--official", action="store_true", help="start from official defaults, not the CPU recipe")
+    parser.add_argument("--recipe", default="cpu", choices=RECIPES.names(), help="the recipe --set changes")
+    parser.add_argument("--official", dest="recipe", action="store_const", const="official",
+                        help="the same as --recipe official")
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[])
@@ -55,8 +58,7 @@ def main() -> None:
     for item in args.switch:
         epoch, pair = item.split(":", 1)
         switches.setdefault(int(epoch), {}).update(overrides([pair]))
-    base = DHBEConfig() if args.official else cpu_recipe()
-    config = replace(base, seed=args.seed, **overrides(args.set))
+    config = RECIPES.get(args.recipe)(seed=args.seed, **overrides(args.set))
     before = scenario.evaluate(scenario.teacher)
     print("teacher", json.dumps(before))
     start = time.perf_counter()

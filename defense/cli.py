@@ -17,6 +17,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def field_pairs(words: Sequence[str], flag: str) -> dict[str, str]:
+    """FIELD=VALUE words (e.g. `--set lam=0.5 epochs=10`) as a dict, later words winning; a word
+    without '=' is a ConfigError naming `flag`."""
+    pairs: dict[str, str] = {}
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"{flag} expects FIELD=VALUE, got {word!r}")
+        key, value = word.split("=", 1)
+        pairs[key] = value
+    return pairs
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -112,11 +112,9 @@ class FederatedPurification:
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
                            overrides: Optional[dict] = None, recipe: str = "federated") -> FederatedPurification:
     """The hook `federated.simulate` plugs in; `overrides` are DHBEConfig fields over `recipe`."""
-    from dataclasses import replace
-
     from deploy.purify import coerce_fields
 
-    dhbe = replace(RECIPES.get(recipe)(seed=config.seed), **coerce_fields(overrides or {}))
+    dhbe = RECIPES.get(recipe)(**{"seed": config.seed, **coerce_fields(overrides or {})})
     dhbe.validate_for(spec)
     return FederatedPurification(config, run, spec, every, budget_s, dhbe)
 

@@ -8,7 +8,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import ArgumentParser, non_negative_int, positive_float, positive_int, run_main
+from defense.cli import ArgumentParser, field_pairs, non_negative_int, positive_float, positive_int, run_main
 from defense.dhbe import RECIPES, DHBEConfig
 from defense.errors import ConfigError
 
@@ -33,11 +33,7 @@ def dhbe_config_from_args(args: argparse.Namespace) -> DHBEConfig:
             overrides.update(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config {path} is not valid JSON: {exc.msg}") from None
-    for pair in args.set:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        overrides[key] = value
+    overrides.update(field_pairs(args.set, "--set"))
     return replace(config, **coerce_fields(overrides))
 
 

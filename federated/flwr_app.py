@@ -20,6 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from defense.cli import field_pairs
 from defense.errors import ConfigError
 from federated.apps import _bundle, serve, train_client
 from federated.config import SimulationConfig
@@ -70,11 +71,9 @@ def main(grid: Grid, context: Context) -> None:
     def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None) -> None:
         serve(grid, config, run, wrap_strategy or (lambda s: s))
 
-    pairs = str(context.run_config.get("purify-set", "")).split()
-    overrides = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-    if len(overrides) != len(pairs):
-        raise ConfigError("run-config purify-set expects FIELD=VALUE pairs")
+    overrides = field_pairs(str(context.run_config.get("purify-set", "")).split(), "run-config purify-set")
     run_federated(config, out, spec, purify=bool(context.run_config.get("purify", False)),
                   purify_every=int(context.run_config.get("purify-every", 0)), purify_overrides=overrides,
-                  purify_recipe=str(context.run_config.get("purify-recipe", "federated")), rounds_runner=rounds_on_this_grid)
+                  purify_recipe=str(context.run_config.get("purify-recipe", "federated")),
+                  rounds_runner=rounds_on_this_grid)
     print(f"run folder: {out}", flush=True)

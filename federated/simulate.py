@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_negative_int, positive_float,
+from defense.cli import (ArgumentParser, add_trigger_arguments, field_pairs, fraction, non_negative_int, positive_float,
                          positive_int, run_main)
 from defense.data import DATASETS
 from defense.dhbe import RECIPES
@@ -105,6 +105,7 @@ def prepare_out_dir(out: Optional[str]) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    purify_overrides = field_pairs(args.purify_set, "--purify-set")
     from defense.data import load_dataset
 
     bundle = load_dataset(config.dataset, config.data_dir, config.image_size)  # fail fast on bad data
@@ -114,11 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from federated.engine import run_federated
 
     started = time.perf_counter()
-    overrides = dict(pair.split("=", 1) for pair in args.purify_set if "=" in pair)
-    if len(overrides) != len(args.purify_set):
-        raise ConfigError("--purify-set expects FIELD=VALUE pairs")
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
-                        purify_budget_s=args.purify_budget, purify_overrides=overrides,
+                        purify_budget_s=args.purify_budget, purify_overrides=purify_overrides,
                         purify_recipe=args.purify_recipe, quiet=args.quiet)
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
     return 0 if run else 1

@@ -14,6 +14,7 @@ CASES = [
     (["federated.simulate", "--attack-rounds", "from:x"], "--attack-rounds"),
     (["federated.simulate", "--poison-rate", "1.5"], "--poison-rate"),
     (["federated.simulate", "--target", "12"], "--target"),
+    (["federated.simulate", "--purify-set", "epochs"], "--purify-set expects FIELD=VALUE"),
     (["defense.evaluate", "/nonexistent/model.json"], "does not exist"),
     (["defense.evaluate", "x.json", "--trigger-size", "0"], "--trigger-size"),
     (["deploy.purify", "/nonexistent/model.json", "--out", "OUT"], "does not exist"),
