@@ -63,6 +63,7 @@ def main() -> None:
     print("teacher", json.dumps(before))
     start = time.perf_counter()
     epochs = []
+    blend_evidence: dict = {}
 
     def trigger_probe(trainer) -> float:
         """Research diagnostic (uses test data and the target, so never part of the defence): how
@@ -93,6 +94,10 @@ def main() -> None:
               f"flipS {record.trigger_flip_rate:.2f} flipT {record.teacher_flip_rate:.2f} Ld {record.loss_distill:.4f} "
               f"Lr {record.loss_regulariser:.4f} GpT {ev['gp_finds_trigger']:.2f} {time.perf_counter() - start:.0f}s", flush=True)
         epochs.append(record.as_row())
+        if trainer.blend_search is not None and not blend_evidence:
+            blend_evidence.update(losses=trainer.blend_search.losses, anomaly_index=trainer.blend_search.anomaly_index(),
+                                  kept=trainer.blend_classes)
+            print("blend search:", json.dumps(blend_evidence), flush=True)
         if record.epoch in switches:
             trainer.config = replace(trainer.config, **switches[record.epoch])
 
@@ -108,6 +113,7 @@ def main() -> None:
         handle.write(json.dumps({"tag": args.tag, "scenario": scenario.name, "config": config.to_dict(),
                                  **({"switch": args.switch} if args.switch else {}),
                                  **({"autocast": "bf16"} if args.bf16 else {}),
+                                 **({"blend_search": blend_evidence} if blend_evidence else {}),
                                  "teacher": before, "final": history[-1].evaluation, "wall_s": wall,
                                  "epochs": epochs}) + "\n")
     print(f"wall {wall:.1f}s final {json.dumps(history[-1].evaluation)}")

@@ -25,8 +25,12 @@ import torch.nn.functional as F
 
 from defense.errors import DivergenceError
 from defense.registry import Registry
+from defense.blend_search import ClassPatterns, invert_class_patterns
 from defense.generators import SampleGenerator, TriggerGenerator, blend_patterns, paste_patches
 from defense.spec import InputSpec, require
+
+
+BLEND_SOURCES = ("generator", "inversion")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,14 @@ class DHBEConfig:
     distill_loss: str = "l1"              # "l1" on logits (official) or "kl": KL(T || S) on softmax outputs
     distill_trim_fraction: float = 0.0    # per student step, leave the samples of largest |S - T| out of the distillation
     blend_lam: float = 0.0                # >0: a second regulariser against full-image blended patterns
-    blend_alpha: float = 0.2              # the largest blend ratio Gb may use (perceptibility bound)
+    blend_alpha: float = 0.2              # the largest blend ratio of that regulariser (perceptibility bound)
+    blend_source: str = "generator"       # its patterns: "generator" (Gb, adversarial) or "inversion" (below)
+    blend_search_ratio: float = 0.1       # inversion: per-class patterns found on T at this blend ratio
+    blend_search_steps: int = 100         # Adam steps per class
+    blend_search_lr: float = 0.05
+    blend_suspect_threshold: float = 0.0  # >0: only classes whose anomaly index exceeds it (0: every class)
+    blend_search_every: int = 0           # >0: every so many epochs, patterns of those classes re-found on S
+    blend_search_warmup_steps: int = 300  # prior-only steps of the G copy whose samples the search uses
     # --- speed only, the maths is unchanged ---
     channels_last: bool = True            # NHWC convolutions (1.28x on CPU for the small CNN)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
@@ -118,6 +129,14 @@ class DHBEConfig:
         require(self.trigger_steps >= 1, f"trigger_steps must be >= 1, got {self.trigger_steps}")
         require(self.blend_lam >= 0, f"blend_lam must be >= 0, got {self.blend_lam}")
         require(0 < self.blend_alpha < 1, f"blend_alpha must be in (0, 1), got {self.blend_alpha}")
+        require(self.blend_source in BLEND_SOURCES,
+                f"blend_source must be one of {', '.join(BLEND_SOURCES)}, got {self.blend_source!r}")
+        require(0 < self.blend_search_ratio < 1, f"blend_search_ratio must be in (0, 1), got {self.blend_search_ratio}")
+        require(self.blend_search_steps >= 1, f"blend_search_steps must be >= 1, got {self.blend_search_steps}")
+        require(self.blend_search_lr > 0, f"blend_search_lr must be > 0, got {self.blend_search_lr}")
+        require(self.blend_suspect_threshold >= 0, "blend_suspect_threshold must be >= 0")
+        require(self.blend_search_every >= 0, f"blend_search_every must be >= 0, got {self.blend_search_every}")
+        require(self.blend_search_warmup_steps >= 0, "blend_search_warmup_steps must be >= 0")
         require(0 <= self.student_ema < 1, f"student_ema must be in [0, 1), got {self.student_ema}")
 
     @property
@@ -280,7 +299,12 @@ class DHBETrainer:
         self.optimisers = [self.opt_student, self.opt_generator, self.opt_trigger]
         # Gb (departure, blend_lam > 0): a full-image pattern blended in, for blended triggers
         self.blend_generator: Optional[TriggerGenerator] = None
-        if config.blend_lam > 0:
+        # or (blend_source "inversion") a bank of per-class blend patterns inverted on T (blend_search.py)
+        self.blend_bank = torch.zeros(0, *spec.shape)
+        self.blend_search: Optional[ClassPatterns] = None
+        self.blend_classes: list[int] = []
+        self.search_generator = copy.deepcopy(self.sample_generator)
+        if config.blend_lam > 0 and config.blend_source == "generator":
             self.blend_generator = TriggerGenerator(spec.channels, (spec.height, spec.width), config.trigger_latent_dim,
                                                     config.trigger_width).to(self.device)
             self.opt_blend = torch.optim.Adam(self.blend_generator.parameters(), lr=config.trigger_lr)
@@ -364,10 +388,11 @@ class DHBETrainer:
         lam = self.current_lambda()
         regulariser = l1(self.student(x_patched), s_logits.detach()) if lam > 0 else torch.zeros((), device=self.device)
         loss = distill + lam * regulariser
-        if self.blend_generator is not None:
+        patterns = self.blend_candidates(len(x))
+        if patterns is not None:
             with torch.no_grad():
                 ratios = cfg.blend_alpha * torch.rand(len(x), generator=self.rng).to(x)
-                x_blended = blend_patterns(x, self.blend_generator(self.latent(cfg.trigger_latent_dim)), ratios)
+                x_blended = blend_patterns(x, patterns, ratios)
             loss = loss + cfg.blend_lam * l1(self.student(x_blended), s_logits.detach())
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
@@ -377,11 +402,14 @@ class DHBETrainer:
             self.averaged.update_parameters(self.student)
         return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
 
-    def generator_step(self) -> float:
+    def generator_step(self, generator: Optional[nn.Module] = None,
+                       optimiser: Optional[torch.optim.Optimizer] = None) -> float:
         """max over G: L1(S(G(z)), T(G(z))), with the image priors (and, as a departure, T's
-        batch-norm statistics and an even spread over T's classes)."""
+        batch-norm statistics and an even spread over T's classes). `generator` and `optimiser`:
+        another sample generator than G (the blend search's own)."""
         cfg = self.config
-        normalised = self.sample_generator(self.latent(cfg.latent_dim))
+        generator, optimiser = generator or self.sample_generator, optimiser or self.opt_generator
+        normalised = generator(self.latent(cfg.latent_dim))
         pixels = self.spec.denormalise(normalised)
         if self.bn_prior is not None:
             self.bn_prior.enabled = True
@@ -395,9 +423,9 @@ class DHBETrainer:
                 + cfg.class_balance_weight * class_imbalance(t_logits))
         if self.bn_prior is not None:
             loss = loss + cfg.bn_prior_weight * self.bn_prior.collect()
-        self.opt_generator.zero_grad(set_to_none=True)
+        optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt_generator.step()
+        optimiser.step()
         return float(loss.detach())
 
     def trigger_step(self, against: Optional[nn.Module] = None) -> float:
@@ -417,6 +445,42 @@ class DHBETrainer:
         if self.blend_generator is not None and against is None:
             self.blend_step(x)
         return float(loss.detach())
+
+    def blend_candidates(self, count: int) -> Optional[torch.Tensor]:
+        """Full-image patterns for the blend regulariser: Gb's, or drawn from the inverted bank."""
+        with torch.no_grad():
+            if self.blend_generator is not None:
+                return self.blend_generator(self.latent(self.config.trigger_latent_dim))
+            if len(self.blend_bank):
+                picks = torch.randint(0, len(self.blend_bank), (count,), generator=self.rng)
+                return self.blend_bank[picks].to(self.device)
+        return None
+
+    def search_blend_patterns(self) -> None:
+        """Invert per-class blend patterns on G's samples. First against T, for every class: the
+        evidence (`blend_search`), and the classes kept (the suspects; all with threshold 0) put their
+        patterns in the bank. Later calls re-find the kept classes' patterns against S, from their
+        latest, and add them to the bank (S, invariant to the old ones, may still read the backdoor)."""
+        cfg = self.config
+        first = self.blend_search is None
+        classes = list(range(self.spec.num_classes)) if first else self.blend_classes
+        if not classes:
+            return
+        if first:  # G's copy, fitted to T's priors alone: G itself stays as the recipe has it
+            self.search_generator.load_state_dict(self.sample_generator.state_dict())
+            optimiser = torch.optim.Adam(self.search_generator.parameters(), lr=cfg.generator_lr)
+            for _ in range(cfg.blend_search_warmup_steps):
+                self.generator_step(self.search_generator, optimiser)
+        self.search_generator.eval()
+        found = invert_class_patterns(self.teacher if first else self.student,
+                                      lambda: self.spec.denormalise(self.search_generator(self.latent(cfg.latent_dim))),
+                                      classes, cfg.blend_search_ratio, cfg.blend_search_steps, cfg.blend_search_lr,
+                                      start=None if first else self.blend_bank[-len(classes):])
+        if first:
+            self.blend_search = found
+            self.blend_classes = (found.suspects(cfg.blend_suspect_threshold) if cfg.blend_suspect_threshold > 0
+                                  else classes)
+        self.blend_bank = torch.cat([self.blend_bank, found.patterns[[classes.index(k) for k in self.blend_classes]].cpu()])
 
     def blend_step(self, x: torch.Tensor) -> float:
         """max over Gb: L1(S((1 - a) x + a Gb(z')), S(x)) at the largest ratio a = blend_alpha."""
@@ -489,6 +553,9 @@ class DHBETrainer:
             self.warm_up()
         elif self.epoch > 0 and cfg.bank_refresh_steps and cfg.patch_memory:
             self.refresh_trigger_bank()
+        if cfg.blend_lam > 0 and cfg.blend_source == "inversion":
+            if self.blend_search is None or (cfg.blend_search_every and self.epoch % cfg.blend_search_every == 0):
+                self.search_blend_patterns()
         self.sample_generator.train()
         self.trigger_generator.train()
         if self.blend_generator is not None:
@@ -549,6 +616,10 @@ class DHBETrainer:
             "torch_rng": torch.get_rng_state(),
             "placement_rng": self.rng.get_state(),
             "patch_memory": self.memory.clone(),
+            "blend_bank": self.blend_bank.clone(),
+            "search_generator": copy.deepcopy(self.search_generator.state_dict()),
+            "blend_search": asdict(self.blend_search) if self.blend_search is not None else None,
+            "blend_classes": list(self.blend_classes),
             "history": [asdict(r) for r in self.history],
         }
 
@@ -568,6 +639,11 @@ class DHBETrainer:
         torch.set_rng_state(state["torch_rng"])
         self.rng.set_state(state["placement_rng"])
         self.memory = state.get("patch_memory", self.memory[:0])
+        self.blend_bank = state.get("blend_bank", self.blend_bank[:0])
+        if "search_generator" in state:
+            self.search_generator.load_state_dict(state["search_generator"])
+        self.blend_search = ClassPatterns(**state["blend_search"]) if state.get("blend_search") else None
+        self.blend_classes = list(state.get("blend_classes", []))
         self.history = [EpochRecord(**r) for r in state["history"]]
 
 

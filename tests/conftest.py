@@ -20,3 +20,11 @@ def badnets_scenario(tmp_path_factory):
     from defense.scenario import backdoored_scenario
 
     return backdoored_scenario("badnets", 16, 3, 0.1, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))
+
+
+@pytest.fixture(scope="session")
+def blended_scenario(tmp_path_factory):
+    """The same model backdoored with a blended trigger (uniform-noise pattern at ratio 0.2)."""
+    from defense.scenario import backdoored_scenario
+
+    return backdoored_scenario("blended", 16, 3, 0.1, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))

@@ -1,0 +1,85 @@
+"""The data-free blend-pattern search (defense/blend_search.py) and its use in DHBE."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from defense.blend_search import ClassPatterns, invert_class_patterns
+from defense.dhbe import DHBEConfig, DHBETrainer, cpu_recipe
+from defense.errors import ConfigError
+from defense.models import build_model
+from defense.spec import InputSpec
+
+SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
+
+
+def test_anomaly_index_flags_the_class_with_an_unusually_easy_pattern():
+    found = ClassPatterns(list(range(6)), torch.zeros(6, 1, 4, 4), [0.005, 0.3, 0.2, 0.5, 0.25, 0.4])
+    index = found.anomaly_index()
+    assert index[0] > 2 > max(index[1:])
+    assert found.suspects(2.0) == [0]
+    assert ClassPatterns(list(range(4)), torch.zeros(4, 1, 4, 4), [0.3, 0.31, 0.29, 0.3]).suspects(2.0) == []
+
+
+class ShortcutModel(nn.Module):
+    """Linear on pixels: class 0 also reads one fixed pixel pattern very strongly (a blend shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(16, 4)
+        self.shortcut = torch.randn(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        logits = self.linear(flat)
+        return logits + torch.stack([20 * (flat - 0.5) @ self.shortcut] + [torch.zeros(len(x))] * 3, dim=1)
+
+
+def test_inversion_finds_the_shortcut_class_and_leaves_the_model_as_it_was():
+    model = ShortcutModel().train()
+    found = invert_class_patterns(model, lambda: 0.4 + 0.2 * torch.rand(32, 1, 4, 4), [0, 1, 2, 3], ratio=0.1, steps=60, lr=0.1)
+    assert found.patterns.shape == (4, 1, 4, 4) and found.patterns.abs().max() <= 1
+    assert found.losses[0] < 0.1 * min(found.losses[1:])
+    assert found.suspects(2.0) == [0]
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    # the found pattern is the shortcut's direction: bright where it reads positive
+    assert torch.corrcoef(torch.stack([found.patterns[0].flatten(), model.shortcut]))[0, 1] > 0.5
+
+
+def tiny_config(**overrides) -> DHBEConfig:
+    return replace(cpu_recipe(), epochs=2, iters_per_epoch=1, batch_size=16, trigger_warmup_steps=2, student_ema=0.0,
+                   blend_lam=1.0, blend_source="inversion", blend_search_steps=3, blend_search_warmup_steps=2,
+                   **overrides)
+
+
+def test_dhbe_keeps_the_inverted_patterns_in_a_bank_refreshed_on_the_student():
+    teacher = build_model("small-cnn", SPEC).eval()
+    trainer = DHBETrainer(teacher, SPEC, tiny_config(blend_search_every=1))
+    trainer.run_epoch()
+    assert trainer.blend_classes == list(range(10)) and trainer.blend_bank.shape == (10, 1, 16, 16)
+    assert len(trainer.blend_search.losses) == 10
+    state = trainer.state_dict()
+    trainer.run_epoch()  # epoch 1 % 1 == 0: the kept classes' patterns re-found against S
+    assert trainer.blend_bank.shape == (20, 1, 16, 16)
+    resumed = DHBETrainer(teacher, SPEC, tiny_config(blend_search_every=1))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.blend_bank, state["blend_bank"]) and resumed.blend_classes == list(range(10))
+
+
+def test_the_blend_term_enters_the_student_loss_only_with_patterns():
+    teacher = build_model("small-cnn", SPEC).eval()
+    trainer = DHBETrainer(teacher, SPEC, tiny_config(blend_suspect_threshold=50.0))
+    trainer.run_epoch()
+    assert trainer.blend_classes == [] and len(trainer.blend_bank) == 0   # nothing suspicious: no term
+    assert trainer.blend_candidates(4) is None
+
+
+@pytest.mark.parametrize("field,value", [("blend_source", "noise"), ("blend_search_ratio", 0.0),
+                                         ("blend_search_steps", 0), ("blend_suspect_threshold", -1.0),
+                                         ("blend_search_every", -1),
+                                         ("blend_search_warmup_steps", -1)])
+def test_blend_search_config_is_validated(field, value):
+    with pytest.raises(ConfigError, match=field):
+        replace(DHBEConfig(), **{field: value})
