@@ -88,6 +88,7 @@ class DHBEConfig:
     blend_suspect_threshold: float = 0.0  # >0: only classes whose anomaly index exceeds it (0: every class)
     blend_search_every: int = 0           # >0: every so many epochs, patterns of those classes re-found on S
     blend_search_warmup_steps: int = 300  # prior-only steps of the G copy whose samples the search uses
+    blend_anchor: str = "student"         # the blend term pulls S(blended x) to S(x) ("student") or T(x) ("teacher")
     # --- speed only, the maths is unchanged ---
     channels_last: bool = True            # NHWC convolutions (1.28x on CPU for the small CNN)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
@@ -137,6 +138,8 @@ class DHBEConfig:
         require(self.blend_suspect_threshold >= 0, "blend_suspect_threshold must be >= 0")
         require(self.blend_search_every >= 0, f"blend_search_every must be >= 0, got {self.blend_search_every}")
         require(self.blend_search_warmup_steps >= 0, "blend_search_warmup_steps must be >= 0")
+        require(self.blend_anchor in ("student", "teacher"),
+                f"blend_anchor must be student or teacher, got {self.blend_anchor!r}")
         require(0 <= self.student_ema < 1, f"student_ema must be in [0, 1), got {self.student_ema}")
 
     @property
@@ -393,7 +396,8 @@ class DHBETrainer:
             with torch.no_grad():
                 ratios = cfg.blend_alpha * torch.rand(len(x), generator=self.rng).to(x)
                 x_blended = blend_patterns(x, patterns, ratios)
-            loss = loss + cfg.blend_lam * l1(self.student(x_blended), s_logits.detach())
+            anchor = t_logits if cfg.blend_anchor == "teacher" else s_logits.detach()
+            loss = loss + cfg.blend_lam * l1(self.student(x_blended), anchor)
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         self.sync_student_gradients(self.student)
@@ -689,9 +693,23 @@ def federated_recipe(**overrides: Any) -> DHBEConfig:
                                   **overrides})
 
 
+@RECIPES.register("cpu-blend")
+def cpu_blend_recipe(**overrides: Any) -> DHBEConfig:
+    """The CPU recipe plus the data-free blend search (docs/dhbe.md, sixth round): per-class blend
+    patterns inverted on T, the anomalous classes' patterns in a bank refreshed against S every 5
+    epochs, and S kept invariant to them blended in at ratios up to 0.2 (weight 0.5)."""
+    return replace(CPU_RECIPE, **{"blend_lam": 0.5, "blend_source": "inversion", "blend_suspect_threshold": 2.0,
+                                  "blend_search_every": 5, **overrides})
+
+
+def without_regularisers(config: DHBEConfig) -> DHBEConfig:
+    """The same recipe with no backdoor regulariser at all: lambda = 0 and no blend term."""
+    return replace(config, lam=0.0, blend_lam=0.0)
+
+
 def plain_adversarial_distillation(config: DHBEConfig) -> DHBEConfig:
     """The paper's ablation: no backdoor regulariser (lambda = 0), G back in the adversarial game."""
-    return replace(config, lam=0.0, generator_adversarial_weight=1.0)
+    return replace(without_regularisers(config), generator_adversarial_weight=1.0)
 
 
 CPU_RECIPE = DHBEConfig(

@@ -8,6 +8,7 @@ from torch import nn
 from defense.blend_search import ClassPatterns, invert_class_patterns
 from defense.dhbe import DHBEConfig, DHBETrainer, cpu_recipe
 from defense.errors import ConfigError
+from defense.generators import blend_patterns
 from defense.models import build_model
 from defense.spec import InputSpec
 
@@ -79,7 +80,23 @@ def test_the_blend_term_enters_the_student_loss_only_with_patterns():
 @pytest.mark.parametrize("field,value", [("blend_source", "noise"), ("blend_search_ratio", 0.0),
                                          ("blend_search_steps", 0), ("blend_suspect_threshold", -1.0),
                                          ("blend_search_every", -1),
-                                         ("blend_search_warmup_steps", -1)])
+                                         ("blend_search_warmup_steps", -1), ("blend_anchor", "both")])
 def test_blend_search_config_is_validated(field, value):
     with pytest.raises(ConfigError, match=field):
         replace(DHBEConfig(), **{field: value})
+
+
+def test_the_search_singles_out_a_blended_backdoors_target_without_data(blended_scenario):
+    """On a blended-trigger teacher the data-free search flags exactly the target class, and the
+    pattern it found is a working trigger on real images (checked here, by the experimenter)."""
+    spec = blended_scenario.bundle.spec
+    config = replace(cpu_recipe(), batch_size=64, blend_lam=1.0, blend_source="inversion", blend_suspect_threshold=2.0)
+    trainer = DHBETrainer(blended_scenario.teacher, spec, config)
+    trainer.search_blend_patterns()
+    assert trainer.blend_classes == [blended_scenario.target]
+    assert trainer.blend_bank.shape == (1, *spec.shape)
+    test = blended_scenario.bundle.test
+    others = test.images[test.labels != blended_scenario.target]
+    with torch.no_grad():
+        flipped = blended_scenario.teacher(blend_patterns(others, trainer.blend_bank[:1].expand_as(others), 0.1)).argmax(1)
+    assert (flipped == blended_scenario.target).float().mean() >= 0.8
