@@ -697,9 +697,10 @@ def federated_recipe(**overrides: Any) -> DHBEConfig:
 def cpu_blend_recipe(**overrides: Any) -> DHBEConfig:
     """The CPU recipe plus the data-free blend search (docs/dhbe.md, sixth round): per-class blend
     patterns inverted on T, the anomalous classes' patterns in a bank refreshed against S every 5
-    epochs, and S kept invariant to them blended in at ratios up to 0.2 (weight 0.5)."""
-    return replace(CPU_RECIPE, **{"blend_lam": 0.5, "blend_source": "inversion", "blend_suspect_threshold": 2.0,
-                                  "blend_search_every": 5, **overrides})
+    epochs, S on them blended in at ratios up to 0.2 pulled to T's clean answer (weight 1), and 50
+    epochs instead of 30 (ACC and ASR were both still improving at 30)."""
+    return replace(CPU_RECIPE, **{"blend_lam": 1.0, "blend_source": "inversion", "blend_suspect_threshold": 2.0,
+                                  "blend_search_every": 5, "blend_anchor": "teacher", "epochs": 50, **overrides})
 
 
 def without_regularisers(config: DHBEConfig) -> DHBEConfig:
