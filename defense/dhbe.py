@@ -306,7 +306,8 @@ class DHBETrainer:
         self.blend_bank = torch.zeros(0, *spec.shape)
         self.blend_search: Optional[ClassPatterns] = None
         self.blend_classes: list[int] = []
-        self.search_generator = copy.deepcopy(self.sample_generator)
+        self.search_generator = (copy.deepcopy(self.sample_generator)  # the search's own copy of G
+                                 if config.blend_lam > 0 and config.blend_source == "inversion" else None)
         if config.blend_lam > 0 and config.blend_source == "generator":
             self.blend_generator = TriggerGenerator(spec.channels, (spec.height, spec.width), config.trigger_latent_dim,
                                                     config.trigger_width).to(self.device)
@@ -621,7 +622,7 @@ class DHBETrainer:
             "placement_rng": self.rng.get_state(),
             "patch_memory": self.memory.clone(),
             "blend_bank": self.blend_bank.clone(),
-            "search_generator": copy.deepcopy(self.search_generator.state_dict()),
+            "search_generator": copy.deepcopy(self.search_generator.state_dict()) if self.search_generator is not None else {},
             "blend_search": asdict(self.blend_search) if self.blend_search is not None else None,
             "blend_classes": list(self.blend_classes),
             "history": [asdict(r) for r in self.history],
@@ -644,7 +645,7 @@ class DHBETrainer:
         self.rng.set_state(state["placement_rng"])
         self.memory = state.get("patch_memory", self.memory[:0])
         self.blend_bank = state.get("blend_bank", self.blend_bank[:0])
-        if "search_generator" in state:
+        if self.search_generator is not None and state.get("search_generator"):
             self.search_generator.load_state_dict(state["search_generator"])
         self.blend_search = ClassPatterns(**state["blend_search"]) if state.get("blend_search") else None
         self.blend_classes = list(state.get("blend_classes", []))
