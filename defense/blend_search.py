@@ -20,6 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from defense.generators import blend_patterns
+from defense.models import frozen
 
 MIN_LOG_SPREAD = 0.25   # a factor of 1.28 between losses: below it, differences are noise
 
@@ -54,31 +55,32 @@ def invert_class_patterns(model: nn.Module, samples: Callable[[], torch.Tensor],
     pattern per class, in [-1, 1]) continues an earlier search instead of starting from flat grey."""
     was_training = model.training
     model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    patterns, losses = [], []
     try:
-        with torch.no_grad():
-            probe = samples()
-        for i, k in enumerate(classes):
-            initial = (torch.zeros_like(probe[0]) if start is None
-                       else torch.atanh(start[i].to(probe).clamp(-0.999, 0.999)))
-            raw = initial.clone().requires_grad_(True)
-            optimiser = torch.optim.Adam([raw], lr=lr)
-            loss = torch.zeros(())
-            for _ in range(steps):
-                with torch.no_grad():
-                    x = samples()
-                target = torch.full((len(x),), k, dtype=torch.long, device=x.device)
-                loss = F.cross_entropy(model(blend_patterns(x, torch.tanh(raw).expand_as(x), ratio)), target)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-            patterns.append(torch.tanh(raw.detach()))
-            value = float(loss.detach())
-            losses.append(value if math.isfinite(value) else float("inf"))
+        with frozen(model):
+            with torch.no_grad():
+                grey = torch.zeros_like(samples()[0])
+            initial = [grey if start is None else torch.atanh(start[i].to(grey).clamp(-0.999, 0.999))
+                       for i in range(len(classes))]
+            found = [invert_one_class(model, samples, k, ratio, steps, lr, initial[i]) for i, k in enumerate(classes)]
     finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
         model.train(was_training)
-    return ClassPatterns(list(classes), torch.stack(patterns), losses)
+    return ClassPatterns(list(classes), torch.stack([pattern for pattern, _ in found]), [loss for _, loss in found])
+
+
+def invert_one_class(model: nn.Module, samples: Callable[[], torch.Tensor], k: int, ratio: float, steps: int,
+                     lr: float, initial: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One class's pattern (in [-1, 1], the tanh of free parameters starting at `initial`) and its
+    final cross-entropy."""
+    raw = initial.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([raw], lr=lr)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        with torch.no_grad():
+            x = samples()
+        target = torch.full((len(x),), k, dtype=torch.long, device=x.device)
+        loss = F.cross_entropy(model(blend_patterns(x, torch.tanh(raw).expand_as(x), ratio)), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    value = float(loss.detach())
+    return torch.tanh(raw.detach()), value if math.isfinite(value) else float("inf")

@@ -13,7 +13,6 @@ project's CPU-scale recipe (`cpu_recipe`) and the measurements behind it are in 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +26,7 @@ from defense.errors import DivergenceError
 from defense.registry import Registry
 from defense.blend_search import ClassPatterns, invert_class_patterns
 from defense.generators import SampleGenerator, TriggerGenerator, blend_patterns, paste_patches
+from defense.models import frozen
 from defense.spec import InputSpec, require
 
 
@@ -154,19 +154,6 @@ class DHBEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Gradients flow through `module` to its inputs, but none are computed for its parameters
-    (the student during the G and Gp steps: those gradients would be thrown away)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -485,7 +472,8 @@ class DHBETrainer:
             self.blend_search = found
             self.blend_classes = (found.suspects(cfg.blend_suspect_threshold) if cfg.blend_suspect_threshold > 0
                                   else classes)
-        self.blend_bank = torch.cat([self.blend_bank, found.patterns[[classes.index(k) for k in self.blend_classes]].cpu()])
+        kept = found.patterns[self.blend_classes] if first else found.patterns  # first: classes 0..K-1
+        self.blend_bank = torch.cat([self.blend_bank, kept.cpu()])
 
     def blend_step(self, x: torch.Tensor) -> float:
         """max over Gb: L1(S((1 - a) x + a Gb(z')), S(x)) at the largest ratio a = blend_alpha."""
@@ -558,7 +546,7 @@ class DHBETrainer:
             self.warm_up()
         elif self.epoch > 0 and cfg.bank_refresh_steps and cfg.patch_memory:
             self.refresh_trigger_bank()
-        if cfg.blend_lam > 0 and cfg.blend_source == "inversion":
+        if self.search_generator is not None:  # the blend search is on
             if self.blend_search is None or (cfg.blend_search_every and self.epoch % cfg.blend_search_every == 0):
                 self.search_blend_patterns()
         self.sample_generator.train()

@@ -2,6 +2,7 @@
 itself with the input spec's mean/std, so triggers, generators and attacks all work in pixel space."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -10,6 +11,20 @@ import torch.nn.functional as F
 
 from defense.registry import Registry
 from defense.spec import InputSpec, require
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Gradients flow through `module` to its inputs, but none are computed for its parameters
+    (DHBE's student during the G and Gp steps, a model a blend pattern is inverted on)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
 
 ModelFactory = Callable[[InputSpec], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
