@@ -1,4 +1,4 @@
-"""Reproduce the DHBE quality figures: `python -m benchmarks.dhbe_table [--tiny] [--recipe R] [--out STEM]`.
+"""Reproduce the DHBE quality figures: `python -m benchmarks.dhbe_table [--tiny] [--recipe R] [--set F=V ...] [--out STEM]`.
 
 For each attack (3x3 BadNets patch, blended) and seed, a centrally poisoned small CNN on digits
 16x16 is purified with a recipe (default `cpu`), with the same recipe without its regularisers
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from defense.cli import field_pairs
 from defense.dhbe import RECIPES, plain_adversarial_distillation, purify, without_regularisers
 from defense.fileio import atomic_write_json, atomic_write_text
 from benchmarks.tables import cell, group_rows
 from defense.scenario import backdoored_scenario
+from deploy.purify import coerce_fields
 
 RESULTS = Path("benchmarks/results")
 KEYS = ("acc", "asr_x1", "asr_x4", "asr_x9")
@@ -70,17 +72,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipe", default="cpu", choices=RECIPES.names())
+    parser.add_argument("--attacks", nargs="+", choices=("badnets", "blended"), default=["badnets", "blended"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change fields of the recipe")
     parser.add_argument("--out", default="dhbe_table", help="file stem under benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = RECIPES.get(args.recipe)()
+    changes = coerce_fields(field_pairs(args.set, "--set"))
+    recipe = RECIPES.get(args.recipe)(**changes)
     if args.tiny:
         recipe = replace(recipe, epochs=1, iters_per_epoch=2, batch_size=16, blend_search_warmup_steps=2,
                          blend_search_steps=2)
-    label = "CPU recipe" if args.recipe == "cpu" else f"{args.recipe} recipe"
+    label = ("CPU recipe" if args.recipe == "cpu" else f"{args.recipe} recipe") + "".join(
+        f", {field} {value}" for field, value in changes.items())
     variants = {VARIANTS[key][0].format(label): VARIANTS[key][1](recipe) for key in args.variants}
-    rows = run(["badnets", "blended"], list(range(1 if args.tiny else args.seeds)), variants, args.tiny)
+    rows = run(args.attacks, list(range(1 if args.tiny else args.seeds)), variants, args.tiny)
     table = summarise(rows)
     print(table)
     if not args.tiny:

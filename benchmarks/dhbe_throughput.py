@@ -1,16 +1,19 @@
 """Iterations per second of DHBE: (a) the official loop's structure re-implemented step for step
 (every forward tracked by autograd and detached afterwards, the teacher's parameters left
-trainable, NCHW memory layout, as in DHBE_train.py) against (b) the project's loop
-(`DHBETrainer`: channels-last, no parameter gradients where they are thrown away), on the same
-model, batch, seed and config.
+trainable, NCHW memory layout, as in DHBE_train.py) against the project's loop (`DHBETrainer`),
+(b) with its exact-maths levers only (channels-last, no parameter gradients where they are thrown
+away) and (c) with the sample pool as well (the student steps draw G's samples and T's logits from
+a pool the G step fills: no G or T forward per student step; this changes the maths, and its
+quality is measured in benchmarks/results/dhbe_table_cpu_pool.md). Same model, batch, seed, config.
 
-    python -m benchmarks.dhbe_throughput [--iterations N] [--tiny] [--bf16]
+    python -m benchmarks.dhbe_throughput [--iterations N] [--sample-pool N] [--tiny] [--bf16]
 
-Each side runs in its own process (peak RSS per side), alternating, 5 pairs. Writes
-benchmarks/results/dhbe_throughput.json with official_it_per_s, project_it_per_s, speedup (median
-of the pairs), peak_rss_mb and the first iteration's losses of both (equal to float precision:
-NHWC convolutions sum in another order). `--bf16` runs the project's side under CPU bfloat16 autocast
-(a lever that changes the maths; written to dhbe_throughput_bf16.json, never over the main result)."""
+Each side runs in its own process (peak RSS per side), every side once per round, 5 rounds. Writes
+benchmarks/results/dhbe_throughput.json: official_it_per_s, project_it_per_s and speedup (median of
+the per-round ratios) of (c), and under `exact_maths` those of (b) with the first iteration's
+student losses of (a) and (b) (equal to float precision: NHWC convolutions sum in another order).
+`--bf16` runs (b) under CPU bfloat16 autocast (a lever that changes the maths; written to
+dhbe_throughput_bf16.json, never over the main result)."""
 from __future__ import annotations
 
 import argparse
@@ -84,18 +87,27 @@ def project_iteration(t: DHBETrainer) -> list[float]:
     return losses
 
 
-def measure(mode: str, iterations: int, config: DHBEConfig, model: str, bf16: bool = False) -> dict:
+SIDES = {  # side -> (loop, what the project's side adds)
+    "official": "the official loop's structure (NCHW, every forward tracked by autograd)",
+    "project": "the project's loop, exact-maths levers: channels-last, no parameter gradients thrown away",
+    "pooled": "the project's loop with the exact-maths levers and the sample pool (changes the maths)",
+}
+
+
+def measure(side: str, iterations: int, config: DHBEConfig, model: str, bf16: bool = False) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     teacher = build_model(model, SPEC).eval()
-    if mode == "official":  # the official code's memory layout (NCHW)
+    if side == "official":  # the official code's memory layout (NCHW)
         config = replace(config, channels_last=False)
+    elif side == "project":
+        config = replace(config, sample_pool=0)
     trainer = DHBETrainer(teacher, SPEC, config)
     trainer.set_student_mode()
-    if mode == "official":  # DHBE_train.py never freezes the teacher: its forwards build graphs too
+    if side == "official":  # DHBE_train.py never freezes the teacher: its forwards build graphs too
         trainer.teacher.requires_grad_(True)
-    step = official_iteration if mode == "official" else project_iteration
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and mode == "project"
+    step = official_iteration if side == "official" else project_iteration
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and side != "official"
                 else contextlib.nullcontext())
     with autocast:
         first = step(trainer)  # warm-up, and the losses to compare
@@ -107,49 +119,64 @@ def measure(mode: str, iterations: int, config: DHBEConfig, model: str, bf16: bo
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def relative_difference(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating official/project pairs")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the sides, each side once per round")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="small-cnn")
+    parser.add_argument("--sample-pool", type=int, default=2560, help="the pooled side's pool (samples)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="the project's side under bfloat16 autocast")
-    parser.add_argument("--mode", choices=("official", "project"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The official structure: per-batch placement, no BN prior; generators sized for the CPU.
     config = replace(DHBEConfig(), batch_size=16 if args.tiny else args.batch_size, generator_width=16,
-                     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3)
+                     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
+                     sample_pool=64 if args.tiny else args.sample_pool)
     iterations = 2 if args.tiny else args.iterations
-    if args.mode:
-        print(json.dumps(measure(args.mode, iterations, config, args.model, args.bf16)))
+    if args.side:
+        print(json.dumps(measure(args.side, iterations, config, args.model, args.bf16)))
         return
-    # This machine's speed drifts by +-15% from minute to minute: the sides alternate, and the
-    # speed-up is the median of the per-pair ratios.
-    runs: dict[str, list[dict]] = {"official": [], "project": []}
-    for _ in range(1 if args.tiny else args.repeats):
-        for mode in ("official", "project"):
-            done = subprocess.run([sys.executable, "-m", "benchmarks.dhbe_throughput", "--mode", mode,
+    # This machine's speed drifts by +-15% from minute to minute: each round runs every side once
+    # (in a rotated order), and a speed-up is the median of the per-round ratios.
+    sides = ["official", "project"] if args.bf16 else list(SIDES)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_index in range(1 if args.tiny else args.repeats):
+        for side in sides[round_index % len(sides):] + sides[:round_index % len(sides)]:
+            done = subprocess.run([sys.executable, "-m", "benchmarks.dhbe_throughput", "--side", side,
                                    "--iterations", str(iterations), "--batch-size", str(config.batch_size),
-                                   "--model", args.model, *(["--bf16"] if args.bf16 else [])],
+                                   "--model", args.model, "--sample-pool", str(config.sample_pool),
+                                   *(["--bf16"] if args.bf16 else [])],
                                   capture_output=True, text=True, check=True)
-            runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    sides = {mode: {"it_per_s": statistics.median(r["it_per_s"] for r in found),
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in found), "first_losses": found[0]["first_losses"]}
-             for mode, found in runs.items()}
-    ratios = [p["it_per_s"] / o["it_per_s"] for o, p in zip(runs["official"], runs["project"])]
+            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    def speed(side: str) -> dict:
+        ratios = [p["it_per_s"] / o["it_per_s"] for o, p in zip(runs["official"], runs[side])]
+        return {"it_per_s": round(statistics.median(r["it_per_s"] for r in runs[side]), 3),
+                "speedup": round(statistics.median(ratios), 3), "speedup_per_round": [round(r, 3) for r in ratios]}
+
+    official_losses, project_losses = runs["official"][0]["first_losses"], runs["project"][0]["first_losses"]
+    exact = {**speed("project"), "levers": SIDES["project"],
+             "first_iteration_student_losses": {"official": official_losses, "project": project_losses},
+             # NHWC convolutions round differently: equal to float precision, not bit for bit
+             "max_relative_loss_difference": relative_difference(official_losses, project_losses)}
+    shipped = speed(sides[-1])
     result = {
-        "official_it_per_s": round(sides["official"]["it_per_s"], 3),
-        "project_it_per_s": round(sides["project"]["it_per_s"], 3),
-        "speedup": round(statistics.median(ratios), 3),
-        "speedup_per_pair": [round(r, 3) for r in ratios],
-        "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in sides.items()},
-        "first_iteration_student_losses": {k: v["first_losses"] for k, v in sides.items()},
-        # NHWC convolutions round differently: equal to float precision, not bit for bit
-        "max_relative_loss_difference": max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(
-            sides["official"]["first_losses"], sides["project"]["first_losses"])),
-        "config": {"bf16_autocast": args.bf16, "batch_size": config.batch_size, "iterations": iterations, "repeats": len(ratios), "model": args.model,
-                   "student_steps": config.student_steps},
+        "official_it_per_s": round(statistics.median(r["it_per_s"] for r in runs["official"]), 3),
+        "project_it_per_s": shipped["it_per_s"],
+        "speedup": shipped["speedup"],
+        "speedup_per_round": shipped["speedup_per_round"],
+        "project_side": SIDES[sides[-1]] + (" under bfloat16 autocast" if args.bf16 else ""),
+        "exact_maths": exact,
+        "peak_rss_mb": {side: round(max(r["peak_rss_mb"] for r in found), 1) for side, found in runs.items()},
+        "config": {"bf16_autocast": args.bf16, "batch_size": config.batch_size, "iterations": iterations,
+                   "rounds": len(runs["official"]), "model": args.model, "student_steps": config.student_steps,
+                   "sample_pool": config.sample_pool if "pooled" in sides else 0},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
     print(json.dumps(result, indent=2))

@@ -27,6 +27,7 @@ from defense.registry import Registry
 from defense.blend_search import ClassPatterns, invert_class_patterns
 from defense.generators import SampleGenerator, TriggerGenerator, blend_patterns, paste_patches
 from defense.models import frozen
+from defense.sample_pool import SamplePool
 from defense.spec import InputSpec, require
 
 
@@ -74,6 +75,8 @@ class DHBEConfig:
     random_patch_fraction: float = 0.0    # share of the student's patches that are random binary patches
     trigger_steps: int = 1                # Gp updates per iteration
     student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
+    sample_pool: int = 0                  # >0: student steps draw x and T(x) from a pool of G's last so many
+                                          # samples, filled by the G step (Fast-DFKD-style; no fresh G, T passes)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     class_balance_weight: float = 0.0     # DAFL's information-entropy prior: G's batch spread over T's classes
@@ -141,6 +144,8 @@ class DHBEConfig:
         require(self.blend_anchor in ("student", "teacher"),
                 f"blend_anchor must be student or teacher, got {self.blend_anchor!r}")
         require(0 <= self.student_ema < 1, f"student_ema must be in [0, 1), got {self.student_ema}")
+        require(self.sample_pool == 0 or self.sample_pool >= self.batch_size,
+                f"sample_pool must be 0 (off) or at least batch_size ({self.batch_size}), got {self.sample_pool}")
 
     @property
     def iterations(self) -> int:
@@ -308,6 +313,7 @@ class DHBETrainer:
         self.epoch = 0
         self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement
         self.history: list[EpochRecord] = []
+        self.pool = SamplePool(config.sample_pool) if config.sample_pool > 0 else None
         self.memory = torch.zeros(0, spec.channels, config.patch_size, config.patch_size)
         self.averaged = (torch.optim.swa_utils.AveragedModel(
             self.student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.student_ema),
@@ -371,9 +377,8 @@ class DHBETrainer:
         """min over S: L1(S(x), T(x)) + lambda * L1(S(x + delta), S(x)), x and delta detached."""
         cfg = self.config
         with torch.no_grad():
-            x = self.synthesise(self.latent(cfg.latent_dim))
+            x, t_logits = self.student_batch()
             x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim), replay=True)
-            t_logits = self.teacher(x)
         s_logits = self.student(x)
         distill = distillation(s_logits, t_logits, cfg.distill_loss, cfg.distill_trim_fraction)
         lam = self.current_lambda()
@@ -393,6 +398,17 @@ class DHBETrainer:
         if self.averaged is not None:
             self.averaged.update_parameters(self.student)
         return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
+
+    @torch.no_grad()
+    def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and T(x) for a student step: fresh from G (official), or drawn from the sample pool."""
+        if self.pool is not None and len(self.pool):
+            return self.pool.draw(self.config.batch_size, self.rng)
+        x = self.synthesise(self.latent(self.config.latent_dim))
+        t_logits = self.teacher(x)
+        if self.pool is not None:
+            self.pool.add(x, t_logits)
+        return x, t_logits
 
     def generator_step(self, generator: Optional[nn.Module] = None,
                        optimiser: Optional[torch.optim.Optimizer] = None) -> float:
@@ -418,6 +434,8 @@ class DHBETrainer:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if self.pool is not None and generator is self.sample_generator:
+            self.pool.add(pixels, t_logits)
         return float(loss.detach())
 
     def trigger_step(self, against: Optional[nn.Module] = None) -> float:
@@ -426,6 +444,8 @@ class DHBETrainer:
         cfg = self.config
         with torch.no_grad():
             x = self.synthesise(self.latent(cfg.latent_dim))
+            if self.pool is not None and against is None:  # a fresh sample: the pool keeps it too
+                self.pool.add(x, self.teacher(x))
         with frozen(against or self.student) as model:
             patched_logits = model(self.patch(x, self.latent(cfg.trigger_latent_dim)))
             with torch.no_grad():
@@ -613,6 +633,7 @@ class DHBETrainer:
             "search_generator": copy.deepcopy(self.search_generator.state_dict()) if self.search_generator is not None else {},
             "blend_search": asdict(self.blend_search) if self.blend_search is not None else None,
             "blend_classes": list(self.blend_classes),
+            "sample_pool": self.pool.state_dict() if self.pool is not None else {},
             "history": [asdict(r) for r in self.history],
         }
 
@@ -637,6 +658,8 @@ class DHBETrainer:
             self.search_generator.load_state_dict(state["search_generator"])
         self.blend_search = ClassPatterns(**state["blend_search"]) if state.get("blend_search") else None
         self.blend_classes = list(state.get("blend_classes", []))
+        if self.pool is not None:
+            self.pool.load_state_dict(state.get("sample_pool", {}))
         self.history = [EpochRecord(**r) for r in state["history"]]
 
 

@@ -150,7 +150,7 @@ def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"),
     ("bn_prior_deep_weight", 1.5, "bn_prior_deep_weight"), ("lam_after", -0.1, "lam_after"),
     ("lam_step_at", 1.0, "lam_step_at"),
-    ("distill_trim_fraction", 1.0, "distill_trim_fraction"),
+    ("distill_trim_fraction", 1.0, "distill_trim_fraction"), ("sample_pool", 10, "sample_pool"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -186,10 +186,13 @@ def test_deterministic_for_a_seed(badnets_scenario):
     assert runs[0][1][0].loss_student == runs[1][1][0].loss_student
 
 
-def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario):
-    """A short run of the CPU recipe: ASR x1 falls from >= 90% and clean ACC mostly holds."""
+@pytest.mark.parametrize("sample_pool", [0, 1280])
+def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario, sample_pool):
+    """A short run of the CPU recipe, with fresh samples per student step and with the sample pool:
+    ASR x1 falls from >= 90% and clean ACC mostly holds."""
     before = badnets_scenario.evaluate(badnets_scenario.teacher)
-    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10, trigger_warmup_steps=100, student_ema=0.0)
+    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10, trigger_warmup_steps=100, student_ema=0.0,
+                     sample_pool=sample_pool)
     student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     after = badnets_scenario.evaluate(student)
     print("before", before, "after", after)
@@ -270,3 +273,56 @@ def test_class_balance_prior_spreads_gs_samples_over_the_teachers_classes(badnet
             return float(class_imbalance(trainer.teacher(trainer.synthesise(torch.randn(512, config.latent_dim)))))
 
     assert imbalance_after_warm_up(5.0) < 0.5 * imbalance_after_warm_up(0.0)
+
+
+def test_sample_pool_is_a_ring_buffer_of_samples_and_their_logits():
+    from defense.sample_pool import SamplePool
+
+    pool = SamplePool(10)
+    for batch in range(3):  # 12 samples into 10 slots: the first two are overwritten
+        pixels = torch.arange(4.0).add(4 * batch).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+        pool.add(pixels, pixels.flatten(1)[:, :1] * 10)
+    assert len(pool) == 10
+    assert sorted(pool.pixels[:, 0, 0, 0].tolist()) == [float(v) for v in range(2, 12)]
+    pixels, logits = pool.draw(64, torch.Generator().manual_seed(0))
+    assert torch.equal(logits[:, 0], pixels[:, 0, 0, 0] * 10)  # each sample keeps its own logits
+    assert set(pixels[:, 0, 0, 0].tolist()) <= set(range(2, 12))
+    restored = SamplePool(10)
+    restored.load_state_dict(pool.state_dict())
+    assert torch.equal(restored.pixels, pool.pixels) and restored.cursor == pool.cursor
+
+
+def test_with_a_sample_pool_student_steps_reuse_the_g_steps_samples_and_resume_exactly():
+    """The student steps run neither G nor T (but the first, on an empty pool): the G and Gp steps'
+    fresh samples, with T's logits on them, fill the pool; a run resumed from a checkpoint matches
+    an uninterrupted one."""
+    teacher = build_model("small-cnn", SPEC).eval()
+    config = replace(cpu_recipe(), batch_size=8, epochs=2, iters_per_epoch=3, trigger_warmup_steps=2,
+                     sample_pool=64)
+    counts = {"G": 0, "T": 0}
+    trainer = DHBETrainer(teacher, SPEC, config)
+    trainer.sample_generator.register_forward_hook(lambda *_: counts.__setitem__("G", counts["G"] + 1))
+    trainer.teacher.register_forward_hook(lambda *_: counts.__setitem__("T", counts["T"] + 1))
+    trainer.set_student_mode()
+    for iteration in range(3):
+        counts.update(G=0, T=0)
+        for _ in range(config.student_steps):
+            trainer.student_step()
+        assert counts == ({"G": 1, "T": 1} if iteration == 0 else {"G": 0, "T": 0})  # first: pool empty
+        trainer.generator_step()
+        trainer.trigger_step()
+    assert len(trainer.pool) == 7 * 8  # the first student batch, three G-step and three Gp-step batches
+    with torch.no_grad():
+        kept = slice(0, len(trainer.pool))
+        assert torch.allclose(trainer.pool.logits[kept], trainer.teacher(trainer.pool.pixels[kept]), atol=1e-5)
+
+    straight = DHBETrainer(teacher, SPEC, config)
+    straight.run_epoch(), straight.run_epoch()
+    first = DHBETrainer(teacher, SPEC, config)
+    first.run_epoch()
+    checkpoint = first.state_dict()  # before another trainer re-seeds the process's RNG
+    resumed = DHBETrainer(teacher, SPEC, config)
+    resumed.load_state_dict(checkpoint)
+    resumed.run_epoch()
+    for p, q in zip(straight.output_model().state_dict().values(), resumed.output_model().state_dict().values()):
+        assert torch.equal(p, q)
