@@ -76,7 +76,7 @@ class DHBEConfig:
     trigger_steps: int = 1                # Gp updates per iteration
     student_ema: float = 0.0              # >0: hand back an exponential moving average of S (decay/step)
     sample_pool: int = 0                  # >0: student steps draw x and T(x) from a pool of G's last so many
-                                          # samples, filled by the G step (Fast-DFKD-style; no fresh G, T passes)
+                                          # samples, filled by the G and Gp steps (Fast-DFKD-style; a speed lever)
     trigger_amplitude: float = 1.0        # bound of Gp's tanh output (pixel units)
     generator_adversarial_weight: float = 1.0  # weight of G's -L1(S, T) term (0: G follows its priors only)
     class_balance_weight: float = 0.0     # DAFL's information-entropy prior: G's batch spread over T's classes
