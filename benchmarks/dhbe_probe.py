@@ -10,16 +10,16 @@ config field after that epoch (an ablation of one term mid-run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from defense.scenario import backdoored_scenario, model_file_scenario
-from defense.cli import field_pairs
+from defense.cli import ArgumentParser, field_pairs, run_main
 from defense.dhbe import RECIPES, purify
 from defense.triggers import TriggerConfig
 from deploy.purify import coerce_fields
@@ -32,8 +32,8 @@ def overrides(pairs: list[str]) -> dict:
     return coerce_fields(field_pairs(pairs, "--set"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser()
     parser.add_argument("--attack", default="badnets")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--trigger-size", type=int, default=3)
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=0, help="the attack's target class (with --model)")
     parser.add_argument("--bf16", action="store_true", help="run DHBE under CPU bfloat16 autocast")
     parser.add_argument("--switch", nargs="*", default=[], metavar="EPOCH:FIELD=VALUE")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model:
         scenario = model_file_scenario(args.model, args.attack, TriggerConfig(args.trigger_size), args.target)
@@ -117,7 +117,8 @@ def main() -> None:
                                  "teacher": before, "final": history[-1].evaluation, "wall_s": wall,
                                  "epochs": epochs}) + "\n")
     print(f"wall {wall:.1f}s final {json.dumps(history[-1].evaluation)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.dhbe_probe")

@@ -7,15 +7,15 @@ picks some of them. Writes benchmarks/results/STEM.md and .json (default STEM dh
 spread over seeds)."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
-from defense.cli import field_pairs
+from defense.cli import ArgumentParser, field_pairs, run_main
 from defense.dhbe import RECIPES, plain_adversarial_distillation, purify, without_regularisers
 from defense.fileio import atomic_write_json, atomic_write_text
 from benchmarks.tables import cell, group_rows
@@ -66,8 +66,8 @@ def summarise(rows: list[dict], first_column: str = "attack", keys: tuple[str, .
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change fields of the recipe")
     parser.add_argument("--out", default="dhbe_table", help="file stem under benchmarks/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     changes = coerce_fields(field_pairs(args.set, "--set"))
     recipe = RECIPES.get(args.recipe)(**changes)
@@ -92,7 +92,8 @@ def main() -> None:
     if not args.tiny:
         atomic_write_json(RESULTS / f"{args.out}.json", {"recipe": recipe.to_dict(), "rows": rows})
         atomic_write_text(RESULTS / f"{args.out}.md", f"# DHBE ({label}) on digits 16x16 (small CNN)\n\n" + table + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.dhbe_table")

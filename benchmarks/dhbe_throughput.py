@@ -3,8 +3,8 @@
 trainable, NCHW memory layout, as in DHBE_train.py) against the project's loop (`DHBETrainer`),
 (b) with its exact-maths levers only (channels-last, no parameter gradients where they are thrown
 away) and (c) with the sample pool as well (the student steps draw G's samples and T's logits from
-a pool the G step fills: no G or T forward per student step; this changes the maths, and its
-quality is measured in benchmarks/results/dhbe_table_cpu_pool.md). Same model, batch, seed, config.
+a pool the G and Gp steps fill: no G or T forward per student step; this changes the maths, and
+its quality is measured in benchmarks/results/dhbe_table_cpu_pool.md). Same model, batch, seed, config.
 
     python -m benchmarks.dhbe_throughput [--iterations N] [--sample-pool N] [--tiny] [--bf16]
 
@@ -87,7 +87,7 @@ def project_iteration(t: DHBETrainer) -> list[float]:
     return losses
 
 
-SIDES = {  # side -> (loop, what the project's side adds)
+SIDES = {  # side -> what runs on it
     "official": "the official loop's structure (NCHW, every forward tracked by autograd)",
     "project": "the project's loop, exact-maths levers: channels-last, no parameter gradients thrown away",
     "pooled": "the project's loop with the exact-maths levers and the sample pool (changes the maths)",

@@ -292,7 +292,7 @@ def test_sample_pool_is_a_ring_buffer_of_samples_and_their_logits():
     assert torch.equal(restored.pixels, pool.pixels) and restored.cursor == pool.cursor
 
 
-def test_with_a_sample_pool_student_steps_reuse_the_g_steps_samples_and_resume_exactly():
+def test_with_a_sample_pool_student_steps_reuse_the_g_and_gp_steps_samples_and_resume_exactly():
     """The student steps run neither G nor T (but the first, on an empty pool): the G and Gp steps'
     fresh samples, with T's logits on them, fill the pool; a run resumed from a checkpoint matches
     an uninterrupted one."""
