@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(2)
     config = DefenceConfig()
     if args.tiny:
-        config = DefenceConfig(dhbe=replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16),
+        config = DefenceConfig(dhbe=cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16),
                                finetune_epochs=1, nft_iterations=2)
     rows = []
     for attack in ("badnets", "blended", "sig"):

@@ -10,7 +10,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,11 +17,9 @@ import torch
 from benchmarks.dhbe_table import KEYS, summarise
 from defense.cli import field_pairs
 from defense.data import load_dataset
-from defense.dhbe import RECIPES, purify
+from defense.dhbe import RECIPES, purify, recipe_config, smoke_sized
 from defense.fileio import atomic_write_json, atomic_write_text
 from defense.scenario import model_file_scenario
-from defense.triggers import TriggerConfig
-from deploy.purify import coerce_fields
 from federated.config import SimulationConfig
 
 RESULTS = Path("benchmarks/results")
@@ -48,15 +45,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tiny = {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16} if args.tiny else {}
-    fields = {**coerce_fields(field_pairs(args.set, "--set")), **tiny}
+    overrides = field_pairs(args.set, "--set")
     label = f" with {' '.join(args.set)}" if args.set else ""
-    recipes = {f"DHBE ({name} recipe{label})": RECIPES.get(name)(**fields) for name in args.recipes}
+    recipes = {f"DHBE ({name} recipe{label})": recipe_config(name, overrides) for name in args.recipes}
+    if args.tiny:
+        recipes = {name: smoke_sized(recipe) for name, recipe in recipes.items()}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for federation in range(1 if args.tiny else args.federations):
             path = federated_global_model(federation, Path(folder), rounds=2 if args.tiny else 20)
-            scenario = model_file_scenario(path, "badnets", TriggerConfig(3), target=0)
+            scenario = model_file_scenario(path)  # the run's experiment record: its trigger and target
             model = f"FedAvg global model, federation seed {federation}"
             before = scenario.evaluate(scenario.teacher)
             rows.append({"attack": model, "seed": 0, "defence": "none (backdoored)", **before, "acc_drop": 0.0,
@@ -64,7 +62,7 @@ def main() -> None:
             for name, recipe in recipes.items():
                 for seed in range(1 if args.tiny else args.seeds):
                     started = time.perf_counter()
-                    student, _ = purify(scenario.teacher, scenario.bundle.spec, replace(recipe, seed=seed))
+                    student, _ = purify(scenario.teacher, scenario.bundle.spec, recipe.replace(seed=seed))
                     after = scenario.evaluate(student)
                     rows.append({"attack": model, "seed": seed, "defence": name, **after,
                                  "acc_drop": before["acc"] - after["acc"], "wall_s": time.perf_counter() - started})

@@ -4,8 +4,8 @@ to benchmarks/results/dhbe_experiments.jsonl. Usage:
     python -m benchmarks.dhbe_probe --attack badnets --seed 0 --set lam=0.1 epochs=20 ...
     python -m benchmarks.dhbe_probe --model runs/main/final.json --switch 15:lam=0 ...
 
-`--model` probes a model file (e.g. the federated run's global model; trigger and target as the
-attack used them) instead of a centrally poisoned teacher. `--switch EPOCH:FIELD=VALUE` changes a
+`--model` probes a model file (e.g. the federated run's global model, measured with the trigger and
+target of the experiment record it carries) instead of a centrally poisoned teacher. `--switch EPOCH:FIELD=VALUE` changes a
 config field after that epoch (an ablation of one term mid-run).
 """
 from __future__ import annotations
@@ -20,16 +20,10 @@ import torch
 
 from defense.scenario import backdoored_scenario, model_file_scenario
 from defense.cli import ArgumentParser, field_pairs, run_main
-from defense.dhbe import RECIPES, purify
-from defense.triggers import TriggerConfig
-from deploy.purify import coerce_fields
+from defense.dhbe import DHBEConfig, coerce_fields, purify
+from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 
 RESULTS = Path("benchmarks/results/dhbe_experiments.jsonl")
-
-
-def overrides(pairs: list[str]) -> dict:
-    """FIELD=VALUE pairs as typed DHBEConfig fields (the same parsing as `deploy.purify --set`)."""
-    return coerce_fields(field_pairs(pairs, "--set"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -38,27 +32,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--trigger-size", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", default="cpu", choices=RECIPES.names(), help="the recipe --set changes")
-    parser.add_argument("--official", dest="recipe", action="store_const", const="official",
-                        help="the same as --recipe official")
+    add_recipe_arguments(parser)
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", nargs="*", default=[])
     parser.add_argument("--model", help="probe this model file instead of a centrally poisoned teacher")
-    parser.add_argument("--target", type=int, default=0, help="the attack's target class (with --model)")
     parser.add_argument("--bf16", action="store_true", help="run DHBE under CPU bfloat16 autocast")
-    parser.add_argument("--switch", nargs="*", default=[], metavar="EPOCH:FIELD=VALUE")
+    parser.add_argument("--switch", nargs="*", default=[], metavar="EPOCH:FIELD=VALUE",
+                        help="change an official DHBE field (e.g. lam) after that epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model:
-        scenario = model_file_scenario(args.model, args.attack, TriggerConfig(args.trigger_size), args.target)
+        scenario = model_file_scenario(args.model)
     else:
         scenario = backdoored_scenario(args.attack, args.image_size, args.trigger_size, seed=args.seed)
     switches: dict[int, dict] = {}
     for item in args.switch:
         epoch, pair = item.split(":", 1)
-        switches.setdefault(int(epoch), {}).update(overrides([pair]))
-    config = RECIPES.get(args.recipe)(seed=args.seed, **overrides(args.set))
+        switches.setdefault(int(epoch), {}).update(coerce_fields(DHBEConfig, field_pairs([pair], "--switch")))
+    config = recipe_from_args(args, {"seed": args.seed})
+    stamp = config.get("stamped_patches")
+    replaces = stamp is not None and stamp.replaces
     before = scenario.evaluate(scenario.teacher)
     print("teacher", json.dumps(before))
     start = time.perf_counter()
@@ -75,12 +68,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = test.images[test.labels != scenario.target][:256]
         with torch.no_grad():
             trainer.trigger_generator.eval()
-            patches = trainer.trigger_generator(torch.randn(len(images), config.trigger_latent_dim))
+            patches = trainer.trigger_generator(torch.randn(len(images), config.dhbe.trigger_latent_dim))
             trainer.trigger_generator.train()
             k = patches.shape[-1]
-            values = (patches + 1) / 2 if config.patch_replaces else patches
+            values = (patches + 1) / 2 if replaces else patches
             patched = images.clone()
-            if config.patch_replaces:
+            if replaces:
                 patched[..., -k:, -k:] = values
             else:
                 patched[..., -k:, -k:] += values
@@ -94,9 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"flipS {record.trigger_flip_rate:.2f} flipT {record.teacher_flip_rate:.2f} Ld {record.loss_distill:.4f} "
               f"Lr {record.loss_regulariser:.4f} GpT {ev['gp_finds_trigger']:.2f} {time.perf_counter() - start:.0f}s", flush=True)
         epochs.append(record.as_row())
-        if trainer.blend_search is not None and not blend_evidence:
-            blend_evidence.update(losses=trainer.blend_search.losses, anomaly_index=trainer.blend_search.anomaly_index(),
-                                  kept=trainer.blend_classes)
+        search = trainer.extension("blend_search")
+        if search is not None and search.evidence() and not blend_evidence:
+            blend_evidence.update(search.evidence())
             print("blend search:", json.dumps(blend_evidence), flush=True)
         if record.epoch in switches:
             trainer.config = replace(trainer.config, **switches[record.epoch])

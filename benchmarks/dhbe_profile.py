@@ -26,9 +26,9 @@ PHASES = ("student steps", "G step", "Gp step")
 def profile_loop(iterations: int, batch_size: int, channels_last: bool = False):
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = cpu_recipe(batch_size=batch_size, trigger_warmup_steps=0, patch_memory=0)
+    config = cpu_recipe().without("trigger_bank").replace(batch_size=batch_size)
     trainer = DHBETrainer(build_model("small-cnn", SPEC).eval(), SPEC, config)
-    trainer.set_student_mode()
+    trainer.student.train()
 
     def iteration() -> None:
         with record_function("student steps"):

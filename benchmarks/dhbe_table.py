@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from defense.cli import ArgumentParser, field_pairs, run_main
-from defense.dhbe import RECIPES, plain_adversarial_distillation, purify, without_regularisers
+from defense.cli import ArgumentParser, run_main
+from defense.dhbe import plain_adversarial_distillation, purify, smoke_sized, without_regularisers
+from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.fileio import atomic_write_json, atomic_write_text
 from benchmarks.tables import cell, group_rows
 from defense.scenario import backdoored_scenario
-from deploy.purify import coerce_fields
 
 RESULTS = Path("benchmarks/results")
 KEYS = ("acc", "asr_x1", "asr_x4", "asr_x9")
@@ -36,7 +35,7 @@ def run(attacks: list[str], seeds: list[int], variants: dict, tiny: bool) -> lis
             rows.append({"attack": attack, "seed": seed, "defence": "none (backdoored)", **before, "wall_s": 0.0})
             for name, config in variants.items():
                 started = time.perf_counter()
-                student, _ = purify(scenario.teacher, scenario.bundle.spec, replace(config, seed=seed))
+                student, _ = purify(scenario.teacher, scenario.bundle.spec, config.replace(seed=seed))
                 after = scenario.evaluate(student)
                 rows.append({"attack": attack, "seed": seed, "defence": name, **after,
                              "wall_s": time.perf_counter() - started})
@@ -71,20 +70,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--recipe", default="cpu", choices=RECIPES.names())
     parser.add_argument("--attacks", nargs="+", choices=("badnets", "blended"), default=["badnets", "blended"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="change fields of the recipe")
+    add_recipe_arguments(parser)
     parser.add_argument("--out", default="dhbe_table", help="file stem under benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    changes = coerce_fields(field_pairs(args.set, "--set"))
-    recipe = RECIPES.get(args.recipe)(**changes)
+    recipe = recipe_from_args(args)
     if args.tiny:
-        recipe = replace(recipe, epochs=1, iters_per_epoch=2, batch_size=16, blend_search_warmup_steps=2,
-                         blend_search_steps=2)
+        recipe = smoke_sized(recipe)
     label = ("CPU recipe" if args.recipe == "cpu" else f"{args.recipe} recipe") + "".join(
-        f", {field} {value}" for field, value in changes.items())
+        f", {pair.replace('=', ' ')}" for pair in args.recipe_set)
     variants = {VARIANTS[key][0].format(label): VARIANTS[key][1](recipe) for key in args.variants}
     rows = run(args.attacks, list(range(1 if args.tiny else args.seeds)), variants, args.tiny)
     table = summarise(rows)

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from defense.dhbe import DHBEConfig, DHBETrainer, total_variation_l2
+from defense.dhbe import DHBEConfig, DHBETrainer, Recipe
+from defense.dhbe.extensions import SamplePoolConfig
+from defense.dhbe.losses import total_variation_l2
 from defense.fileio import atomic_write_json
 from defense.generators import paste_patches
 from defense.models import build_model
@@ -80,7 +82,7 @@ def official_iteration(t: DHBETrainer) -> list[float]:
 
 
 def project_iteration(t: DHBETrainer) -> list[float]:
-    t.set_student_mode()
+    t.student.train()
     losses = [t.student_step()[0] for _ in range(t.config.student_steps)]
     t.generator_step()
     t.trigger_step()
@@ -94,16 +96,17 @@ SIDES = {  # side -> what runs on it
 }
 
 
-def measure(side: str, iterations: int, config: DHBEConfig, model: str, bf16: bool = False) -> dict:
+def measure(side: str, iterations: int, config: DHBEConfig, pool: int, model: str, bf16: bool = False) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     teacher = build_model(model, SPEC).eval()
+    recipe = Recipe(config)
     if side == "official":  # the official code's memory layout (NCHW)
-        config = replace(config, channels_last=False)
-    elif side == "project":
-        config = replace(config, sample_pool=0)
-    trainer = DHBETrainer(teacher, SPEC, config)
-    trainer.set_student_mode()
+        recipe = recipe.replace(channels_last=False)
+    elif side == "pooled":
+        recipe = recipe.with_extension(SamplePoolConfig(pool))
+    trainer = DHBETrainer(teacher, SPEC, recipe)
+    trainer.student.train()
     if side == "official":  # DHBE_train.py never freezes the teacher: its forwards build graphs too
         trainer.teacher.requires_grad_(True)
     step = official_iteration if side == "official" else project_iteration
@@ -136,11 +139,11 @@ def main() -> None:
     args = parser.parse_args()
     # The official structure: per-batch placement, no BN prior; generators sized for the CPU.
     config = replace(DHBEConfig(), batch_size=16 if args.tiny else args.batch_size, generator_width=16,
-                     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3,
-                     sample_pool=64 if args.tiny else args.sample_pool)
+                     trigger_width=16, latent_dim=64, trigger_latent_dim=64, patch_size=3)
+    pool = 64 if args.tiny else args.sample_pool
     iterations = 2 if args.tiny else args.iterations
     if args.side:
-        print(json.dumps(measure(args.side, iterations, config, args.model, args.bf16)))
+        print(json.dumps(measure(args.side, iterations, config, pool, args.model, args.bf16)))
         return
     # This machine's speed drifts by +-15% from minute to minute: each round runs every side once
     # (in a rotated order), and a speed-up is the median of the per-round ratios.
@@ -150,7 +153,7 @@ def main() -> None:
         for side in sides[round_index % len(sides):] + sides[:round_index % len(sides)]:
             done = subprocess.run([sys.executable, "-m", "benchmarks.dhbe_throughput", "--side", side,
                                    "--iterations", str(iterations), "--batch-size", str(config.batch_size),
-                                   "--model", args.model, "--sample-pool", str(config.sample_pool),
+                                   "--model", args.model, "--sample-pool", str(pool),
                                    *(["--bf16"] if args.bf16 else [])],
                                   capture_output=True, text=True, check=True)
             runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -176,7 +179,7 @@ def main() -> None:
         "peak_rss_mb": {side: round(max(r["peak_rss_mb"] for r in found), 1) for side, found in runs.items()},
         "config": {"bf16_autocast": args.bf16, "batch_size": config.batch_size, "iterations": iterations,
                    "rounds": len(runs["official"]), "model": args.model, "student_steps": config.student_steps,
-                   "sample_pool": config.sample_pool if "pooled" in sides else 0},
+                   "sample_pool": pool if "pooled" in sides else 0},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
     print(json.dumps(result, indent=2))

@@ -11,6 +11,12 @@ LOG = Path("benchmarks/results/dhbe_experiments.jsonl")
 
 
 def differences(config: dict) -> str:
+    """Official fields that differ from the defaults, then the extensions. Lines logged before the
+    recipe had extensions (before commit 3677cdd's successor) hold one flat dict of fields."""
+    if "dhbe" in config:
+        extensions = [name + "(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+                      for name, fields in config.get("extensions", [])]
+        return ", ".join(filter(None, [differences(config["dhbe"]), *extensions]))
     defaults = DHBEConfig().to_dict()
     keep = []
     for key, value in config.items():

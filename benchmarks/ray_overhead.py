@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     scenario = backdoored_scenario(epochs=3 if args.tiny else 30, cache=None if args.tiny else Path("runs/teachers"))
-    config = replace(cpu_recipe(), epochs=1 if args.tiny else args.epochs, iters_per_epoch=2 if args.tiny else 10)
+    config = cpu_recipe().replace(epochs=1 if args.tiny else args.epochs, iters_per_epoch=2 if args.tiny else 10)
 
     started = time.perf_counter()
     purify(scenario.teacher, scenario.bundle.spec, config)
@@ -40,7 +40,7 @@ def main() -> None:
     teacher = LoadedModel(scenario.teacher, "small-cnn", scenario.bundle.spec, {}, "benchmark")
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        run_purify_job(teacher, PurifyJobConfig(dhbe=config, storage_path=folder), Path(folder) / "out")
+        run_purify_job(teacher, PurifyJobConfig(recipe=config, storage_path=folder), Path(folder) / "out")
         on_ray = time.perf_counter() - started
     ray.shutdown()
     result = {"in_process_s": round(in_process, 1), "ray_train_s": round(on_ray, 1),

@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from defense.data import Split
-from defense.dhbe import DHBEConfig, cpu_recipe, plain_adversarial_distillation, purify
+from defense.dhbe import Recipe, cpu_recipe, plain_adversarial_distillation, purify
 from defense.registry import Registry
 from defense.spec import InputSpec, require
 from defense.training import TrainConfig, train_classifier
@@ -25,7 +25,7 @@ from defense.training import TrainConfig, train_classifier
 @dataclass(frozen=True)
 class DefenceConfig:
     seed: int = 0
-    dhbe: Optional[DHBEConfig] = None      # None: the CPU recipe
+    dhbe: Optional[Recipe] = None          # None: the CPU recipe
     clp_threshold: float = 3.0             # CLP's u
     finetune_epochs: int = 20
     finetune_lr: float = 0.01
@@ -69,13 +69,13 @@ def defend(name: str, model: nn.Module, spec: InputSpec, clean: Optional[Split],
 
 @register("dhbe", needs_clean_data=False)
 def dhbe(model, spec, clean, config):
-    return purify(model, spec, replace(config.dhbe or cpu_recipe(), seed=config.seed))[0]
+    return purify(model, spec, (config.dhbe or cpu_recipe()).replace(seed=config.seed))[0]
 
 
 @register("adv-distill", needs_clean_data=False)
 def adversarial_distillation(model, spec, clean, config):
     """DHBE without the backdoor regulariser (lambda = 0): the paper's ablation."""
-    return purify(model, spec, replace(plain_adversarial_distillation(config.dhbe or cpu_recipe()), seed=config.seed))[0]
+    return purify(model, spec, plain_adversarial_distillation(config.dhbe or cpu_recipe()).replace(seed=config.seed))[0]
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:

@@ -71,10 +71,17 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,
     sys.exit(code)
 
 
-def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str = "badnets") -> None:
+def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str = "badnets",
+                          from_record: bool = False) -> None:
+    """--attack, --trigger-size, --target, --blend-alpha. With `from_record`, they default to None:
+    the model file's experiment record decides and a flag given overrides it."""
     from defense.triggers import ATTACKS
 
-    parser.add_argument("--attack", default=attack_default, choices=ATTACKS.names(), help="trigger kind")
-    parser.add_argument("--trigger-size", type=positive_int, default=3, help="patch trigger side (1..7)")
-    parser.add_argument("--target", type=non_negative_int, default=0, help="all-to-one target class")
-    parser.add_argument("--blend-alpha", type=float, default=0.2, help="blended trigger opacity")
+    def default(value):
+        return None if from_record else value
+
+    note = " (default: the model file's experiment record)" if from_record else ""
+    parser.add_argument("--attack", default=default(attack_default), choices=ATTACKS.names(), help="trigger kind" + note)
+    parser.add_argument("--trigger-size", type=positive_int, default=default(3), help="patch trigger side (1..7)" + note)
+    parser.add_argument("--target", type=non_negative_int, default=default(0), help="all-to-one target class" + note)
+    parser.add_argument("--blend-alpha", type=float, default=default(0.2), help="blended trigger opacity" + note)

@@ -1,5 +1,7 @@
-"""`python -m defense.evaluate MODEL --dataset NAME --attack KIND ...`: ACC/ASR of any model file
-as one JSON line (the experimenter's measuring stick; uses the test set and the true trigger)."""
+"""`python -m defense.evaluate MODEL`: ACC/ASR of any model file as one JSON line (the
+experimenter's measuring stick; uses the test set and the true trigger). The trigger, target and data
+set come from the experiment record the file carries (written by `federated.simulate` and the
+scenario builder); any flag given overrides its field of the record."""
 from __future__ import annotations
 
 import json
@@ -8,25 +10,29 @@ from typing import Optional, Sequence
 from defense.cli import ArgumentParser, add_trigger_arguments, run_main
 from defense.data import DATASETS
 from defense.scenario import model_file_scenario
-from defense.triggers import TriggerConfig
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m defense.evaluate", description=__doc__)
     parser.add_argument("model", help="model file (.json manifest, .safetensors, or weights-only .pt)")
-    parser.add_argument("--dataset", default="digits", choices=DATASETS.names())
+    parser.add_argument("--dataset", default=None, choices=DATASETS.names(), help="default: the record's")
     parser.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
-    add_trigger_arguments(parser)
+    parser.add_argument("--trigger-seed", type=int, default=None, help="seed of the trigger pattern (blended)")
+    add_trigger_arguments(parser, from_record=True)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    scenario = model_file_scenario(args.model, args.attack, TriggerConfig(args.trigger_size, args.blend_alpha),
-                                   args.target, args.dataset, args.data_dir)
+    overrides = {"dataset": args.dataset, "attack": args.attack, "trigger_size": args.trigger_size,
+                 "target": args.target, "blend_alpha": args.blend_alpha, "trigger_seed": args.trigger_seed}
+    scenario = model_file_scenario(args.model, overrides, args.data_dir)
     metrics = scenario.evaluate(scenario.teacher)
-    print(json.dumps({"model": str(args.model), "dataset": args.dataset, "attack": args.attack,
-                      "trigger_size": args.trigger_size, "target": args.target, **metrics}))
+    experiment = scenario.experiment
+    print(json.dumps({"model": str(args.model), "dataset": experiment.dataset, "attack": experiment.attack,
+                      "trigger_size": experiment.trigger_size, "trigger_seed": experiment.trigger_seed,
+                      "target": experiment.target, "experiment_from": scenario.experiment_source,
+                      "overridden": sorted(k for k, v in overrides.items() if v is not None), **metrics}))
     return 0
 
 

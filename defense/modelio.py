@@ -54,8 +54,10 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputSpec,
-               produced_by: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write `<base>.safetensors` and `<base>.json` atomically; return the manifest path."""
+               produced_by: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None,
+               experiment: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write `<base>.safetensors` and `<base>.json` atomically; return the manifest path.
+    `experiment`: the record of the attack that planted the model's backdoor (defense.experiment)."""
     from safetensors.torch import save as safetensors_bytes
 
     weights_path, manifest_path = _paths(path)
@@ -72,6 +74,7 @@ def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputS
         "weights_sha256": digest,
         "produced_by": dict(produced_by),
         "versions": library_versions(),
+        **({"experiment": dict(experiment)} if experiment else {}),
         **({"extra": dict(extra)} if extra else {}),
     }
     atomic_write_json(manifest_path, manifest)

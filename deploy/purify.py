@@ -4,62 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import ArgumentParser, field_pairs, non_negative_int, positive_float, positive_int, run_main
-from defense.dhbe import RECIPES, DHBEConfig
+from defense.cli import ArgumentParser, non_negative_int, positive_float, positive_int, run_main
+from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
-
-def add_dhbe_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("DHBE configuration")
-    group.add_argument("--recipe", choices=RECIPES.names(), default="cpu",
-                       help="cpu: the project's small-scale recipe; federated: the same for a FedAvg global "
-                            "model (docs/dhbe.md); official: the paper's defaults")
-    group.add_argument("--config", default=None, help="JSON file of DHBEConfig fields (applied after --recipe)")
-    group.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                       help="override DHBEConfig fields, e.g. --set lam=0.5 epochs=10")
-
-
-def dhbe_config_from_args(args: argparse.Namespace) -> DHBEConfig:
-    config = RECIPES.get(args.recipe)()
-    overrides: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path} does not exist")
-        try:
-            overrides.update(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config {path} is not valid JSON: {exc.msg}") from None
-    overrides.update(field_pairs(args.set, "--set"))
-    return replace(config, **coerce_fields(overrides))
-
-
-def coerce_fields(values: dict) -> dict:
-    """Convert strings/JSON values to DHBEConfig field types; unknown fields are a ConfigError."""
-    defaults = DHBEConfig()
-    known = {f.name for f in fields(DHBEConfig)}
-    out = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"unknown DHBE field {key!r}; known: {', '.join(sorted(known))}")
-        current = getattr(defaults, key)
-        try:
-            if isinstance(current, bool):
-                out[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-            elif current is None:  # an optional number: "none" keeps it unset
-                out[key] = None if value is None or str(value).lower() == "none" else float(value)
-            elif isinstance(current, tuple):
-                items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-                out[key] = tuple(float(v) for v in items if str(v) != "")
-            else:
-                out[key] = type(current)(value)
-        except (TypeError, ValueError):
-            expected = "number" if current is None else type(current).__name__
-            raise ConfigError(f"DHBE field {key} expects a {expected}, got {value!r}") from None
-    return out
 
 
 def build_parser() -> ArgumentParser:
@@ -76,7 +26,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--name", default=None, help="run name; reusing one resumes that run")
     p.add_argument("--max-failures", type=non_negative_int, default=2, help="worker failures to recover from")
     p.add_argument("--budget", type=positive_float, default=None, help="stop after this many seconds of DHBE")
-    add_dhbe_arguments(p)
+    add_recipe_arguments(p)
     return p
 
 
@@ -84,9 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from defense.modelio import load_model
 
+    recipe = recipe_from_args(args)
     teacher = load_model(args.model)
-    config = dhbe_config_from_args(args)
-    config.validate_for(teacher.spec)
+    recipe.validate_for(teacher.spec)
     out = Path(args.out)
     if out.suffix in (".json", ".safetensors"):
         out = out.with_suffix("")
@@ -94,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--out {out}.json already exists")
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
-    job = PurifyJobConfig(dhbe=config, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
+    job = PurifyJobConfig(recipe=recipe, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
                           storage_path=args.storage, name=args.name, max_failures=args.max_failures,
                           budget_s=args.budget)
     result = run_purify_job(teacher, job, out)

@@ -15,31 +15,42 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from defense.dhbe import DHBEConfig, DHBETrainer
+from defense.dhbe import DHBETrainer, EpochRecord, Recipe, train_epochs
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
 from defense.spec import InputSpec, require
 
 STATE_FILE = "trainer_state.pt"
 RESULT_NAME = "purified"
+# A custom Ray resource that a Flower simulation started by `federated.simulate` reserves and no
+# client actor claims: server-side jobs (in-run purification) run on it instead of waiting for CPUs.
+SERVER_JOB_RESOURCE = "server_job"
+
+
+def quiet_ray_environment() -> None:
+    """Ray's usage stats, log dedup and Train v2 migration warnings: nothing a user can act on."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 @dataclass
 class PurifyJobConfig:
-    dhbe: DHBEConfig
+    recipe: Recipe
     workers: int = 1
     use_gpu: Optional[bool] = None          # None: a GPU if the cluster has one
     address: Optional[str] = None           # None: RAY_ADDRESS, else a fresh local Ray
     storage_path: Optional[str] = None      # None: a temporary folder
     name: Optional[str] = None              # reusing a name resumes that run
     max_failures: int = 2
-    fail_after_epoch: int = 0               # test hook: one injected worker failure after this epoch
     cpus_per_worker: Optional[float] = None  # None: the cluster's CPUs shared among the workers
     budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
     extra_resources: dict = field(default_factory=dict)  # e.g. the simulation's server-job slot
     share_running_ray: bool = False         # inside a Ray someone else owns: take no CPU (see below)
 
     def __post_init__(self) -> None:
+        require(isinstance(self.recipe, Recipe), "the purification job needs a DHBE Recipe")
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
@@ -58,31 +69,36 @@ def _average_gradients(student: torch.nn.Module) -> None:
             p.grad /= world
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+AfterEpoch = Callable[[EpochRecord, DHBETrainer, dict], None]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any], after_epoch: Optional[AfterEpoch] = None) -> None:
+    """Runs on every Ray Train worker. `after_epoch(record, trainer, loop_config)` runs once an epoch's
+    checkpoint is reported (tests plant faults there, inside the worker process)."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
     run_dhbe_loop(loop_config, report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
                   checkpoint_type=ray.train.Checkpoint, rank=context.get_world_rank(),
-                  world=context.get_world_size(), device=ray.train.torch.get_device())
+                  world=context.get_world_size(), device=ray.train.torch.get_device(), after_epoch=after_epoch)
 
 
 def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint: Callable, checkpoint_type: Any,
                   rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
-                  evaluator: Optional[Callable[[torch.nn.Module], dict]] = None) -> None:
+                  evaluator: Optional[Callable[[torch.nn.Module], dict]] = None,
+                  after_epoch: Optional[AfterEpoch] = None) -> None:
     """The DHBE job body, shared by Ray Train workers (deploy) and Ray Tune trials (tuning):
-    resume from the last checkpoint, run epochs, report metrics and a checkpoint after each."""
+    resume from the last checkpoint, run the epoch loop, report metrics and a checkpoint after each."""
     from defense.models import build_model
 
     torch.set_num_threads(max(1, int(loop_config["threads"])))
     spec = InputSpec.from_dict(loop_config["spec"])
     teacher = build_model(loop_config["model_name"], spec)
     teacher.load_state_dict(loop_config["teacher_state"])
-    config = DHBEConfig(**{**loop_config["dhbe"], "lr_milestones": tuple(loop_config["dhbe"]["lr_milestones"]),
-                           "seed": loop_config["dhbe"]["seed"] + 1000 * rank})
-    trainer = DHBETrainer(teacher, spec, config, device)
+    recipe = Recipe.from_dict(loop_config["recipe"])
+    recipe = recipe.replace(seed=recipe.dhbe.seed + 1000 * rank)
+    trainer = DHBETrainer(teacher, spec, recipe, device)
     if world > 1:
         trainer.sync_student_gradients = _average_gradients
 
@@ -94,17 +110,10 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
         trainer.load_state_dict(state)
         resumed_from_epoch = trainer.epoch
         if world > 1:  # every worker restarts from rank 0's state, then draws its own batches
-            trainer.rng.manual_seed(config.seed + 1 + trainer.epoch)
-            torch.manual_seed(config.seed + trainer.epoch)
+            trainer.rng.manual_seed(recipe.dhbe.seed + 1 + trainer.epoch)
+            torch.manual_seed(recipe.dhbe.seed + trainer.epoch)
 
-    started = time.perf_counter()
-    fail_marker = Path(loop_config["storage"]) / f".injected-failure-{loop_config['run_name']}"
-    while trainer.epoch < config.epochs:
-        record = trainer.run_epoch()
-        if evaluator is not None:
-            record.evaluation = evaluator(trainer.output_model())
-        last = trainer.epoch == config.epochs or (
-            loop_config["budget_s"] is not None and time.perf_counter() - started >= loop_config["budget_s"])
+    def report_epoch(record: EpochRecord, trainer: DHBETrainer, last: bool) -> None:
         metrics = {**record.as_row(), "final_epoch": last, "rank": rank}
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
@@ -117,32 +126,26 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
                     trainer.output_model().to(device)
                 report_checkpoint = checkpoint_type.from_directory(folder)
             report(metrics, checkpoint=report_checkpoint)
-        if (loop_config["fail_after_epoch"] and trainer.epoch == loop_config["fail_after_epoch"]
-                and rank == 0 and not fail_marker.exists()):
-            fail_marker.write_text("failed once\n")
-            raise RuntimeError(f"injected worker failure after epoch {trainer.epoch}")
-        if last:
-            break
+        if after_epoch is not None:
+            after_epoch(record, trainer, loop_config)
+
+    train_epochs(trainer, evaluator, report_epoch, loop_config["budget_s"])
 
 
-def job_loop_config(teacher: LoadedModel, dhbe: DHBEConfig, threads: int, storage: Path, name: str,
-                    budget_s: Optional[float] = None, fail_after_epoch: int = 0,
-                    produced_by: Optional[dict] = None) -> dict[str, Any]:
+def job_loop_config(teacher: LoadedModel, recipe: Recipe, threads: int, storage: Path, name: str,
+                    budget_s: Optional[float] = None, produced_by: Optional[dict] = None) -> dict[str, Any]:
     """Everything the job body needs, as plain data Ray can ship to workers."""
     return {
         "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
         "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
-        "dhbe": dhbe.to_dict(), "threads": threads, "budget_s": budget_s,
-        "fail_after_epoch": fail_after_epoch, "storage": str(storage), "run_name": name,
-        "produced_by": produced_by or {},
+        "recipe": recipe.to_dict(), "threads": threads, "budget_s": budget_s,
+        "storage": str(storage), "run_name": name, "produced_by": produced_by or {},
     }
 
 
 def connect_ray(address: Optional[str] = None) -> None:
     """Join RAY_ADDRESS / `address` when given, else start a local Ray sized to this machine."""
     import ray
-
-    from federated.engine import quiet_ray_environment
 
     quiet_ray_environment()
     if ray.is_initialized():
@@ -174,8 +177,6 @@ def shared_ray_resources() -> dict:
     all-zero bundles."""
     import ray
 
-    from federated.engine import SERVER_JOB_RESOURCE
-
     if ray.cluster_resources().get(SERVER_JOB_RESOURCE, 0) >= 1:
         return {SERVER_JOB_RESOURCE: 1.0}
     return {"memory": SHARED_JOB_MEMORY}
@@ -191,13 +192,15 @@ class PurifyResult:
     resumed_from_epoch: int = 0
 
 
-def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> PurifyResult:
-    """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically."""
+def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
+                   train_loop: Callable[[dict], None] = train_loop_per_worker) -> PurifyResult:
+    """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically.
+    `train_loop` is the worker body (tests pass one that plants a fault inside the worker)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    job.dhbe.validate_for(teacher.spec)
+    job.recipe.validate_for(teacher.spec)
     started = time.perf_counter()
     sharing_ray = ray.is_initialized()
     connect_ray(job.address)
@@ -215,12 +218,12 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
     loop_config = job_loop_config(
-        teacher, job.dhbe, max(1, int(share)), storage, name, job.budget_s, job.fail_after_epoch,
+        teacher, job.recipe, max(1, int(share)), storage, name, job.budget_s,
         {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
-         "input_weights_sha256": teacher.weights_sha256, "config": job.dhbe.to_dict(),
+         "input_weights_sha256": teacher.weights_sha256, "recipe": job.recipe.to_dict(),
          "workers": job.workers, "gpu": bool(use_gpu)})
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
+        train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cpus_per_worker, use_gpu, extra_resources)),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -235,7 +238,8 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path) -> Pur
     with result.checkpoint.as_directory() as folder:
         produced = load_model(Path(folder) / f"{RESULT_NAME}.json")
         extra = produced.manifest.get("extra", {})
+        # the input's experiment record goes along as metadata (the job itself never sees it)
         manifest_path = save_model(produced.model, out, produced.model_name, produced.spec,
-                                   produced.manifest["produced_by"], extra)
+                                   produced.manifest["produced_by"], extra, teacher.manifest.get("experiment"))
     return PurifyResult(produced.model, manifest_path, extra.get("history", []), time.perf_counter() - started,
                         "gpu" if use_gpu else "cpu", int(extra.get("resumed_from_epoch", 0)))

@@ -40,13 +40,13 @@ def arrays_to_model(model: torch.nn.Module, arrays: ArrayRecord) -> torch.nn.Mod
 
 
 @functools.lru_cache(maxsize=4)
-def _bundle(dataset: str, data_dir: Optional[str], image_size: int) -> DataBundle:
+def load_bundle(dataset: str, data_dir: Optional[str], image_size: int) -> DataBundle:
     return load_dataset(dataset, data_dir, image_size)
 
 
 @functools.lru_cache(maxsize=64)
 def client_data(config: SimulationConfig, client_id: int, poisoned: bool) -> Split:
-    bundle = _bundle(config.dataset, config.data_dir, config.image_size)
+    bundle = load_bundle(config.dataset, config.data_dir, config.image_size)
     index = partition(config.partition, bundle.train.labels, config.clients, config.alpha, config.seed)[client_id]
     data = Split(bundle.train.images[index], bundle.train.labels[index])
     if poisoned:
@@ -77,7 +77,7 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
             raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
     attacking = client_id in attackers and server_round >= config.attack_from_round
     data = client_data(config, client_id, attacking)
-    spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
+    spec = load_bundle(config.dataset, config.data_dir, config.image_size).spec
     model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
@@ -109,7 +109,7 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     """The server's run: the chosen strategy for `config.rounds` rounds, evaluating the global model
     every round into `run`, then the final model."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    bundle = _bundle(config.dataset, config.data_dir, config.image_size)
+    bundle = load_bundle(config.dataset, config.data_dir, config.image_size)
     trigger = global_trigger(config, bundle.spec)
     torch.manual_seed(config.seed)
     model = build_model(config.model, bundle.spec)

@@ -5,13 +5,13 @@ import torch
 
 from defense.data import Split
 from defense.spec import InputSpec
-from defense.triggers import PatchTrigger, Trigger, TriggerConfig, make_trigger, poison
+from defense.triggers import PatchTrigger, Trigger, poison
 from federated.config import SimulationConfig
 
 
 def global_trigger(config: SimulationConfig, spec: InputSpec) -> Trigger:
-    """The trigger used at test time (for DBA: the full, assembled trigger)."""
-    return make_trigger(config.attack, spec, TriggerConfig(config.trigger_size, config.blend_alpha, seed=config.seed))
+    """The trigger used at test time (for DBA: the full, assembled trigger): the run's experiment record's."""
+    return config.experiment().trigger(spec)
 
 
 def attacker_trigger(config: SimulationConfig, spec: InputSpec, attacker_rank: int) -> Trigger:

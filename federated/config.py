@@ -73,5 +73,15 @@ class SimulationConfig:
         rng = np.random.default_rng(self.seed + 7919)
         return sorted(int(i) for i in rng.choice(self.clients, size=self.malicious, replace=False))
 
+    def experiment(self) -> "Experiment":
+        """The record of this run's attack, written into every model file of the run (poison rate 0
+        when no client attacks: nothing was planted)."""
+        from defense.experiment import Experiment
+
+        return Experiment(dataset=self.dataset, image_size=self.image_size, attack=self.attack,
+                          trigger_size=self.trigger_size, blend_alpha=self.blend_alpha, trigger_seed=self.seed,
+                          target=self.target, poison_rate=self.poison_rate if self.malicious else 0.0,
+                          written_by="federated.simulate")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,19 +6,11 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from defense.dhbe import Recipe
 from defense.spec import InputSpec
+from deploy.ray_job import SERVER_JOB_RESOURCE, quiet_ray_environment
 from federated.config import SimulationConfig
 from federated.run_folder import RunFolder
-
-
-SERVER_JOB_RESOURCE = "server_job"
-
-
-def quiet_ray_environment() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
@@ -47,20 +39,20 @@ RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=...) -> None: 
 
 def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
                   purify_every: int = 0, purify_budget_s: Optional[float] = None,
-                  purify_overrides: Optional[dict] = None, purify_recipe: str = "federated", quiet: bool = False,
+                  purify_recipe: Optional[Recipe] = None, quiet: bool = False,
                   rounds_runner: RoundsRunner = run_simulation_rounds) -> RunFolder:
     """Train (by default on Flower's simulation engine), then purify and report. `rounds_runner`
-    is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in."""
+    is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in. `purify_recipe`:
+    the DHBE recipe (default: federated.purification's default, seeded by the run)."""
     run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
-                    config.model, spec, quiet=quiet)
+                    config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
     try:
         hook = None
         if purify:
-            # The front door composes the layers: deploy/ (Ray Train) plugs its hook into the run.
-            from deploy.hook import federated_purification
+            from federated.purification import federated_purification
 
             hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
-                                          overrides=purify_overrides or {}, recipe=purify_recipe)
+                                          recipe=purify_recipe)
         rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None)
         if not run.rows or len(run.rows) < config.rounds:
             run.set_status("incomplete", reason="the simulation ended before its last round")

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from defense.cli import field_pairs
 from defense.errors import ConfigError
-from federated.apps import _bundle, serve, train_client
+from federated.apps import load_bundle, serve, train_client
 from federated.config import SimulationConfig
 
 RUN_KEYS = ("out", "purify", "purify-every", "purify-recipe", "purify-set")  # run-config keys that are not SimulationConfig fields
@@ -62,18 +62,23 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     from federated.engine import run_federated
+    from federated.purification import DEFAULT_FEDERATED_RECIPE, purification_recipe
     from federated.run_folder import fresh_run_dir
 
     config = config_from_run_config(context.run_config)
     out = Path(str(context.run_config.get("out", "")) or fresh_run_dir()).resolve()
-    spec = _bundle(config.dataset, config.data_dir, config.image_size).spec
+    spec = load_bundle(config.dataset, config.data_dir, config.image_size).spec
 
     def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None) -> None:
         serve(grid, config, run, wrap_strategy or (lambda s: s))
 
-    overrides = field_pairs(str(context.run_config.get("purify-set", "")).split(), "run-config purify-set")
-    run_federated(config, out, spec, purify=bool(context.run_config.get("purify", False)),
-                  purify_every=int(context.run_config.get("purify-every", 0)), purify_overrides=overrides,
-                  purify_recipe=str(context.run_config.get("purify-recipe", "federated")),
-                  rounds_runner=rounds_on_this_grid)
+    purify = bool(context.run_config.get("purify", False))
+    recipe = None
+    if purify:
+        overrides = field_pairs(str(context.run_config.get("purify-set", "")).split(), "run-config purify-set")
+        recipe = purification_recipe(str(context.run_config.get("purify-recipe", DEFAULT_FEDERATED_RECIPE)),
+                                     overrides, config.seed)
+        recipe.validate_for(spec)
+    run_federated(config, out, spec, purify=purify, purify_every=int(context.run_config.get("purify-every", 0)),
+                  purify_recipe=recipe, rounds_runner=rounds_on_this_grid)
     print(f"run folder: {out}", flush=True)

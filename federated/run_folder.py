@@ -47,8 +47,10 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 class RunFolder:
-    def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False) -> None:
+    def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,
+                 experiment: Optional[dict] = None) -> None:
         self.root, self.model_name, self.spec, self.quiet = root, model_name, spec, quiet
+        self.experiment = experiment  # written into every model file's manifest
         self.rows: list[dict] = []
         self.extra_columns: list[str] = []
         (root / "models").mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ class RunFolder:
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
         self.rows.append(row)
         save_model(model, self.root / "models" / f"round-{row['round']:03d}", self.model_name, self.spec,
-                   {"tool": "federated.simulate", "round": row["round"]})
+                   {"tool": "federated.simulate", "round": row["round"]}, experiment=self.experiment)
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
         self.set_status("running")
         if not self.quiet:
@@ -86,7 +88,7 @@ class RunFolder:
 
     def save_final(self, model: torch.nn.Module, name: str = "final", extra: Optional[dict] = None) -> Path:
         return save_model(model, self.root / f"{name}", self.model_name, self.spec,
-                          {"tool": "federated.simulate", "rounds": len(self.rows)}, extra)
+                          {"tool": "federated.simulate", "rounds": len(self.rows)}, extra, self.experiment)
 
     def finish(self, comparison: Optional[list[dict]] = None) -> None:
         self._plot_rounds()

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import (ArgumentParser, add_trigger_arguments, field_pairs, fraction, non_negative_int, positive_float,
+from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_negative_int, positive_float,
                          positive_int, run_main)
 from defense.data import DATASETS
-from defense.dhbe import RECIPES
+from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
 from defense.models import MODELS
 from federated.config import PARTITIONS, SimulationConfig
@@ -66,10 +66,8 @@ def build_parser() -> ArgumentParser:
                    help="also purify every K rounds (0 = only at the end)")
     p.add_argument("--purify-budget", type=positive_float, default=None,
                    help="DHBE wall-time budget in seconds (default: the recipe's iteration count)")
-    p.add_argument("--purify-recipe", default="federated", choices=RECIPES.names(),
-                   help="DHBE recipe (defense.dhbe.RECIPES; docs/dhbe.md says why federated is the default here)")
-    p.add_argument("--purify-set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="override fields of the DHBE recipe, e.g. --purify-set epochs=10 lam=0.5")
+    add_recipe_arguments(p, default="federated", recipe_flag="--purify-recipe", set_flag="--purify-set",
+                         config_flag=None)
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     return p
 
@@ -105,19 +103,20 @@ def prepare_out_dir(out: Optional[str]) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    purify_overrides = field_pairs(args.purify_set, "--purify-set")
+    recipe = recipe_from_args(args, {"seed": config.seed}) if not args.no_purify else None
     from defense.data import load_dataset
 
     bundle = load_dataset(config.dataset, config.data_dir, config.image_size)  # fail fast on bad data
     if not 0 <= config.target < bundle.spec.num_classes:
         raise ConfigError(f"--target must be in 0..{bundle.spec.num_classes - 1}, got {config.target}")
+    if recipe is not None:
+        recipe.validate_for(bundle.spec)
     out = prepare_out_dir(args.out)
     from federated.engine import run_federated
 
     started = time.perf_counter()
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
-                        purify_budget_s=args.purify_budget, purify_overrides=purify_overrides,
-                        purify_recipe=args.purify_recipe, quiet=args.quiet)
+                        purify_budget_s=args.purify_budget, purify_recipe=recipe, quiet=args.quiet)
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
     return 0 if run else 1
 

@@ -9,7 +9,7 @@ from defense.dhbe import cpu_recipe
 from defense.errors import ConfigError
 from defense.models import build_model
 
-FAST = DefenceConfig(dhbe=replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16),
+FAST = DefenceConfig(dhbe=cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16),
                      finetune_epochs=2, nft_iterations=20)
 
 

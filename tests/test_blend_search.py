@@ -1,12 +1,10 @@
 """The data-free blend-pattern search (defense/blend_search.py) and its use in DHBE."""
-from dataclasses import replace
-
 import pytest
 import torch
 from torch import nn
 
 from defense.blend_search import ClassPatterns, invert_class_patterns
-from defense.dhbe import DHBEConfig, DHBETrainer, cpu_blend_recipe, cpu_recipe, purify
+from defense.dhbe import DHBETrainer, cpu_blend_recipe, cpu_recipe, purify, recipe_config
 from defense.errors import ConfigError
 from defense.generators import blend_patterns
 from defense.models import build_model
@@ -49,56 +47,60 @@ def test_inversion_finds_the_shortcut_class_and_leaves_the_model_as_it_was():
     assert torch.corrcoef(torch.stack([found.patterns[0].flatten(), model.shortcut]))[0, 1] > 0.5
 
 
-def tiny_config(**overrides) -> DHBEConfig:
-    return replace(cpu_recipe(), epochs=2, iters_per_epoch=1, batch_size=16, trigger_warmup_steps=2, student_ema=0.0,
-                   blend_lam=1.0, blend_source="inversion", blend_search_steps=3, blend_search_warmup_steps=2,
-                   **overrides)
+def tiny_config(**blend):
+    return recipe_config("cpu", {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16, "trigger_bank.warmup_steps": 2,
+                                 "student_ema": "off", "blend_search.steps": 3, "blend_search.warmup_steps": 2,
+                                 **{f"blend_search.{k}": v for k, v in blend.items()}})
 
 
 def test_dhbe_keeps_the_inverted_patterns_in_a_bank_refreshed_on_the_student():
     teacher = build_model("small-cnn", SPEC).eval()
-    trainer = DHBETrainer(teacher, SPEC, tiny_config(blend_search_every=1))
+    trainer = DHBETrainer(teacher, SPEC, tiny_config(every=1, suspect_threshold=0.0))
+    search = trainer.extension("blend_search")
     trainer.run_epoch()
-    assert trainer.blend_classes == list(range(10)) and trainer.blend_bank.shape == (10, 1, 16, 16)
-    assert len(trainer.blend_search.losses) == 10
+    assert search.classes == list(range(10)) and search.bank.shape == (10, 1, 16, 16)
+    assert len(search.found.losses) == 10
     state = trainer.state_dict()
     trainer.run_epoch()  # epoch 1 % 1 == 0: the kept classes' patterns re-found against S
-    assert trainer.blend_bank.shape == (20, 1, 16, 16)
-    resumed = DHBETrainer(teacher, SPEC, tiny_config(blend_search_every=1))
+    assert search.bank.shape == (20, 1, 16, 16)
+    assert not torch.equal(search.bank[10:], search.bank[:10])
+    resumed = DHBETrainer(teacher, SPEC, tiny_config(every=1, suspect_threshold=0.0))
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.blend_bank, state["blend_bank"]) and resumed.blend_classes == list(range(10))
+    restored = resumed.extension("blend_search")
+    assert torch.equal(restored.bank, state["extensions"]["blend_search"]["bank"]) and restored.classes == list(range(10))
 
 
 def test_the_blend_term_enters_the_student_loss_only_with_patterns():
     teacher = build_model("small-cnn", SPEC).eval()
-    trainer = DHBETrainer(teacher, SPEC, tiny_config(blend_suspect_threshold=50.0))
+    trainer = DHBETrainer(teacher, SPEC, tiny_config(suspect_threshold=50.0))
     trainer.run_epoch()
-    assert trainer.blend_classes == [] and len(trainer.blend_bank) == 0   # nothing suspicious: no term
-    assert trainer.blend_candidates(4) is None
+    search = trainer.extension("blend_search")
+    assert search.classes == [] and len(search.bank) == 0   # nothing suspicious: no term
+    x = torch.rand(4, *SPEC.shape)
+    assert search.student_terms(trainer, x, trainer.teacher(x), trainer.student(x)) is None
 
 
-@pytest.mark.parametrize("field,value", [("blend_source", "noise"), ("blend_search_ratio", 0.0),
-                                         ("blend_search_steps", 0), ("blend_suspect_threshold", -1.0),
-                                         ("blend_search_every", -1),
-                                         ("blend_search_warmup_steps", -1), ("blend_anchor", "both")])
+@pytest.mark.parametrize("field,value", [("ratio", 0.0), ("steps", 0), ("suspect_threshold", -1.0), ("every", -1),
+                                         ("warmup_steps", -1), ("anchor", "both"), ("alpha", 1.0), ("weight", 0.0)])
 def test_blend_search_config_is_validated(field, value):
-    with pytest.raises(ConfigError, match=field):
-        replace(DHBEConfig(), **{field: value})
+    with pytest.raises(ConfigError, match=f"blend_search.{field}"):
+        recipe_config("cpu-blend", {f"blend_search.{field}": value})
 
 
 def test_the_search_singles_out_a_blended_backdoors_target_without_data(blended_scenario):
     """On a blended-trigger teacher the data-free search flags exactly the target class, and the
     pattern it found is a working trigger on real images (checked here, by the experimenter)."""
     spec = blended_scenario.bundle.spec
-    config = replace(cpu_recipe(), batch_size=64, blend_lam=1.0, blend_source="inversion", blend_suspect_threshold=2.0)
+    config = cpu_blend_recipe().replace(batch_size=64)
     trainer = DHBETrainer(blended_scenario.teacher, spec, config)
-    trainer.search_blend_patterns()
-    assert trainer.blend_classes == [blended_scenario.target]
-    assert trainer.blend_bank.shape == (1, *spec.shape)
+    search = trainer.extension("blend_search")
+    search.probe(trainer)
+    assert search.classes == [blended_scenario.target]
+    assert search.bank.shape == (1, *spec.shape)
     test = blended_scenario.bundle.test
     others = test.images[test.labels != blended_scenario.target]
     with torch.no_grad():
-        flipped = blended_scenario.teacher(blend_patterns(others, trainer.blend_bank[:1].expand_as(others), 0.1)).argmax(1)
+        flipped = blended_scenario.teacher(blend_patterns(others, search.bank[:1].expand_as(others), 0.1)).argmax(1)
     assert (flipped == blended_scenario.target).float().mean() >= 0.8
 
 
@@ -106,9 +108,9 @@ def test_the_blend_term_lowers_a_blended_backdoors_asr_where_dhbe_alone_does_not
     """A shortened cpu-blend run against the same run without the blend term (DHBE's patch
     regulariser alone leaves a blended trigger at ~100%)."""
     spec = blended_scenario.bundle.spec
-    short = dict(epochs=12, blend_search_every=4, student_ema=0.0)
-    with_blend, _ = purify(blended_scenario.teacher, spec, cpu_blend_recipe(**short))
-    without, _ = purify(blended_scenario.teacher, spec, cpu_blend_recipe(**short, blend_lam=0.0))
+    short = recipe_config("cpu-blend", {"epochs": 12, "blend_search.every": 4, "student_ema": "off"})
+    with_blend, _ = purify(blended_scenario.teacher, spec, short)
+    without, _ = purify(blended_scenario.teacher, spec, short.without("blend_search"))
     asr_with = blended_scenario.evaluate(with_blend)["asr_x1"]
     asr_without = blended_scenario.evaluate(without)["asr_x1"]
     print("ASR with the blend term", asr_with, "without", asr_without)

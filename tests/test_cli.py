@@ -15,6 +15,9 @@ CASES = [
     (["federated.simulate", "--poison-rate", "1.5"], "--poison-rate"),
     (["federated.simulate", "--target", "12"], "--target"),
     (["federated.simulate", "--purify-set", "epochs"], "--purify-set expects FIELD=VALUE"),
+    (["federated.simulate", "--purify-set", "lamb=1"], "unknown DHBE field 'lamb'"),
+    (["federated.simulate", "--purify-set", "trigger_bank.size=0"], "trigger_bank.size"),
+    (["deploy.purify", "m.json", "--out", "o", "--set", "nope.x=1"], "unknown DHBE extension 'nope'"),
     (["defense.evaluate", "/nonexistent/model.json"], "does not exist"),
     (["defense.evaluate", "x.json", "--trigger-size", "0"], "--trigger-size"),
     (["deploy.purify", "/nonexistent/model.json", "--out", "OUT"], "does not exist"),
@@ -35,24 +38,53 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, needle):
 
 
 def test_config_flags_are_typed_and_bad_ones_named():
+    from dataclasses import dataclass
+    from typing import Optional
+
     from defense.errors import ConfigError
-    from deploy.purify import coerce_fields
+    from defense.fields import coerce_fields
 
-    assert coerce_fields({"lam": "0.5", "epochs": "7", "patch_replaces": "yes", "lr_milestones": "0.5,0.7",
-                          "lam_after": "0.3"}) == {"lam": 0.5, "epochs": 7, "patch_replaces": True,
-                                                   "lr_milestones": (0.5, 0.7), "lam_after": 0.3}
-    assert coerce_fields({"lam_after": "none"}) == {"lam_after": None}
-    with pytest.raises(ConfigError, match="lam_after expects a number"):
-        coerce_fields({"lam_after": "abc"})
-    with pytest.raises(ConfigError, match="unknown DHBE field 'lamb'"):
-        coerce_fields({"lamb": "1"})
+    @dataclass
+    class Example:
+        lam: float = 0.1
+        epochs: int = 1
+        replaces: bool = False
+        milestones: tuple[float, ...] = ()
+        after: Optional[float] = None
+
+    assert coerce_fields(Example, {"lam": "0.5", "epochs": "7", "replaces": "yes", "milestones": "0.5,0.7",
+                                   "after": "0.3"}) == {"lam": 0.5, "epochs": 7, "replaces": True,
+                                                        "milestones": (0.5, 0.7), "after": 0.3}
+    assert coerce_fields(Example, {"after": "none"}) == {"after": None}
+    for bad, message in [({"after": "abc"}, "after expects a float"), ({"lamb": "1"}, "unknown Example field 'lamb'"),
+                         ({"epochs": "1.5"}, "epochs expects a int"), ({"replaces": "maybe"}, "replaces expects"),
+                         ({"lam": "inf"}, "lam expects a float"), ({"epochs": True}, "epochs expects")]:
+        with pytest.raises(ConfigError, match=message):
+            coerce_fields(Example, bad)
 
 
-def test_recipes_are_chosen_by_name_and_overridden_by_set():
-    from deploy.purify import build_parser, dhbe_config_from_args
+def test_recipes_are_chosen_by_name_and_overridden_by_set(tmp_path):
+    import json
+
+    from defense.dhbe import recipe_config
+    from defense.dhbe.cli import recipe_from_args
+    from defense.errors import ConfigError
+    from deploy.purify import build_parser
 
     args = build_parser().parse_args(["m.json", "--out", "o", "--recipe", "federated", "--set", "seed=3"])
-    config = dhbe_config_from_args(args)
-    assert (config.bn_prior_layers, config.epochs, config.lam_after, config.seed) == (1, 15, 0.7, 3)
-    cpu = dhbe_config_from_args(build_parser().parse_args(["m.json", "--out", "o"]))
-    assert (cpu.bn_prior_layers, cpu.epochs, cpu.lam_after) == (0, 30, None)
+    recipe = recipe_from_args(args)
+    assert (recipe.get("bn_prior").layers, recipe.dhbe.epochs, recipe.get("lambda_step").after,
+            recipe.dhbe.seed) == (1, 15, 0.7, 3)
+    cpu = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o"]))
+    assert (cpu.get("bn_prior").layers, cpu.dhbe.epochs, "lambda_step" in cpu) == (0, 30, False)
+    whole = tmp_path / "recipe.json"
+    whole.write_text(json.dumps(recipe_config("cpu-blend").to_dict()))
+    assert recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(whole)])) == \
+        recipe_config("cpu-blend")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"lam": 0.3, "student_ema.decay": 0.99}))
+    loaded = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))
+    assert loaded.dhbe.lam == 0.3 and loaded.get("student_ema").decay == 0.99
+    partial.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))

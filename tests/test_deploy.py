@@ -1,7 +1,9 @@
-"""The Ray Train job: data-parallel CPU workers, checkpoints, and resuming after a killed worker."""
-from dataclasses import replace
+"""The Ray Train job: data-parallel CPU workers that average their gradients, checkpoints, and
+resuming after a worker that dies inside its Ray process."""
+from pathlib import Path
 
 import pytest
+import torch
 
 from defense.dhbe import cpu_recipe
 from defense.modelio import load_model, save_model
@@ -24,25 +26,62 @@ def teacher_file(tmp_path, badnets_scenario):
     return load_model(save_model(badnets_scenario.teacher, tmp_path / "teacher", "small-cnn", spec, {"tool": "test"}))
 
 
-def test_two_cpu_workers_train_data_parallel_and_hand_back_a_model(ray_local, tmp_path, teacher_file):
+def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local, tmp_path, teacher_file):
+    """Each worker draws its own batches (seed + 1000 * rank); the all-reduce must make their
+    students identical after every step. The test reads both workers' students after each epoch,
+    inside the worker processes."""
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
-    config = replace(cpu_recipe(), epochs=2, iters_per_epoch=2, batch_size=16)
-    job = PurifyJobConfig(dhbe=config, workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"))
-    result = run_purify_job(teacher_file, job, tmp_path / "purified")
+    record_dir = tmp_path / "students"
+    record_dir.mkdir()
+
+    def recording_loop(loop_config):
+        import ray.train
+
+        from deploy.ray_job import train_loop_per_worker
+
+        def save_student(record, trainer, config):
+            rank = ray.train.get_context().get_world_rank()
+            torch.save({k: v.cpu() for k, v in trainer.student.state_dict().items()},
+                       Path(str(record_dir)) / f"epoch{record.epoch}-rank{rank}.pt")
+
+        train_loop_per_worker(loop_config, after_epoch=save_student)
+
+    config = cpu_recipe().replace(epochs=2, iters_per_epoch=2, batch_size=16)
+    job = PurifyJobConfig(recipe=config, workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"))
+    result = run_purify_job(teacher_file, job, tmp_path / "purified", train_loop=recording_loop)
     loaded = load_model(result.manifest_path)
-    produced = loaded.manifest["produced_by"]
-    assert produced["workers"] == 2 and produced["input_weights_sha256"] == teacher_file.weights_sha256
+    assert loaded.manifest["produced_by"]["input_weights_sha256"] == teacher_file.weights_sha256
     assert len(loaded.manifest["extra"]["history"]) == 2 and result.device == "cpu"
+    for epoch in (1, 2):
+        first = torch.load(record_dir / f"epoch{epoch}-rank0.pt", weights_only=True)
+        second = torch.load(record_dir / f"epoch{epoch}-rank1.pt", weights_only=True)
+        parameters = [k for k in first if "running" not in k and "num_batches" not in k]
+        for key in parameters:  # gradients averaged: the same parameters on both workers
+            assert torch.allclose(first[key], second[key], atol=1e-6), key
+        # ...though each worker saw other samples: its batch-norm running statistics differ
+        assert any(not torch.equal(first[k], second[k]) for k in first if "running_mean" in k)
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path, teacher_file):
+def test_a_worker_that_dies_resumes_from_its_checkpoint(ray_local, tmp_path, teacher_file):
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
-    config = replace(cpu_recipe(), epochs=3, iters_per_epoch=2, batch_size=16)
-    job = PurifyJobConfig(dhbe=config, workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"),
-                          name="resume-test", fail_after_epoch=1, max_failures=1)
-    result = run_purify_job(teacher_file, job, tmp_path / "purified")
-    assert (tmp_path / "ray" / ".injected-failure-resume-test").exists()  # the failure did happen
-    assert result.resumed_from_epoch == 1  # resumed from the epoch-1 checkpoint, not from scratch
+    marker = tmp_path / "failed-once"
+
+    def dies_once_after_epoch_1(loop_config):
+        from deploy.ray_job import train_loop_per_worker
+
+        def fault(record, trainer, config):
+            if record.epoch == 1 and not Path(str(marker)).exists():
+                Path(str(marker)).write_text("failed once\n")
+                raise RuntimeError("planted worker failure after epoch 1")
+
+        train_loop_per_worker(loop_config, after_epoch=fault)
+
+    config = cpu_recipe().replace(epochs=3, iters_per_epoch=2, batch_size=16)
+    job = PurifyJobConfig(recipe=config, workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"),
+                          name="resume-test", max_failures=1)
+    result = run_purify_job(teacher_file, job, tmp_path / "purified", train_loop=dies_once_after_epoch_1)
+    assert marker.exists()                     # the failure did happen, inside the worker
+    assert result.resumed_from_epoch == 1      # resumed from the epoch-1 checkpoint, not from scratch
     assert [h["epoch"] for h in result.history] == [1, 2, 3]

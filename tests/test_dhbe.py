@@ -1,14 +1,15 @@
 import copy
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import defense.data as data_module
-from defense.dhbe import (BatchNormStatistics, DHBEConfig, DHBETrainer, class_imbalance, cpu_recipe, distillation, l1,
-                          purify, total_variation_l2)
+from defense.dhbe import DHBEConfig, DHBETrainer, Recipe, cpu_recipe, purify, recipe_config
+from defense.dhbe.extensions import LambdaStepConfig, SamplePoolConfig, TriggerBankConfig
+from defense.dhbe.extensions.generator_priors import BatchNormStatistics, class_imbalance
+from defense.dhbe.losses import l1, total_variation_l2
 from defense.errors import ConfigError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import build_model
@@ -63,63 +64,34 @@ def test_loss_terms_match_hand_computed_values():
     assert float(class_imbalance(torch.tensor([[50.0, 0, -50, -50], [0, 50.0, -50, -50]]))) == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_distillation_variants_match_hand_computed_values():
-    teacher = torch.zeros(4, 2)
-    student = torch.tensor([[0.1, 0.1], [0.2, -0.2], [5.0, 5.0], [0.3, 0.3]])  # per-sample L1 .1 .2 5 .3
-    assert float(distillation(student, teacher)) == pytest.approx(float(l1(student, teacher)))
-    # trimming a quarter leaves the largest error (5.0) out: mean of .1, .2, .3
-    assert float(distillation(student, teacher, trim_fraction=0.25)) == pytest.approx(0.2)
-    # KL(T || S) with T = (1/2, 1/2) and S = (1/4, 3/4): 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
-    kl = distillation(torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(1, 2), "kl")
-    assert float(kl) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
-    assert float(distillation(teacher, teacher, "kl")) == pytest.approx(0.0, abs=1e-7)
-
-
 def test_batch_norm_prior_covers_all_or_the_first_layers():
     teacher = build_model("small-cnn", SPEC).eval()
     layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     x = torch.rand(4, *SPEC.shape)
     for first, hooked in ((0, layers), (1, 1), (2, 2)):
         prior = BatchNormStatistics(teacher, first)
+        teacher(x)
+        assert prior.losses == []            # collected only while enabled (T's forward in the G step)
         prior.enabled = True
         teacher(x)
         assert len(prior.losses) == hooked
         assert float(prior.collect()) > 0
-        for handle in prior.handles:
-            handle.remove()
-
-
-def test_batch_norm_prior_weighs_the_deeper_layers_by_deep_weight():
-    teacher = build_model("small-cnn", SPEC).eval()
-    x = torch.rand(4, *SPEC.shape)
-
-    def per_layer(first: int, deep_weight: float) -> list[float]:
-        prior = BatchNormStatistics(teacher, first, deep_weight)
-        prior.enabled = True
-        teacher(x)
-        losses = [float(loss) for loss in prior.losses]
-        for handle in prior.handles:
-            handle.remove()
-        return losses
-
-    full = per_layer(0, 0.0)
-    assert per_layer(1, 0.25) == pytest.approx([full[0]] + [0.25 * v for v in full[1:]])
-    assert per_layer(1, 0.0) == pytest.approx(full[:1])
+        prior.remove()
 
 
 def test_student_step_minimises_equation_8():
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
-    config = replace(cpu_recipe(), batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1,
-                     trigger_warmup_steps=0, student_ema=0.0)
+    config = cpu_recipe().without("trigger_bank", "student_ema").replace(
+        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1)
     trainer = DHBETrainer(teacher, SPEC, config)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
     with torch.no_grad():
         student = copy.deepcopy(trainer.student)
-        trainer.set_student_mode()
-        x = trainer.synthesise(trainer.latent(config.latent_dim))
-        xp = trainer.patch(x, trainer.latent(config.trigger_latent_dim))
+        trainer.student.train()
+        x = trainer.synthesise(trainer.latent(config.dhbe.latent_dim))
+        xp = trainer.patch(x, trainer.latent(config.dhbe.trigger_latent_dim))
         s = student.train()(x)
         expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(xp), s)
     torch.manual_seed(5)
@@ -131,30 +103,53 @@ def test_student_step_minimises_equation_8():
 
 def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     teacher = build_model("small-cnn", SPEC).eval()
-    config = replace(cpu_recipe(), batch_size=8, epochs=15, lam=1.0, lam_after=0.3, lam_step_at=0.5,
-                     trigger_warmup_steps=0)
+    config = cpu_recipe().without("trigger_bank").replace(batch_size=8, epochs=15, lam=1.0).with_extension(
+        LambdaStepConfig(after=0.3, at=0.5))
     trainer = DHBETrainer(teacher, SPEC, config)
     seen = {}
-    for epoch in range(config.epochs):
+    for epoch in range(config.dhbe.epochs):
         trainer.epoch = epoch  # completed epochs, as run_epoch counts them
         seen[epoch + 1] = trainer.current_lambda()
     assert {e for e, lam in seen.items() if lam == 1.0} == set(range(1, 9))  # round(0.5 * 15) = 8 epochs
     assert {e for e, lam in seen.items() if lam == 0.3} == set(range(9, 16))
-    assert DHBETrainer(teacher, SPEC, replace(config, lam_after=None)).current_lambda() == 1.0
+    trainer.epoch = 14
+    assert DHBETrainer(teacher, SPEC, config.without("lambda_step")).current_lambda() == 1.0
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("lam", -1.0, "lambda"), ("batch_size", 1, "batch_size"), ("student_lr", 0.0, "student_lr"),
-    ("lr_milestones", (1.5,), "lr_milestones"), ("patch_copies", 2, "patch_per_sample"),
-    ("generator_warmup_steps", -1, "generator_warmup_steps"), ("class_balance_weight", -0.5, "class_balance_weight"),
-    ("distill_loss", "mse", "distill_loss"), ("bn_prior_layers", -1, "bn_prior_layers"),
-    ("bn_prior_deep_weight", 1.5, "bn_prior_deep_weight"), ("lam_after", -0.1, "lam_after"),
-    ("lam_step_at", 1.0, "lam_step_at"),
-    ("distill_trim_fraction", 1.0, "distill_trim_fraction"), ("sample_pool", 10, "sample_pool"),
+@pytest.mark.parametrize("key,value,message", [
+    ("lam", "-1", "lambda"), ("batch_size", "1", "batch_size"), ("student_lr", "0", "student_lr"),
+    ("lr_milestones", "1.5", "lr_milestones"), ("lam", "nan", "lam expects a float"),
+    ("epochs", "2.5", "epochs expects a int"), ("lamb", "1", "unknown DHBE field 'lamb'"),
+    ("class_balance.weight", "-0.5", "class_balance.weight"), ("bn_prior.layers", "-1", "bn_prior.layers"),
+    ("lambda_step.after", "-0.1", "lambda_step.after"), ("lambda_step.at", "1", "lambda_step.at"),
+    ("sample_pool.capacity", "10", "at least batch_size"), ("stamped_patches.replaces", "maybe", "replaces expects"),
+    ("trigger_bank.replay_fraction", "2", "replay_fraction"), ("student_ema.decay", "1", "student_ema.decay"),
+    ("nope.field", "1", "unknown DHBE extension 'nope'"), ("trigger_bank.depth", "1", "unknown DHBE extension 'trigger_bank' field"),
+    ("student_ema", "perhaps", "takes on or off"),
 ])
-def test_config_validation(field, value, message):
+def test_every_override_is_typed_and_validated_with_a_message_naming_it(key, value, message):
     with pytest.raises(ConfigError, match=message):
-        replace(DHBEConfig(), **{field: value})
+        recipe_config("cpu", {key: value})
+
+
+def test_overrides_change_add_and_remove_extensions_and_round_trip_as_plain_data():
+    recipe = recipe_config("cpu", {"lam": "0.5", "lr_milestones": "0.5,0.7", "student_ema": "off",
+                                   "sample_pool.capacity": "2560", "stamped_patches.replaces": "no"})
+    assert recipe.dhbe.lam == 0.5 and recipe.dhbe.lr_milestones == (0.5, 0.7)
+    assert "student_ema" not in recipe and recipe.get("sample_pool").capacity == 2560
+    assert recipe.get("stamped_patches").replaces is False
+    assert recipe.extension_names[-1] == "sample_pool"          # added at the end, the others keep their order
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(ConfigError, match="extensions entry"):
+        Recipe.from_dict({"dhbe": {}, "extensions": {"student_ema": {}}})
+    with pytest.raises(ConfigError, match="keys dhbe and extensions"):
+        Recipe.from_dict({"dhbe": {}, "__class__": "os.system"})
+
+
+def test_the_official_recipe_has_no_extension_and_the_paper_defaults():
+    official = recipe_config("official")
+    assert official.extensions == () and official.dhbe == DHBEConfig()
+    assert (DHBEConfig().lam, DHBEConfig().student_steps, DHBEConfig().patch_size) == (0.1, 5, 5)
 
 
 def test_impossible_sizes_are_config_errors():
@@ -172,14 +167,15 @@ def test_purify_is_data_free(monkeypatch, badnets_scenario):
     for name in data_module.DATASETS.names():
         monkeypatch.setitem(data_module.DATASETS._entries, name, refuse)
     monkeypatch.setattr(data_module, "load_dataset", refuse)
-    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16)
+    config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16)
     student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
-    assert len(history) == 1 and 0.0 <= history[0].synthetic_agreement <= 1.0
-    assert history[0].trigger_sensitivity >= 0.0 and history[0].evaluation == {}
+    assert len(history) == 1 and history[0].evaluation == {}
+    assert any(not torch.equal(p, q) for p, q in zip(student.state_dict().values(),
+                                                     badnets_scenario.teacher.state_dict().values()))
 
 
 def test_deterministic_for_a_seed(badnets_scenario):
-    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, seed=3)
+    config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16, seed=3)
     runs = [purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config) for _ in range(2)]
     for p, q in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()):
         assert torch.equal(p, q)
@@ -191,8 +187,8 @@ def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario,
     """A short run of the CPU recipe, with fresh samples per student step and with the sample pool:
     ASR x1 falls from >= 90% and clean ACC mostly holds."""
     before = badnets_scenario.evaluate(badnets_scenario.teacher)
-    config = replace(cpu_recipe(), epochs=4, iters_per_epoch=10, trigger_warmup_steps=100, student_ema=0.0,
-                     sample_pool=sample_pool)
+    config = cpu_recipe().without("student_ema").replace(epochs=4, iters_per_epoch=10).with_overrides(
+        {"trigger_bank.warmup_steps": 100, **({"sample_pool.capacity": sample_pool} if sample_pool else {})})
     student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     after = badnets_scenario.evaluate(student)
     print("before", before, "after", after)
@@ -203,14 +199,14 @@ def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario,
 
 def test_lambda_zero_keeps_the_backdoor(badnets_scenario):
     """The ablation: without the regulariser, distillation from a teacher copy keeps the backdoor."""
-    config = replace(cpu_recipe(), epochs=2, iters_per_epoch=10, lam=0.0, trigger_warmup_steps=0, student_ema=0.0)
+    config = cpu_recipe().without("trigger_bank", "student_ema").replace(epochs=2, iters_per_epoch=10, lam=0.0)
     student, _ = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     assert badnets_scenario.evaluate(student)["asr_x1"] >= 0.8
 
 
 def test_divergence_is_detected_not_returned(badnets_scenario):
-    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30, max_recoveries=1,
-                     trigger_warmup_steps=10)
+    config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30,
+                                  max_recoveries=1).with_overrides({"trigger_bank.warmup_steps": 10})
     from defense.errors import DivergenceError
 
     with pytest.raises(DivergenceError, match="non-finite"):
@@ -218,12 +214,12 @@ def test_divergence_is_detected_not_returned(badnets_scenario):
 
 
 def test_warm_up_fills_the_trigger_bank_and_ema_is_handed_back(badnets_scenario):
-    config = replace(cpu_recipe(), epochs=1, iters_per_epoch=2, batch_size=16, trigger_warmup_steps=5,
-                     patch_memory=24)
+    config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16).with_extension(
+        TriggerBankConfig(warmup_steps=5, size=24))
     trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     trainer.run_epoch()
-    assert trainer.memory.shape == (24, 1, 3, 3)  # 5 steps x 8 patches, capped at 24
-    assert trainer.output_model() is trainer.averaged.module
+    assert trainer.extension("trigger_bank").bank.shape == (24, 1, 3, 3)  # 5 steps x 8 patches, capped at 24
+    assert trainer.output_model() is trainer.extension("student_ema").averaged.module
     student_state = trainer.student.state_dict()
     assert any(not torch.equal(v, student_state[k]) for k, v in trainer.output_model().state_dict().items()
                if v.is_floating_point())
@@ -232,51 +228,59 @@ def test_warm_up_fills_the_trigger_bank_and_ema_is_handed_back(badnets_scenario)
 def test_paper_scale_configuration_runs_a_few_iterations():
     """ResNet-18 on 32x32x3 with the official defaults (batch shrunk so CPU CI stays fast)."""
     spec = InputSpec(3, 32, 32, 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
-    config = replace(DHBEConfig(), epochs=1, iters_per_epoch=1, batch_size=8, student_steps=2)
+    config = recipe_config("official").replace(epochs=1, iters_per_epoch=1, batch_size=8, student_steps=2)
     assert DHBEConfig().iterations == 15_000 and DHBEConfig().patch_size == 5
     student, history = purify(build_model("resnet18", spec).eval(), spec, config)
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0].loss_student))
 
 
-def test_generator_warm_up_fits_the_teachers_batch_norm_statistics_and_leaves_s_as_t(badnets_scenario):
-    """Before the game, G's steps follow its priors alone: the BN-statistics mismatch on T falls,
-    and S (still a copy of T) is not updated."""
-    config = replace(cpu_recipe(), batch_size=32, generator_warmup_steps=40, trigger_warmup_steps=0,
-                     generator_lr=1e-2)
+def prior_only_generator_steps(trainer, steps: int) -> None:
+    """G steps before the game: S is still T, so with the prior-only generator G follows its priors."""
+    for _ in range(steps):
+        trainer.generator_step()
+
+
+def test_the_batch_norm_prior_fits_g_to_the_teachers_statistics_and_leaves_s_as_t(badnets_scenario):
+    """G's steps on its priors alone: the BN-statistics mismatch on T falls, and S (still a copy of
+    T) is not updated by them."""
+    config = cpu_recipe().without("trigger_bank").replace(batch_size=32, generator_lr=1e-2)
     trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
+    trainer.student.eval()  # BN running statistics of S untouched by its forwards in the G step
+    statistics = trainer.extension("bn_prior").statistics
 
     def mismatch() -> float:
         torch.manual_seed(11)
-        trainer.bn_prior.enabled = True
+        statistics.enabled = True
         with torch.no_grad():
-            trainer.teacher(trainer.synthesise(trainer.latent(config.latent_dim)))
-        trainer.bn_prior.enabled = False
-        return float(trainer.bn_prior.collect())
+            trainer.teacher(trainer.synthesise(trainer.latent(config.dhbe.latent_dim)))
+        statistics.enabled = False
+        return float(statistics.collect())
 
     before = mismatch()
-    trainer.warm_up()
+    prior_only_generator_steps(trainer, 40)
     assert mismatch() < 0.7 * before
-    for p, q in zip(trainer.student.parameters(), trainer.teacher.parameters()):
+    for p, q in zip(trainer.student.state_dict().values(), trainer.teacher.state_dict().values()):
         assert torch.equal(p, q)
 
 
 def test_class_balance_prior_spreads_gs_samples_over_the_teachers_classes(badnets_scenario):
     """With BN statistics alone, T labels G's samples unevenly (on a backdoored T, often its target
     class); the information-entropy prior spreads them out."""
-    def imbalance_after_warm_up(weight: float) -> float:
-        config = replace(cpu_recipe(), batch_size=64, generator_warmup_steps=60, trigger_warmup_steps=0,
-                         generator_lr=1e-2, class_balance_weight=weight)
+    def imbalance_after_steps(weight: float) -> float:
+        config = cpu_recipe().without("trigger_bank").replace(batch_size=64, generator_lr=1e-2).with_overrides(
+            {"class_balance.weight": weight} if weight else {"class_balance": "off"})
         trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
-        trainer.warm_up()
+        trainer.student.train()
+        prior_only_generator_steps(trainer, 60)
         torch.manual_seed(3)
         with torch.no_grad():
-            return float(class_imbalance(trainer.teacher(trainer.synthesise(torch.randn(512, config.latent_dim)))))
+            return float(class_imbalance(trainer.teacher(trainer.synthesise(torch.randn(512, config.dhbe.latent_dim)))))
 
-    assert imbalance_after_warm_up(5.0) < 0.5 * imbalance_after_warm_up(0.0)
+    assert imbalance_after_steps(5.0) < 0.5 * imbalance_after_steps(0.0)
 
 
 def test_sample_pool_is_a_ring_buffer_of_samples_and_their_logits():
-    from defense.sample_pool import SamplePool
+    from defense.dhbe.extensions.sample_pool import SamplePool
 
     pool = SamplePool(10)
     for batch in range(3):  # 12 samples into 10 slots: the first two are overwritten
@@ -297,24 +301,25 @@ def test_with_a_sample_pool_student_steps_reuse_the_g_and_gp_steps_samples_and_r
     fresh samples, with T's logits on them, fill the pool; a run resumed from a checkpoint matches
     an uninterrupted one."""
     teacher = build_model("small-cnn", SPEC).eval()
-    config = replace(cpu_recipe(), batch_size=8, epochs=2, iters_per_epoch=3, trigger_warmup_steps=2,
-                     sample_pool=64)
+    config = cpu_recipe().replace(batch_size=8, epochs=2, iters_per_epoch=3).with_overrides(
+        {"trigger_bank.warmup_steps": 2, "sample_pool.capacity": 64})
     counts = {"G": 0, "T": 0}
     trainer = DHBETrainer(teacher, SPEC, config)
     trainer.sample_generator.register_forward_hook(lambda *_: counts.__setitem__("G", counts["G"] + 1))
     trainer.teacher.register_forward_hook(lambda *_: counts.__setitem__("T", counts["T"] + 1))
-    trainer.set_student_mode()
+    trainer.student.train()
+    pool = trainer.extension("sample_pool").pool
     for iteration in range(3):
         counts.update(G=0, T=0)
-        for _ in range(config.student_steps):
+        for _ in range(config.dhbe.student_steps):
             trainer.student_step()
         assert counts == ({"G": 1, "T": 1} if iteration == 0 else {"G": 0, "T": 0})  # first: pool empty
         trainer.generator_step()
         trainer.trigger_step()
-    assert len(trainer.pool) == 7 * 8  # the first student batch, three G-step and three Gp-step batches
+    assert len(pool) == 7 * 8  # the first student batch, three G-step and three Gp-step batches
     with torch.no_grad():
-        kept = slice(0, len(trainer.pool))
-        assert torch.allclose(trainer.pool.logits[kept], trainer.teacher(trainer.pool.pixels[kept]), atol=1e-5)
+        kept = slice(0, len(pool))
+        assert torch.allclose(pool.logits[kept], trainer.teacher(pool.pixels[kept]), atol=1e-5)
 
     straight = DHBETrainer(teacher, SPEC, config)
     straight.run_epoch(), straight.run_epoch()
@@ -326,3 +331,31 @@ def test_with_a_sample_pool_student_steps_reuse_the_g_and_gp_steps_samples_and_r
     resumed.run_epoch()
     for p, q in zip(straight.output_model().state_dict().values(), resumed.output_model().state_dict().values()):
         assert torch.equal(p, q)
+    # and the resumed run is not trivially equal: one more epoch changes the model
+    assert any(not torch.equal(p, q) for p, q in zip(first.output_model().state_dict().values(),
+                                                     resumed.output_model().state_dict().values()))
+
+
+def test_the_defence_never_reads_the_experiment_record(monkeypatch, tmp_path, badnets_scenario):
+    """A model file carries the attack's record (for the experimenter); the purification gets the
+    model and its input spec only: reading the record while it runs fails the test."""
+    import defense.experiment as experiment_module
+    from defense.modelio import load_model, save_model
+    from deploy.ray_job import job_loop_config
+
+    spec = badnets_scenario.bundle.spec
+    path = save_model(badnets_scenario.teacher, tmp_path / "teacher", "small-cnn", spec, {"tool": "test"},
+                      experiment=badnets_scenario.experiment.to_dict())
+    loaded = load_model(path)
+    assert loaded.manifest["experiment"]["attack"] == "badnets"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the defence read the experiment record")
+
+    monkeypatch.setattr(experiment_module, "experiment_of", refuse)
+    monkeypatch.setattr(experiment_module.Experiment, "trigger", refuse)
+    monkeypatch.setattr(experiment_module.Experiment, "from_dict", refuse)
+    recipe = cpu_recipe().replace(epochs=1, iters_per_epoch=1, batch_size=16)
+    purify(loaded.model, loaded.spec, recipe)
+    shipped = job_loop_config(loaded, recipe, 1, tmp_path, "job")   # what Ray Train workers receive
+    assert "experiment" not in repr(sorted(shipped)) and "experiment" not in repr(shipped["produced_by"])

@@ -29,3 +29,28 @@ def test_tiny_federated_run_writes_a_complete_run_folder(tmp_path):
     assert (out / "models" / "round-002.json").exists() and (out / "metrics.png").stat().st_size > 1000
     assert "metrics.png" in (out / "summary.md").read_text()
     assert not list(out.rglob("*.tmp"))
+
+
+def test_model_files_carry_their_experiment_and_evaluate_measures_against_it(tmp_path, capsys):
+    """A run with a non-default attack, target and seed: `defense.evaluate` with no attack flags
+    measures the global model with the run's own trigger (the same ASR the run reported); a flag
+    overrides its field of the record."""
+    from defense.evaluate import main as evaluate
+
+    out = tmp_path / "run"
+    assert main(["--clients", "4", "--malicious", "2", "--rounds", "2", "--local-epochs", "1", "--attack", "blended",
+                 "--target", "7", "--seed", "4242", "--no-purify", "--quiet", "--out", str(out)]) == 0
+    record = load_model(out / "final.json").manifest["experiment"]
+    assert (record["attack"], record["target"], record["trigger_seed"], record["written_by"]) == \
+        ("blended", 7, 4242, "federated.simulate")
+    assert load_model(out / "models" / "round-001.json").manifest["experiment"] == record
+    last = pq.read_table(out / "metrics.parquet").to_pylist()[-1]
+    capsys.readouterr()
+    assert evaluate([str(out / "final.json")]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["experiment_from"] == "the file's record" and measured["overridden"] == []
+    assert measured["asr_x1"] == last["asr_x1"] and measured["acc"] == last["acc"]
+    assert evaluate([str(out / "final.json"), "--target", "3"]) == 0   # the flag wins over the record
+    other = json.loads(capsys.readouterr().out)
+    assert other["overridden"] == ["target"] and other["target"] == 3 and other["attack"] == "blended"
+    assert other["asr_x1"] < measured["asr_x1"] - 0.5

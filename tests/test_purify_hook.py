@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-TINY_DHBE = ["epochs=1", "iters_per_epoch=2", "batch_size=16", "trigger_warmup_steps=5"]
+TINY_DHBE = ["epochs=1", "iters_per_epoch=2", "batch_size=16", "trigger_bank.warmup_steps=5"]
 
 
 def test_in_run_and_final_purification_complete_without_hanging(tmp_path):

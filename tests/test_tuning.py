@@ -44,9 +44,24 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, 
 
     _space(monkeypatch)
     out = tmp_path / "sweep"
-    # The lambda = 1 trial dies once (an injected crash), as if the sweep had been interrupted.
-    assert main([str(model_file), "--preset", "lambda", "--scheduler", "none", "--out", str(out),
-                 "--inject-failure", json.dumps({"lam": 1.0}), *TINY]) == 1
+    marker = tmp_path / "failed-once"
+
+    def dies_once_at_lambda_1(params):
+        from pathlib import Path
+
+        from tuning.trial import trial
+
+        if params.get("lam") == 1.0 and not Path(str(marker)).exists():
+            trial_log = Path(params["setup"]["out"]) / "trial_starts.log"
+            with open(trial_log, "a") as log:
+                log.write(json.dumps({"lam": 1.0}) + "\n")
+            Path(str(marker)).write_text("failed once\n")
+            raise RuntimeError("planted trial failure")
+        trial(params)
+
+    # The lambda = 1 trial dies once (a fault planted in the trial's process), as if the sweep had been interrupted.
+    assert main([str(model_file), "--preset", "lambda", "--scheduler", "none", "--out", str(out), *TINY],
+                trainable=dies_once_at_lambda_1) == 1
     assert main([str(model_file), "--resume", "--out", str(out)]) == 0
     starts = [json.loads(line) for line in (out / "trial_starts.log").read_text().splitlines()]
     assert starts.count({"lam": 0.0}) == 1      # finished trial not redone

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from defense.fileio import atomic_path
-from tuning.sweep import SCORE, trial
+from tuning.trial import SCORE
 
 SWEPT_ORDER = ("lam", "student_lr", "patch_size", "trigger_size")
 
 
 def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str, out: Path, resume: bool,
-              max_concurrent: Optional[int] = None) -> str:
+              max_concurrent: Optional[int] = None, trainable_fn: Optional[Callable[[dict], None]] = None) -> str:
+    """`trainable_fn`: the trial body (default tuning.trial.trial)."""
     import ray
     from ray import tune
 
@@ -19,14 +20,21 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
 
     connect_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    trainable = tune.with_resources(trial, {"cpu": 1})
+    if trainable_fn is None:
+        from tuning.trial import trial as trainable_fn
+    body = trainable_fn
+
+    def dhbe_trial(params: dict) -> None:  # one name for Tune, whatever body runs (a resume checks it)
+        body(params)
+
+    trainable = tune.with_resources(dhbe_trial, {"cpu": 1})
     if resume:
         tuner = tune.Tuner.restore(str(out / "sweep"), trainable=trainable, resume_errored=True)
     else:
         param_space: dict[str, Any] = {"setup": setup, **{k: tune.grid_search(v) for k, v in space.items()}}
         if samples > 1:
             param_space["seed"] = tune.grid_search([setup["seed"] + i for i in range(samples)])
-        epochs = setup["base"]["epochs"]
+        epochs = setup["base"]["dhbe"]["epochs"]
         sched = (tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 3),
                                                reduction_factor=2) if scheduler == "asha" else None)
         tuner = tune.Tuner(

@@ -3,7 +3,7 @@ model with the DHBE Ray Train job every K rounds and/or after the final round.
 
 With your own ServerApp on Flower's deployment engine (`flwr run .`), three lines:
 
-    from deploy.hook import PurifyingStrategy
+    from federated.purification import PurifyingStrategy
     strategy = PurifyingStrategy(FedAvg(...), model_name="small-cnn", spec=spec, every=5, final_round=num_rounds)
     result = strategy.start(grid, initial_arrays, num_rounds)     # as before
 
@@ -23,18 +23,19 @@ from typing import Iterable, Optional
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from defense.dhbe import RECIPES, DHBEConfig, federated_recipe
+from defense.dhbe import Recipe, federated_recipe, recipe_config
 from defense.modelio import LoadedModel, load_model
 from defense.models import build_model
 from defense.spec import InputSpec
 from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
+from federated.apps import arrays_to_model, model_to_arrays
 from federated.strategies import DelegatingStrategy
+
+DEFAULT_FEDERATED_RECIPE = "federated"
 
 
 def purify_arrays(arrays: ArrayRecord, model_name: str, spec: InputSpec, job: PurifyJobConfig,
                   out: Path) -> tuple[ArrayRecord, PurifyResult]:
-    from federated.apps import arrays_to_model, model_to_arrays
-
     model = arrays_to_model(build_model(model_name, spec), arrays).eval()
     teacher = LoadedModel(model, model_name, spec, {}, weights_sha256="in-memory global model")
     result = run_purify_job(teacher, job, out)
@@ -46,11 +47,11 @@ class PurifyingStrategy(DelegatingStrategy):
     the purified model becomes the next round's global model (or the final one)."""
 
     def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
-                 final_round: Optional[int] = None, dhbe: Optional[DHBEConfig] = None,
+                 final_round: Optional[int] = None, recipe: Optional[Recipe] = None,
                  out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
-        self.dhbe = dhbe or federated_recipe()
+        self.recipe = recipe or federated_recipe()
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
@@ -63,7 +64,7 @@ class PurifyingStrategy(DelegatingStrategy):
         if arrays is None or not self.due(server_round):
             return arrays, metrics
         started = time.perf_counter()
-        job = PurifyJobConfig(dhbe=self.dhbe, share_running_ray=self.share_running_ray)
+        job = PurifyJobConfig(recipe=self.recipe, share_running_ray=self.share_running_ray)
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
                                        self.out_dir / f"purified-round-{server_round:03d}")
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
@@ -76,29 +77,28 @@ class FederatedPurification:
     final purification with a before/after report once the simulation has released Ray."""
 
     def __init__(self, config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
-                 dhbe: Optional[DHBEConfig] = None) -> None:
+                 recipe: Optional[Recipe] = None) -> None:
         self.config, self.run, self.spec, self.every, self.budget_s = config, run, spec, every, budget_s
-        self.dhbe = dhbe or federated_recipe(seed=config.seed)
+        self.recipe = recipe or federated_recipe().replace(seed=config.seed)
 
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
             return strategy
-        return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, dhbe=self.dhbe,
+        return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, recipe=self.recipe,
                                  out_dir=self.run.root / "models")
 
     def finish(self) -> list[dict]:
-        from defense.metrics import defence_effectiveness_rating, evaluate_backdoor
-        from federated.apps import _bundle
-        from federated.attacks import global_trigger
+        from defense.metrics import defence_effectiveness_rating
+        from defense.scenario import model_file_scenario
 
         backdoored = load_model(self.run.root / "final.json")
-        print(f"purifying the global model with DHBE on Ray Train ({self.dhbe.iterations} iterations) ...", flush=True)
-        job = PurifyJobConfig(dhbe=self.dhbe, budget_s=self.budget_s, share_running_ray=True)
+        print(f"purifying the global model with DHBE on Ray Train ({self.recipe.dhbe.iterations} iterations; "
+              f"{self.recipe.describe()}) ...", flush=True)
+        job = PurifyJobConfig(recipe=self.recipe, budget_s=self.budget_s, share_running_ray=True)
         result = run_purify_job(backdoored, job, self.run.root / "purified")
-        bundle = _bundle(self.config.dataset, self.config.data_dir, self.config.image_size)
-        trigger = global_trigger(self.config, bundle.spec)
-        before = evaluate_backdoor(backdoored.model, bundle.test, trigger, self.config.target)
-        after = evaluate_backdoor(result.model, bundle.test, trigger, self.config.target)
+        # the experimenter's measuring stick: the global model's experiment record (its trigger and target)
+        scenario = model_file_scenario(self.run.root / "final.json", data_dir=self.config.data_dir)
+        before, after = scenario.evaluate(backdoored.model), scenario.evaluate(result.model)
         rows = [{"model": "global (after training)", **before},
                 {"model": f"purified (DHBE, {result.wall_s:.0f} s)", **after}]
         self.run.add_purification(before, after, defence_effectiveness_rating(before, after), result.wall_s)
@@ -110,13 +110,16 @@ class FederatedPurification:
 
 
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
-                           overrides: Optional[dict] = None, recipe: str = "federated") -> FederatedPurification:
-    """The hook `federated.simulate` plugs in; `overrides` are DHBEConfig fields over `recipe`."""
-    from deploy.purify import coerce_fields
+                           recipe: Optional[Recipe] = None) -> FederatedPurification:
+    """The hook `federated.simulate` plugs in (`recipe`: default the federated recipe, seeded by the run)."""
+    recipe = recipe or purification_recipe(DEFAULT_FEDERATED_RECIPE, {}, config.seed)
+    recipe.validate_for(spec)
+    return FederatedPurification(config, run, spec, every, budget_s, recipe)
 
-    dhbe = RECIPES.get(recipe)(**{"seed": config.seed, **coerce_fields(overrides or {})})
-    dhbe.validate_for(spec)
-    return FederatedPurification(config, run, spec, every, budget_s, dhbe)
+
+def purification_recipe(name: str, overrides: dict, seed: int) -> Recipe:
+    """The recipe a federated run purifies with: `name` seeded by the run, then the user's overrides."""
+    return recipe_config(name, {"seed": seed, **overrides})
 
 
 def plot_before_after(rows: list[dict], path: Path) -> None:

@@ -1,11 +1,17 @@
 """A pool of G's recent samples with T's logits on them (the memory bank of Fast-DFKD, Fang et al.,
 AAAI 2022): DHBE's student steps can draw their batches from it instead of paying a fresh G and T
-forward pass each. A ring buffer: the newest samples overwrite the oldest."""
+forward pass each. A ring buffer: the newest samples overwrite the oldest. It keeps the first
+student batch and every G-step and Gp-step batch (`samples_seen`); a speed lever (docs/performance.md)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+
+from defense.dhbe.config import DHBEConfig, ExtensionConfig, extension
+from defense.dhbe.extensions.base import Extension
+from defense.spec import require
 
 
 class SamplePool:
@@ -50,3 +56,39 @@ class SamplePool:
         if state.get("pixels") is not None and len(state["pixels"]):
             self.add(state["pixels"], state["logits"])
             self.cursor = int(state["cursor"])
+
+
+@extension
+@dataclass(frozen=True)
+class SamplePoolConfig(ExtensionConfig):
+    name = "sample_pool"
+    capacity: int = 2560
+
+    def __post_init__(self) -> None:
+        require(self.capacity >= 1, f"sample_pool.capacity must be >= 1, got {self.capacity}")
+
+    def validate(self, core: DHBEConfig) -> None:
+        require(self.capacity >= core.batch_size,
+                f"sample_pool.capacity must be at least batch_size ({core.batch_size}), got {self.capacity}")
+
+    def build(self, trainer: Any) -> Extension:
+        return SamplePoolExtension(self)
+
+
+class SamplePoolExtension(Extension):
+    def __init__(self, config: SamplePoolConfig) -> None:
+        super().__init__(config)
+        self.pool = SamplePool(config.capacity)
+
+    def sample_batch(self, trainer) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return self.pool.draw(trainer.config.batch_size, trainer.rng) if len(self.pool) else None
+
+    @torch.no_grad()
+    def samples_seen(self, trainer, pixels: torch.Tensor, teacher_logits: Optional[torch.Tensor]) -> None:
+        self.pool.add(pixels, trainer.teacher(pixels) if teacher_logits is None else teacher_logits)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pool.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state)

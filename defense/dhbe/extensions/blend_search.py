@@ -1,0 +1,124 @@
+"""`blend_search`: a data-free search for blended backdoors and a second regulariser against them
+(docs/dhbe.md, sixth round). Gp models small patches; a blended trigger x' = (1 - a) x + a p is a
+full-image perturbation it never finds.
+
+Before the game, a copy of G fitted to T's priors alone (`warmup_steps` G steps) supplies samples on
+which one blend pattern per class is inverted against T (defense/blend_search.py); the classes whose
+anomaly index exceeds `suspect_threshold` (all classes with 0) put their patterns in a bank. Every
+`every` epochs the kept classes' patterns are re-found against S, from their latest, and added.
+Each student step blends bank patterns into x at ratios up to `alpha` and pulls S's answer on them
+to T's (`anchor` teacher) or S's (`anchor` student) answer on x, with weight `weight`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from defense.blend_search import ClassPatterns, invert_class_patterns
+from defense.dhbe.config import ExtensionConfig, extension
+from defense.dhbe.extensions.base import Extension
+from defense.dhbe.losses import l1
+from defense.generators import blend_patterns
+from defense.spec import require
+
+ANCHORS = ("teacher", "student")
+
+
+@extension
+@dataclass(frozen=True)
+class BlendSearchConfig(ExtensionConfig):
+    name = "blend_search"
+    weight: float = 1.0               # weight of the blend term in S's loss
+    alpha: float = 0.2                # largest blend ratio of that term (perceptibility bound)
+    ratio: float = 0.1                # per-class patterns are found on T at this blend ratio
+    steps: int = 100                  # Adam steps per class
+    lr: float = 0.05
+    suspect_threshold: float = 2.0    # only classes whose anomaly index exceeds it (0: every class)
+    every: int = 5                    # > 0: every so many epochs, the kept classes re-found on S
+    warmup_steps: int = 300           # prior-only steps of the G copy whose samples the search uses
+    anchor: str = "teacher"
+
+    def __post_init__(self) -> None:
+        require(self.weight > 0, f"blend_search.weight must be > 0, got {self.weight}")
+        require(0 < self.alpha < 1, f"blend_search.alpha must be in (0, 1), got {self.alpha}")
+        require(0 < self.ratio < 1, f"blend_search.ratio must be in (0, 1), got {self.ratio}")
+        require(self.steps >= 1, f"blend_search.steps must be >= 1, got {self.steps}")
+        require(self.lr > 0, f"blend_search.lr must be > 0, got {self.lr}")
+        require(self.suspect_threshold >= 0, "blend_search.suspect_threshold must be >= 0")
+        require(self.every >= 0, f"blend_search.every must be >= 0, got {self.every}")
+        require(self.warmup_steps >= 0, "blend_search.warmup_steps must be >= 0")
+        require(self.anchor in ANCHORS, f"blend_search.anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+
+    def build(self, trainer: Any) -> Extension:
+        return BlendSearch(self)
+
+
+class BlendSearch(Extension):
+    def setup(self, trainer) -> None:
+        self.search_generator = copy.deepcopy(trainer.sample_generator)  # G itself stays as the recipe has it
+        self.bank = torch.zeros(0, *trainer.spec.shape)
+        self.found: Optional[ClassPatterns] = None   # the first search's evidence (every class, against T)
+        self.classes: list[int] = []                 # the classes kept
+
+    def probe(self, trainer) -> None:
+        if self.found is None:
+            self.search(trainer)
+
+    def epoch_start(self, trainer) -> None:
+        if self.config.every and trainer.epoch > 0 and trainer.epoch % self.config.every == 0:
+            self.search(trainer)
+
+    def search(self, trainer) -> None:
+        cfg, core = self.config, trainer.config
+        first = self.found is None
+        classes = list(range(trainer.spec.num_classes)) if first else self.classes
+        if not classes:
+            return
+        if first:  # G's copy, fitted to T's priors alone
+            self.search_generator.load_state_dict(trainer.sample_generator.state_dict())
+            optimiser = torch.optim.Adam(self.search_generator.parameters(), lr=core.generator_lr)
+            for _ in range(cfg.warmup_steps):
+                trainer.generator_step(self.search_generator, optimiser)
+        self.search_generator.eval()
+        found = invert_class_patterns(
+            trainer.teacher if first else trainer.student,
+            lambda: trainer.spec.denormalise(self.search_generator(trainer.latent(core.latent_dim))),
+            classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
+        if first:
+            self.found = found
+            self.classes = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
+        kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
+        self.bank = torch.cat([self.bank, kept.cpu()])
+
+    def student_terms(self, trainer, x, teacher_logits, student_logits) -> Optional[torch.Tensor]:
+        if not len(self.bank):
+            return None
+        with torch.no_grad():
+            picks = torch.randint(0, len(self.bank), (len(x),), generator=trainer.rng)
+            patterns = self.bank[picks].to(trainer.device)
+            ratios = self.config.alpha * torch.rand(len(x), generator=trainer.rng).to(x)
+            x_blended = blend_patterns(x, patterns, ratios)
+        anchor = teacher_logits if self.config.anchor == "teacher" else student_logits.detach()
+        return self.config.weight * l1(trainer.student(x_blended), anchor)
+
+    def evidence(self) -> Optional[dict[str, Any]]:
+        """The data-free evidence of the first search, for a defender's report."""
+        if self.found is None:
+            return None
+        return {"classes": self.found.classes, "losses": self.found.losses,
+                "anomaly_index": self.found.anomaly_index(), "kept": self.classes}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank.clone(), "search_generator": copy.deepcopy(self.search_generator.state_dict()),
+                "found": asdict(self.found) if self.found is not None else None, "classes": list(self.classes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.bank = state["bank"]
+        self.search_generator.load_state_dict(state["search_generator"])
+        self.found = ClassPatterns(**state["found"]) if state.get("found") else None
+        self.classes = list(state.get("classes", []))

@@ -1,0 +1,54 @@
+"""The epoch loop, written once: `defense.dhbe.purify`, the Ray Train job (deploy/) and the Ray Tune
+trials (tuning/) all run `train_epochs`; they differ only in what they do after each epoch."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from defense.dhbe.config import DHBEConfig, Recipe
+from defense.dhbe.game import DHBETrainer, EpochRecord
+from defense.spec import InputSpec
+
+Evaluator = Callable[[nn.Module], dict]
+
+
+class EpochCallback(Protocol):
+    def __call__(self, record: EpochRecord, trainer: DHBETrainer, last: bool) -> None: ...
+
+
+def train_epochs(trainer: DHBETrainer, evaluator: Optional[Evaluator] = None,
+                 on_epoch: Optional[EpochCallback] = None, budget_s: Optional[float] = None) -> list[EpochRecord]:
+    """Run the remaining epochs (a resumed trainer continues where it stopped). `evaluator` is the
+    experimenter's optional measuring stick (e.g. test ACC/ASR): its numbers go into each record's
+    `evaluation` and are never read by the defence. `budget_s`: stop after the epoch in which this
+    many seconds have passed; `on_epoch(record, trainer, last)` runs after every epoch."""
+    started = time.perf_counter()
+    while trainer.epoch < trainer.config.epochs:
+        record = trainer.run_epoch()
+        if evaluator is not None:
+            record.evaluation = evaluator(trainer.output_model())
+        last = trainer.epoch == trainer.config.epochs or (
+            budget_s is not None and time.perf_counter() - started >= budget_s)
+        if on_epoch is not None:
+            on_epoch(record, trainer, last)
+        if last:
+            break
+    return trainer.history
+
+
+def purify(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
+           callbacks: tuple[Callable[[EpochRecord, DHBETrainer], None], ...] = (),
+           evaluator: Optional[Evaluator] = None,
+           device: torch.device | str = "cpu") -> tuple[nn.Module, list[EpochRecord]]:
+    """Erase backdoors from `model` without data: returns (purified model, per-epoch history)."""
+    trainer = DHBETrainer(model, spec, recipe, device)
+
+    def each_epoch(record: EpochRecord, trainer: DHBETrainer, last: bool) -> None:
+        for callback in callbacks:
+            callback(record, trainer)
+
+    train_epochs(trainer, evaluator, each_epoch)
+    return trainer.output_model().eval(), trainer.history

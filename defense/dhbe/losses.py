@@ -1,0 +1,28 @@
+"""The loss terms of Eq. 8 and the official image prior, with the paper's names."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error on logits: the |.|_1 of Eq. 8."""
+    return F.l1_loss(a, b)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 8's first term, L1(S(x), T(x)): adversarial distillation (S minimises it, G maximises it)."""
+    return l1(student_logits, teacher_logits)
+
+
+def backdoor_regulariser(patched_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 8's second term, L1(S(x + delta), S(x)): adversarial backdoor regularisation (S minimises
+    its sensitivity to Gp's patch delta, Gp maximises it)."""
+    return l1(patched_logits, clean_logits)
+
+
+def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
+    """Smoothness prior on G's samples (official `get_image_prior_losses_l2`)."""
+    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
+    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
+    return dh.pow(2).mean() + dw.pow(2).mean()

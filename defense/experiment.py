@@ -1,0 +1,69 @@
+"""The experiment record a model file carries: which data set and which attack planted its backdoor
+(kind, every trigger parameter including seed and place, target, poison rate) and who wrote it.
+
+The experimenter's tools read it to measure a model with its own trigger (`defense.evaluate`, the
+sweep, the benchmarks, the federated run's before/after report); flags override it. The defence
+never reads it: DHBE gets the model and its input spec only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping, Optional
+
+from defense.errors import ConfigError
+from defense.fields import coerce_fields
+from defense.spec import InputSpec, require
+from defense.triggers import ATTACKS, Trigger, TriggerConfig, make_trigger
+
+PLACES = {"badnets": "bottom-right corner", "dba": "bottom-right corner (assembled from the attackers' bands)",
+          "blended": "whole image", "sig": "whole image"}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    dataset: str = "digits"
+    image_size: int = 16
+    attack: str = "badnets"
+    trigger_size: int = 3
+    blend_alpha: float = 0.2
+    sig_delta: float = 0.1
+    trigger_seed: int = 0            # seeds the trigger pattern (blended noise)
+    target: int = 0
+    poison_rate: float = 0.1
+    written_by: str = ""             # the tool that planted the backdoor
+    place: str = ""                  # where the trigger goes (derived from the attack)
+
+    def __post_init__(self) -> None:
+        require(self.attack in ATTACKS, f"unknown attack {self.attack!r}; choose one of: {', '.join(ATTACKS.names())}")
+        require(self.target >= 0, f"target must be >= 0, got {self.target}")
+        require(0 <= self.poison_rate <= 1, f"poison rate must be in [0, 1], got {self.poison_rate}")
+        require(4 <= self.image_size <= 512, f"image size must be in 4..512, got {self.image_size}")
+        self.trigger_config()  # validates the trigger's parameters
+        object.__setattr__(self, "place", PLACES.get(self.attack, ""))
+
+    def trigger_config(self) -> TriggerConfig:
+        return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed)
+
+    def trigger(self, spec: InputSpec) -> Trigger:
+        return make_trigger(self.attack, spec, self.trigger_config())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "the experiment record") -> "Experiment":
+        """Checked field by field: the record comes from a file."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be an object")
+        return cls(**coerce_fields(cls, data, "experiment record"))
+
+    def with_overrides(self, values: Mapping[str, Any]) -> "Experiment":
+        """Flags given on a command line win over the record (None = not given)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        return replace(self, **coerce_fields(Experiment, given, "experiment")) if given else self
+
+
+def experiment_of(manifest: Mapping[str, Any], where: str = "the model file") -> Optional[Experiment]:
+    """The record in a model manifest, or None for files written before records existed."""
+    record = manifest.get("experiment")
+    return None if record is None else Experiment.from_dict(record, f"{where}'s experiment record")
