@@ -32,7 +32,7 @@ def profile_loop(iterations: int, batch_size: int, channels_last: bool = False):
 
     def iteration() -> None:
         with record_function("student steps"):
-            for _ in range(config.student_steps):
+            for _ in range(config.dhbe.student_steps):
                 trainer.student_step()
         with record_function("G step"):
             trainer.generator_step()

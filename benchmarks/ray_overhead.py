@@ -44,7 +44,7 @@ def main() -> None:
         on_ray = time.perf_counter() - started
     ray.shutdown()
     result = {"in_process_s": round(in_process, 1), "ray_train_s": round(on_ray, 1),
-              "overhead_s": round(on_ray - in_process, 1), "iterations": config.iterations,
+              "overhead_s": round(on_ray - in_process, 1), "iterations": config.dhbe.iterations,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     print(json.dumps(result))
     if not args.tiny:

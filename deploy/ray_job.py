@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +34,8 @@ def quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray Data's own deprecation notices, raised inside Ray when Train starts: not the user's code
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data(\..*)?")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The simulation's typed, validated configuration (built from the command line)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -67,6 +67,18 @@ class SimulationConfig:
             require(n > 2 * f + 2, f"--aggregation {self.aggregation} needs clients > 2*malicious + 2 ({n} <= {2 * f + 2})")
         if self.aggregation == "bulyan":
             require(n >= 4 * f + 3, f"--aggregation bulyan needs clients >= 4*malicious + 3 ({n} < {4 * f + 3})")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "SimulationConfig":
+        """The one constructor from strings / JSON values (CLI, `flwr run` config): every name and
+        value checked, then validated."""
+        from defense.fields import coerce_fields
+
+        return cls(**coerce_fields(cls, values, "simulation"))
 
     def malicious_clients(self) -> list[int]:
         """Which partition ids attack: a fixed, seeded draw decided by the server."""

@@ -12,7 +12,6 @@ clients agree on who attacks.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,23 +28,16 @@ RUN_KEYS = ("out", "purify", "purify-every", "purify-recipe", "purify-set")  # r
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> SimulationConfig:
-    """SimulationConfig from Flower's run config; unknown keys are a ConfigError naming them."""
-    by_key = {f.name.replace("_", "-"): f for f in fields(SimulationConfig)}
+    """SimulationConfig from Flower's run config (keys: its fields in kebab-case); unknown keys are a
+    ConfigError naming them; values go through SimulationConfig's one typed constructor."""
+    by_key = {name.replace("_", "-"): name for name in SimulationConfig.field_names()}
     unknown = sorted(set(run_config) - set(by_key) - set(RUN_KEYS))
     if unknown:
         raise ConfigError(f"unknown run-config keys {unknown}; known: {sorted(by_key) + list(RUN_KEYS)}")
-    values: dict[str, Any] = {}
-    for key, value in run_config.items():
-        if key not in by_key:
-            continue
-        field = by_key[key]
-        if field.name == "data_dir":
-            values[field.name] = str(value) or None
-        elif isinstance(field.default, bool) or isinstance(value, bool):
-            values[field.name] = value
-        else:
-            values[field.name] = type(field.default)(value)
-    return SimulationConfig(**values)
+    values = {by_key[key]: value for key, value in run_config.items() if key in by_key}
+    if values.get("data_dir") == "":
+        values["data_dir"] = None
+    return SimulationConfig.from_values(values)
 
 
 client_app = ClientApp()

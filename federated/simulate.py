@@ -59,7 +59,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-update-norm", type=positive_float, default=10.0,
                    help="reject client updates with ||local - global|| > this x ||global||")
     p.add_argument("--round-timeout", type=positive_float, default=600.0, help="seconds to wait for clients per round")
-    p.add_argument("--inject-client-failures", type=fraction, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--client-failure-rate", type=fraction, default=0.0,
+                   help="fraction of clients that fail every round (an unreliable-clients experiment)")
+    p.add_argument("--local-batch-size", type=positive_int, default=32, help="clients' mini-batch size")
+    p.add_argument("--trimmed-beta", type=float, default=0.2,
+                   help="fraction trimmed at each end by --aggregation trimmed-mean, in (0, 0.5)")
+    p.add_argument("--cpus-per-client", type=positive_float, default=1.0, help="CPUs each client actor holds")
     p.add_argument("--out", default=None, help="run folder (default: a fresh folder under runs/)")
     p.add_argument("--no-purify", action="store_true", help="skip server-side DHBE purification")
     p.add_argument("--purify-every", type=non_negative_int, default=0,
@@ -72,16 +77,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+FLAG_FIELDS = {"attack_rounds": "attack_from_round", "round_timeout": "round_timeout_s"}  # flag dest -> field
+
+
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    return SimulationConfig(
-        clients=args.clients, malicious=args.malicious, rounds=args.rounds, local_epochs=args.local_epochs,
-        local_lr=args.local_lr, seed=args.seed, dataset=args.dataset, data_dir=args.data_dir,
-        image_size=args.image_size, model=args.model, partition=args.partition, alpha=args.alpha,
-        attack=args.attack, trigger_size=args.trigger_size, target=args.target, poison_rate=args.poison_rate,
-        attack_from_round=args.attack_rounds, boost=args.boost, blend_alpha=args.blend_alpha,
-        aggregation=args.aggregation, clip_norm=args.clip_norm, max_update_norm=args.max_update_norm,
-        round_timeout_s=args.round_timeout, client_failure_rate=args.inject_client_failures,
-    )
+    """Every SimulationConfig field from its flag (the flag's name is the field's, in kebab-case,
+    but for FLAG_FIELDS), through the one typed constructor."""
+    values = {FLAG_FIELDS.get(dest, dest): value for dest, value in vars(args).items()}
+    return SimulationConfig.from_values({name: values[name] for name in SimulationConfig.field_names()})
 
 
 def prepare_out_dir(out: Optional[str]) -> Path:

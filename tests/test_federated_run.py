@@ -54,3 +54,18 @@ def test_model_files_carry_their_experiment_and_evaluate_measures_against_it(tmp
     other = json.loads(capsys.readouterr().out)
     assert other["overridden"] == ["target"] and other["target"] == 3 and other["attack"] == "blended"
     assert other["asr_x1"] < measured["asr_x1"] - 0.5
+
+
+def test_the_front_door_plants_a_backdoor_and_its_purification_erases_most_of_it(tmp_path):
+    """End to end through `federated.simulate`: two of four clients poison, FedAvg carries the
+    backdoor into the global model, and the server-side DHBE job (a short CPU recipe) lowers its ASR."""
+    out = tmp_path / "run"
+    assert main(["--clients", "4", "--malicious", "2", "--rounds", "6", "--local-epochs", "2", "--quiet",
+                 "--out", str(out), "--purify-recipe", "cpu", "--purify-set", "epochs=4", "iters_per_epoch=10",
+                 "trigger_bank.warmup_steps=100"]) == 0
+    last = pq.read_table(out / "metrics.parquet").to_pylist()[-1]
+    print({k: last[k] for k in ("acc", "asr_x1", "asr_x9", "purified_acc", "purified_asr_x1", "purified_asr_x9")})
+    assert last["asr_x9"] >= 0.9 and last["asr_x1"] >= 0.6        # the attack planted its backdoor
+    assert last["purified_asr_x1"] <= last["asr_x1"] - 0.5         # the purification erased most of it
+    assert last["purified_asr_x9"] <= last["asr_x9"] - 0.5
+    assert load_model(out / "purified.json").manifest["experiment"]["attack"] == "badnets"

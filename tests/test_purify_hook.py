@@ -22,6 +22,12 @@ def test_in_run_and_final_purification_complete_without_hanging(tmp_path):
     assert (out / "purified.json").exists()                         # final, after the simulation
     assert json.loads((out / "status.json").read_text())["state"] == "complete"
     last = pq.read_table(out / "metrics.parquet").to_pylist()[-1]
-    assert 0.0 <= last["purified_acc"] <= 1.0 and last["purify_wall_s"] > 0
+    assert last["purified_acc"] is not None and last["purify_wall_s"] > 0
+    from defense.modelio import load_model
+
+    # the final purification changed the weights it was given; the in-run one became round 1's model
+    assert load_model(out / "purified.json").weights_sha256 != load_model(out / "final.json").weights_sha256
+    in_run = load_model(out / "models" / "purified-round-001.json")
+    assert in_run.weights_sha256 == load_model(out / "models" / "round-001.json").weights_sha256
     summary = (out / "summary.md").read_text()
     assert "purified (DHBE" in summary and (out / "purification.png").exists()

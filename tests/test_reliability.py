@@ -16,13 +16,13 @@ def _metrics(out):
 def test_failing_clients_do_not_stop_the_run(tmp_path):
     out = tmp_path / "run"
     assert main(["--clients", "10", "--malicious", "2", "--rounds", "2", "--local-epochs", "1", "--no-purify",
-                 "--quiet", "--inject-client-failures", "0.3", "--out", str(out)]) == 0
+                 "--quiet", "--client-failure-rate", "0.3", "--out", str(out)]) == 0
     rows = _metrics(out)
     assert json.loads((out / "status.json").read_text())["state"] == "complete"
     assert sum(r["client_failures"] for r in rows) >= 2
     for row in rows:
         assert row["clients_trained"] + row["client_failures"] == 10
-        assert 0.0 <= row["acc"] <= 1.0
+        assert row["acc"] >= 0.5   # the survivors still learn (10 classes: chance is 0.1)
 
 
 def test_the_same_seed_gives_identical_metrics(tmp_path):
