@@ -85,3 +85,5 @@ def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str =
     parser.add_argument("--trigger-size", type=positive_int, default=default(3), help="patch trigger side (1..7)" + note)
     parser.add_argument("--target", type=non_negative_int, default=default(0), help="all-to-one target class" + note)
     parser.add_argument("--blend-alpha", type=float, default=default(0.2), help="blended trigger opacity" + note)
+    parser.add_argument("--trigger-place", default=default("corner"), choices=("corner", "centre", "random"),
+                        help="where patch triggers go (random: a random place per sample)" + note)

@@ -15,8 +15,7 @@ from defense.fields import coerce_fields
 from defense.spec import InputSpec, require
 from defense.triggers import ATTACKS, Trigger, TriggerConfig, make_trigger
 
-PLACES = {"badnets": "bottom-right corner", "dba": "bottom-right corner (assembled from the attackers' bands)",
-          "blended": "whole image", "sig": "whole image"}
+PATCH_ATTACKS = ("badnets", "dba")
 
 
 @dataclass(frozen=True)
@@ -30,19 +29,21 @@ class Experiment:
     trigger_seed: int = 0            # seeds the trigger pattern (blended noise)
     target: int = 0
     poison_rate: float = 0.1
+    place: str = "corner"            # patch triggers: corner (bottom-right), centre, random (per sample)
     written_by: str = ""             # the tool that planted the backdoor
-    place: str = ""                  # where the trigger goes (derived from the attack)
 
     def __post_init__(self) -> None:
         require(self.attack in ATTACKS, f"unknown attack {self.attack!r}; choose one of: {', '.join(ATTACKS.names())}")
         require(self.target >= 0, f"target must be >= 0, got {self.target}")
         require(0 <= self.poison_rate <= 1, f"poison rate must be in [0, 1], got {self.poison_rate}")
         require(4 <= self.image_size <= 512, f"image size must be in 4..512, got {self.image_size}")
+        if self.attack not in PATCH_ATTACKS:
+            object.__setattr__(self, "place", "whole image")
         self.trigger_config()  # validates the trigger's parameters
-        object.__setattr__(self, "place", PLACES.get(self.attack, ""))
 
     def trigger_config(self) -> TriggerConfig:
-        return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed)
+        place = self.place if self.attack in PATCH_ATTACKS else "corner"
+        return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed, place=place)
 
     def trigger(self, spec: InputSpec) -> Trigger:
         return make_trigger(self.attack, spec, self.trigger_config())

@@ -43,14 +43,20 @@ class Scenario:
 
 def backdoored_scenario(attack: str = "badnets", image_size: int = 16, trigger_size: int = 3,
                         poison_rate: float = 0.1, target: int = 0, seed: int = 0, model: str = "small-cnn",
-                        epochs: int = 30, dataset: str = "digits", cache: Path | None = CACHE) -> Scenario:
-    """Train (or load from cache) a centrally poisoned model: the foundation's backdoor."""
+                        epochs: int = 30, dataset: str = "digits", cache: Path | None = CACHE,
+                        place: str = "corner", blend_alpha: float = 0.2) -> Scenario:
+    """Train (or load from cache) a centrally poisoned model (poison rate 0: a clean one)."""
     bundle = load_dataset(dataset, image_size=image_size)
     experiment = Experiment(dataset=dataset, image_size=image_size, attack=attack, trigger_size=trigger_size,
-                            trigger_seed=seed, target=target, poison_rate=poison_rate,
+                            trigger_seed=seed, target=target, poison_rate=poison_rate, place=place,
+                            blend_alpha=blend_alpha,
                             written_by="defense.scenario.backdoored_scenario")
     trigger = experiment.trigger(bundle.spec)
     name = f"{dataset}{image_size}-{model}-{attack}{trigger_size}-r{poison_rate}-t{target}-s{seed}-e{epochs}"
+    if experiment.place not in ("corner", "whole image"):
+        name += f"-{experiment.place}"
+    if attack == "blended" and blend_alpha != 0.2:
+        name += f"-a{blend_alpha}"
     path = cache / f"{name}.json" if cache is not None else None
     if path is not None and path.exists():
         teacher = load_model(path).model

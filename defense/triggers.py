@@ -48,13 +48,19 @@ def grid_positions(copies: int, height: int, width: int, size: int) -> list[tupl
     return [(r, c) for r in rows for c in cols]
 
 
+PLACES = ("corner", "centre", "random")
+
+
 @dataclass
 class PatchTrigger(Trigger):
-    """A k x k pattern pasted (replacing pixels where `mask` is 1) at `position` (top-left)."""
+    """A k x k pattern pasted (replacing pixels where `mask` is 1) at `position` (top-left), or with
+    `place` "random" at a random place per sample (drawn from `seed`, so a test set's ASR repeats)."""
 
     pattern: torch.Tensor  # (C, k, k)
     position: tuple[int, int]
     mask: Optional[torch.Tensor] = None  # (k, k), 1 = trigger pixel
+    place: str = "corner"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mask is None:
@@ -75,7 +81,16 @@ class PatchTrigger(Trigger):
         return out
 
     def paste(self, images: torch.Tensor) -> torch.Tensor:
-        return self.paste_at(images, *self.position)
+        if self.place != "random":
+            return self.paste_at(images, *self.position)
+        k, n = self.size, len(images)
+        generator = torch.Generator().manual_seed(20_000 + self.seed)
+        rows = torch.randint(0, images.shape[-2] - k + 1, (n,), generator=generator)
+        cols = torch.randint(0, images.shape[-1] - k + 1, (n,), generator=generator)
+        out = images.clone()
+        for i in range(n):
+            out[i:i + 1] = self.paste_at(images[i:i + 1], int(rows[i]), int(cols[i]))
+        return out
 
     def paste_copies(self, images: torch.Tensor, copies: int) -> Optional[torch.Tensor]:
         if copies == 1:
@@ -90,7 +105,7 @@ class PatchTrigger(Trigger):
         bands = np.array_split(np.arange(self.size), parts)
         mask = torch.zeros_like(self.mask)
         mask[torch.as_tensor(bands[index % parts])] = self.mask[torch.as_tensor(bands[index % parts])]
-        return PatchTrigger(self.pattern, self.position, mask)
+        return PatchTrigger(self.pattern, self.position, mask, self.place, self.seed)
 
 
 @dataclass
@@ -126,8 +141,10 @@ class TriggerConfig:
     blend_alpha: float = 0.2
     sig_delta: float = 0.1
     seed: int = 0
+    place: str = "corner"          # patch triggers: corner (bottom-right), centre, or random per sample
 
     def __post_init__(self) -> None:
+        require(self.place in PLACES, f"trigger place must be one of {', '.join(PLACES)}, got {self.place!r}")
         require(1 <= self.trigger_size <= 7, f"trigger size must be in 1..7, got {self.trigger_size}")
         require(0 < self.blend_alpha < 1, f"blend alpha must be in (0, 1), got {self.blend_alpha}")
         require(0 < self.sig_delta <= 1, f"SIG delta must be in (0, 1], got {self.sig_delta}")
@@ -141,7 +158,9 @@ ATTACKS: Registry[TriggerFactory] = Registry("attack")
 def badnets_trigger(spec: InputSpec, config: TriggerConfig) -> Trigger:
     k = config.trigger_size
     require(k < min(spec.height, spec.width), f"a {k}x{k} trigger does not fit {spec.height}x{spec.width} images")
-    return PatchTrigger(checkerboard(k, spec.channels), (spec.height - k, spec.width - k))
+    position = ((spec.height - k) // 2, (spec.width - k) // 2) if config.place == "centre" else \
+        (spec.height - k, spec.width - k)
+    return PatchTrigger(checkerboard(k, spec.channels), position, place=config.place, seed=config.seed)
 
 
 # DBA (Xie et al. 2020) uses the same global trigger at test time; attackers paste parts of it.

@@ -29,6 +29,7 @@ class SimulationConfig:
     alpha: float = 0.5
     attack: str = "badnets"
     trigger_size: int = 3
+    trigger_place: str = "corner"    # patch attacks: corner (bottom-right), centre, random (per sample)
     target: int = 0
     poison_rate: float = 0.5
     attack_from_round: int = 1       # attackers poison from this round on (1 = all rounds)
@@ -91,7 +92,8 @@ class SimulationConfig:
         from defense.experiment import Experiment
 
         return Experiment(dataset=self.dataset, image_size=self.image_size, attack=self.attack,
-                          trigger_size=self.trigger_size, blend_alpha=self.blend_alpha, trigger_seed=self.seed,
+                          trigger_size=self.trigger_size, place=self.trigger_place,
+                          blend_alpha=self.blend_alpha, trigger_seed=self.seed,
                           target=self.target, poison_rate=self.poison_rate if self.malicious else 0.0,
                           written_by="federated.simulate")
 

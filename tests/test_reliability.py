@@ -22,7 +22,6 @@ def test_failing_clients_do_not_stop_the_run(tmp_path):
     assert sum(r["client_failures"] for r in rows) >= 2
     for row in rows:
         assert row["clients_trained"] + row["client_failures"] == 10
-        assert row["acc"] >= 0.5   # the survivors still learn (10 classes: chance is 0.1)
 
 
 def test_the_same_seed_gives_identical_metrics(tmp_path):

@@ -83,6 +83,31 @@ class TriggerBank(Extension):
             trainer.trigger_step()
             self.remember(trainer, trainer.latent(self.core.trigger_latent_dim))
 
+    @torch.no_grad()
+    def measure(self, trainer, batches: int = 4) -> dict[str, Any]:
+        """Data-free evidence of a patch backdoor: the bank's patches stamped once on fresh synthetic
+        samples (models in eval mode): how often they flip T's answer, and how concentrated the
+        flipped answers are on one class (a backdoor sends them to its target; an occluded clean
+        digit goes anywhere). Draws from its own generator: the game's random streams are untouched."""
+        generator = torch.Generator().manual_seed(trainer.config.seed + 77)
+        core, classes = self.core, trainer.spec.num_classes
+        was_training = trainer.sample_generator.training
+        trainer.sample_generator.eval()
+        counts, flipped, total = torch.zeros(classes), 0, 0
+        for _ in range(batches):
+            z = torch.randn(core.batch_size, core.latent_dim, generator=generator).to(trainer.device)
+            x = trainer.synthesise(z)
+            picks = torch.randint(0, len(self.bank), (len(x),), generator=generator)
+            patched = paste_patches(x, self.bank[picks].to(x), True, 1, generator, True)
+            clean, answer = trainer.teacher(x).argmax(1), trainer.teacher(patched).argmax(1)
+            changed = answer != clean
+            counts += torch.bincount(answer[changed].cpu(), minlength=classes).float()
+            flipped, total = flipped + int(changed.sum()), total + len(x)
+        trainer.sample_generator.train(was_training)
+        top = int(counts.argmax())
+        return {"teacher_flip_rate": flipped / max(total, 1), "flip_target": top,
+                "flip_concentration": float(counts[top] / counts.sum()) if flipped else 0.0}
+
     def remember(self, trainer, z_trigger: torch.Tensor) -> None:
         with torch.no_grad():
             trainer.trigger_generator.eval()
