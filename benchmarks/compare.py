@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from defense.report import markdown_table
 from benchmarks.tables import cell, group_rows
 from defense.baselines import DEFENCES, DefenceConfig, clean_subset, defend
 from defense.dhbe import cpu_recipe
@@ -61,12 +62,12 @@ def main() -> None:
 
 
 def summarise(rows: list[dict], per_class: int) -> str:
-    lines = ["| attack | defence | clean data | ACC % | ASR x1 % | ASR x4 % | ASR x9 % | RA % | DER | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for (attack, defence), members in group_rows(rows).items():
         budget = "none" if members[0]["clean_budget"] == 0 else f"{per_class}/class ({members[0]['clean_budget']})"
-        cells = [cell(members, key) for key in KEYS]
-        lines.append(f"| {attack} | {defence} | {budget} | " + " | ".join(cells) + " |")
+        table.append([attack, defence, budget, *(cell(members, key) for key in KEYS)])
+    lines = markdown_table(["attack", "defence", "clean data", "ACC %", "ASR x1 %", "ASR x4 %", "ASR x9 %", "RA %",
+                            "DER", "wall s"], table)
     lines.append("")
     lines.append(f"Means over {len(set(r['seed'] for r in rows))} seed(s). ASR in the DHBE form. DER = "
                  "(max(0, dASR) - max(0, dACC) + 1) / 2. Blended and SIG triggers have no x4/x9 form.")

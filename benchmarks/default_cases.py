@@ -55,7 +55,8 @@ HELD_OUT = [
 
 def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
     """The case's model file (planted on first use, then reused)."""
-    path = cache / f"{case.name}{'-tiny' if tiny else ''}.json"
+    stem = case.name.replace(".", "p")  # a dot would end the file's stem
+    path = cache / f"{stem}{'-tiny' if tiny else ''}.json"
     if path.exists():
         return path
     if case.kind == "central":

@@ -19,6 +19,7 @@ from defense.dhbe import plain_adversarial_distillation, purify, smoke_sized, wi
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.fileio import atomic_write_json, atomic_write_text
 from benchmarks.tables import cell, group_rows
+from defense.report import markdown_table
 from defense.scenario import backdoored_scenario
 
 RESULTS = Path("benchmarks/results")
@@ -55,11 +56,9 @@ HEADERS = {"acc": "ACC %", "asr_x1": "ASR x1 %", "asr_x4": "ASR x4 %", "asr_x9":
 
 def summarise(rows: list[dict], first_column: str = "attack", keys: tuple[str, ...] = KEYS) -> str:
     columns = keys + ("wall_s",)
-    lines = [f"| {first_column} | defence | seeds | " + " | ".join(HEADERS[k] for k in columns) + " |",
-             "|---" * (len(columns) + 3) + "|"]
-    for (attack, defence), members in group_rows(rows).items():
-        cells = [cell(members, key, spread=True) for key in columns]
-        lines.append(f"| {attack} | {defence} | {len(members)} | " + " | ".join(cells) + " |")
+    lines = markdown_table([first_column, "defence", "seeds", *(HEADERS[k] for k in columns)],
+                           [[attack, defence, len(members), *(cell(members, key, spread=True) for key in columns)]
+                            for (attack, defence), members in group_rows(rows).items()])
     lines.append("")
     lines.append("mean ± half-range over seeds; ASR in the DHBE form; blended triggers have no x4/x9 form.")
     return "\n".join(lines)

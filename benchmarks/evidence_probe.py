@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.default_cases import DEV, HELD_OUT, plant
-from defense.dhbe import DHBETrainer, recipe_config
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.modelio import load_model
 
 
-def probe(path: Path, recipe_name: str = "cpu-blend") -> dict:
+def probe(path: Path, recipe_name: str = "cpu-blend", tiny: bool = False) -> dict:
     loaded = load_model(path)
-    trainer = DHBETrainer(loaded.model.eval(), loaded.spec, recipe_config(recipe_name))
+    recipe = smoke_sized(recipe_config(recipe_name)) if tiny else recipe_config(recipe_name)
+    trainer = DHBETrainer(loaded.model.eval(), loaded.spec, recipe)
     started = time.perf_counter()
     for ext in trainer.extensions:
         ext.probe(trainer)
@@ -43,14 +44,17 @@ def main() -> None:
     parser.add_argument("--cases", choices=("dev", "held-out"), default="dev")
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     cases = DEV if args.cases == "dev" else HELD_OUT
+    if args.tiny:
+        cases = [DEV[2]]
     rows = []
     for case in cases:
         if args.only and case.name not in args.only:
             continue
-        evidence = probe(plant(case))
+        evidence = probe(plant(case, tiny=args.tiny), tiny=args.tiny)
         truth = {"attack": case.attack if case.poisoned else "none", "target": case.target if case.poisoned else None}
         rows.append({"case": case.name, "truth": truth, **evidence})
         print(json.dumps(rows[-1]), flush=True)

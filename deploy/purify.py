@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(json.dumps({"purified": str(result.manifest_path), "device": result.device, "wall_s": round(result.wall_s, 1),
                       "epochs": len(result.history),
                       "synthetic_agreement": last.get("synthetic_agreement"),
-                      "trigger_sensitivity": last.get("trigger_sensitivity")}))
+                      "trigger_sensitivity": last.get("trigger_sensitivity"), "evidence": result.evidence}))
     return 0
 
 

@@ -125,7 +125,8 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
                 if last:
                     save_model(trainer.output_model().cpu(), Path(folder) / RESULT_NAME, loop_config["model_name"], spec,
                                loop_config["produced_by"], {"history": [asdict(r) for r in trainer.history],
-                                                            "resumed_from_epoch": resumed_from_epoch})
+                                                            "resumed_from_epoch": resumed_from_epoch,
+                                                            "evidence": trainer.evidence()})
                     trainer.output_model().to(device)
                 report_checkpoint = checkpoint_type.from_directory(folder)
             report(metrics, checkpoint=report_checkpoint)
@@ -193,6 +194,7 @@ class PurifyResult:
     wall_s: float = 0.0
     device: str = "cpu"
     resumed_from_epoch: int = 0
+    evidence: dict = field(default_factory=dict)   # what the data-free probes found (also in the manifest)
 
 
 def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
@@ -245,4 +247,4 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
         manifest_path = save_model(produced.model, out, produced.model_name, produced.spec,
                                    produced.manifest["produced_by"], extra, teacher.manifest.get("experiment"))
     return PurifyResult(produced.model, manifest_path, extra.get("history", []), time.perf_counter() - started,
-                        "gpu" if use_gpu else "cpu", int(extra.get("resumed_from_epoch", 0)))
+                        "gpu" if use_gpu else "cpu", int(extra.get("resumed_from_epoch", 0)), extra.get("evidence", {}))

@@ -6,7 +6,7 @@ from here ([tool.flwr.app.components] in pyproject.toml) and passes the settings
 
 Run-config keys are SimulationConfig's fields in kebab-case (`local-epochs`, `poison-rate`, ...),
 plus `out` (run folder; "" = a fresh folder under runs/), `purify`, `purify-every`, `purify-recipe`
-(defense.dhbe.RECIPES; default "federated") and `purify-set` (DHBE fields over the recipe, e.g.
+(defense.dhbe.RECIPES; default "default") and `purify-set` (DHBE fields over the recipe, e.g.
 "epochs=10 lam=0.5"). Clients build the same configuration from the same run config, so server and
 clients agree on who attacks.
 """

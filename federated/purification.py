@@ -23,15 +23,16 @@ from typing import Iterable, Optional
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from defense.dhbe import Recipe, federated_recipe, recipe_config
+from defense.dhbe import Recipe, recipe_config
 from defense.modelio import LoadedModel, load_model
 from defense.models import build_model
 from defense.spec import InputSpec
 from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
 from federated.apps import arrays_to_model, model_to_arrays
+from federated.run_folder import evidence_line
 from federated.strategies import DelegatingStrategy
 
-DEFAULT_FEDERATED_RECIPE = "federated"
+DEFAULT_FEDERATED_RECIPE = "default"
 
 
 def purify_arrays(arrays: ArrayRecord, model_name: str, spec: InputSpec, job: PurifyJobConfig,
@@ -51,7 +52,7 @@ class PurifyingStrategy(DelegatingStrategy):
                  out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
-        self.recipe = recipe or federated_recipe()
+        self.recipe = recipe or recipe_config(DEFAULT_FEDERATED_RECIPE)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
@@ -68,7 +69,7 @@ class PurifyingStrategy(DelegatingStrategy):
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
                                        self.out_dir / f"purified-round-{server_round:03d}")
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
-                                   "wall_s": time.perf_counter() - started})
+                                   "wall_s": time.perf_counter() - started, "evidence": result.evidence})
         return arrays, metrics
 
 
@@ -79,7 +80,7 @@ class FederatedPurification:
     def __init__(self, config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
                  recipe: Optional[Recipe] = None) -> None:
         self.config, self.run, self.spec, self.every, self.budget_s = config, run, spec, every, budget_s
-        self.recipe = recipe or federated_recipe().replace(seed=config.seed)
+        self.recipe = recipe or recipe_config(DEFAULT_FEDERATED_RECIPE, {"seed": config.seed})
 
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
@@ -99,6 +100,8 @@ class FederatedPurification:
         # the experimenter's measuring stick: the global model's experiment record (its trigger and target)
         scenario = model_file_scenario(self.run.root / "final.json", data_dir=self.config.data_dir)
         before, after = scenario.evaluate(backdoored.model), scenario.evaluate(result.model)
+        print(evidence_line(result.evidence), flush=True)
+        self.run.add_evidence(result.evidence)
         rows = [{"model": "global (after training)", **before},
                 {"model": f"purified (DHBE, {result.wall_s:.0f} s)", **after}]
         self.run.add_purification(before, after, defence_effectiveness_rating(before, after), result.wall_s)
@@ -123,22 +126,14 @@ def purification_recipe(name: str, overrides: dict, seed: int) -> Recipe:
 
 
 def plot_before_after(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from defense.fileio import atomic_path
+    from defense.report import figure
 
     keys = [("acc", "ACC"), ("asr_x1", "ASR x1"), ("asr_x4", "ASR x4"), ("asr_x9", "ASR x9")]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        ax.bar([k + i * width for k in range(len(keys))], [100 * (row.get(key) or 0) for key, _ in keys],
-               width=width, label=row["model"])
-    ax.set_xticks([k + width * (len(rows) - 1) / 2 for k in range(len(keys))], [label for _, label in keys])
-    ax.set_ylabel("%"), ax.set_ylim(0, 105), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    with figure(path) as ax:
+        for i, row in enumerate(rows):
+            ax.bar([k + i * width for k in range(len(keys))], [100 * (row.get(key) or 0) for key, _ in keys],
+                   width=width, label=row["model"])
+        ax.set_xticks([k + width * (len(rows) - 1) / 2 for k in range(len(keys))], [label for _, label in keys])
+        ax.set_ylabel("%"), ax.set_ylim(0, 105), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+

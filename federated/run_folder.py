@@ -13,6 +13,7 @@ import torch
 
 from defense.fileio import atomic_path, atomic_write_json, atomic_write_text
 from defense.modelio import save_model
+from defense.report import figure, markdown_table
 from defense.spec import InputSpec
 
 ROUND_COLUMNS = ["round", "acc", "asr_x1", "asr_x4", "asr_x9", "asr_all_x1", "ra", "clients_trained",
@@ -51,6 +52,8 @@ class RunFolder:
                  experiment: Optional[dict] = None) -> None:
         self.root, self.model_name, self.spec, self.quiet = root, model_name, spec, quiet
         self.experiment = experiment  # written into every model file's manifest
+        self.evidence: Optional[dict] = None
+        self.config, self.progress = config, None
         self.rows: list[dict] = []
         self.extra_columns: list[str] = []
         (root / "models").mkdir(parents=True, exist_ok=True)
@@ -67,10 +70,18 @@ class RunFolder:
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
         self.set_status("running")
         if not self.quiet:
-            print(f"round {row['round']:3d}  acc {_fmt(row['acc'])}  asr x1/x4/x9 {_fmt(row['asr_x1'])}"
-                  f" {_fmt(row.get('asr_x4'))} {_fmt(row.get('asr_x9'))}  malicious {row.get('malicious_clients', 0)}"
-                  f"  trained {row.get('clients_trained', 0)}  failed {row.get('client_failures', 0)}"
-                  f"  {row['wall_time_s']:6.1f}s", flush=True)
+            from tqdm import tqdm
+
+            if self.progress is None:  # the federated rounds: a bar, with one line per round above it
+                total = self.config.get("simulation", {}).get("rounds")
+                self.progress = tqdm(total=total, desc="federated rounds", unit="round", leave=False)
+            self.progress.write(f"round {row['round']:3d}  acc {_fmt(row['acc'])}  asr x1/x4/x9 {_fmt(row['asr_x1'])}"
+                                f" {_fmt(row.get('asr_x4'))} {_fmt(row.get('asr_x9'))}  malicious "
+                                f"{row.get('malicious_clients', 0)}  trained {row.get('clients_trained', 0)}  failed "
+                                f"{row.get('client_failures', 0)}  {row['wall_time_s']:6.1f}s")
+            self.progress.update(1)
+            if self.progress.total is not None and self.progress.n >= self.progress.total:
+                self.progress.close()
 
     def write_rejections(self, rejections: list[dict]) -> None:
         """Every rejected client update: round, node and reason."""
@@ -86,6 +97,11 @@ class RunFolder:
             ["purified_der", "purify_wall_s"]
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
 
+    def add_evidence(self, evidence: dict) -> None:
+        """What the purification's data-free probes found (evidence.json; a line in the summary)."""
+        self.evidence = evidence
+        atomic_write_json(self.root / "evidence.json", evidence)
+
     def save_final(self, model: torch.nn.Module, name: str = "final", extra: Optional[dict] = None) -> Path:
         return save_model(model, self.root / f"{name}", self.model_name, self.spec,
                           {"tool": "federated.simulate", "rounds": len(self.rows)}, extra, self.experiment)
@@ -96,11 +112,13 @@ class RunFolder:
                  "`metrics.parquet`. Final model: `final.json` (+ `.safetensors`).", "", "![ACC and ASR per round](metrics.png)", ""]
         if self.rows:
             last = self.rows[-1]
-            lines += ["| round | ACC % | ASR x1 % | ASR x4 % | ASR x9 % |", "|---|---|---|---|---|",
-                      f"| {last['round']} | {_fmt(last['acc'])} | {_fmt(last['asr_x1'])} | {_fmt(last.get('asr_x4'))} "
-                      f"| {_fmt(last.get('asr_x9'))} |", ""]
+            lines += markdown_table(["round", "ACC %", "ASR x1 %", "ASR x4 %", "ASR x9 %"],
+                                    [[last["round"], *(_fmt(last.get(k)) for k in ("acc", "asr_x1", "asr_x4", "asr_x9"))]])
+            lines += [""]
         if comparison:
             lines += comparison_table(comparison) + ["", "![before/after](purification.png)", ""]
+        if self.evidence is not None:
+            lines += [evidence_line(self.evidence) + " (`evidence.json`)", ""]
         lines += ["ASR is the DHBE form (non-target test images the model classifies correctly when clean).", ""]
         atomic_write_text(self.root / "summary.md", "\n".join(lines))
         self.set_status("complete")
@@ -108,26 +126,28 @@ class RunFolder:
     def _plot_rounds(self) -> None:
         if not self.rows:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        rounds = [r["round"] for r in self.rows]
-        for key, label in (("acc", "clean ACC"), ("asr_x1", "ASR x1"), ("asr_x9", "ASR x9")):
-            ax.plot(rounds, [100 * (r.get(key) or 0) for r in self.rows], marker=".", label=label)
-        ax.set_xlabel("round"), ax.set_ylabel("%"), ax.set_ylim(-2, 102), ax.legend(), ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(self.root / "metrics.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        with figure(self.root / "metrics.png") as ax:
+            rounds = [r["round"] for r in self.rows]
+            for key, label in (("acc", "clean ACC"), ("asr_x1", "ASR x1"), ("asr_x9", "ASR x9")):
+                ax.plot(rounds, [100 * (r.get(key) or 0) for r in self.rows], marker=".", label=label)
+            ax.set_xlabel("round"), ax.set_ylabel("%"), ax.set_ylim(-2, 102), ax.legend(), ax.grid(alpha=0.3)
 
 
 def comparison_table(rows: list[dict]) -> list[str]:
     """Markdown table of models side by side (e.g. backdoored vs purified)."""
-    out = ["| model | ACC % | ASR x1 % | ASR x4 % | ASR x9 % | RA % |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        out.append(f"| {row['model']} | {_fmt(row['acc'])} | {_fmt(row.get('asr_x1'))} | {_fmt(row.get('asr_x4'))} "
-                   f"| {_fmt(row.get('asr_x9'))} | {_fmt(row.get('ra'))} |")
-    return out
+    return markdown_table(["model", "ACC %", "ASR x1 %", "ASR x4 %", "ASR x9 %", "RA %"],
+                          [[row["model"], *(_fmt(row.get(k)) for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra"))]
+                           for row in rows])
+
+
+def evidence_line(evidence: dict) -> str:
+    """One line for a user: what the data-free evidence said, and what the purification did."""
+    verdict = evidence.get("verdict")
+    if not verdict:
+        return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
+    if evidence.get("stopped"):
+        return f"evidence: {evidence['stopped']}"
+    line = (f"evidence: backdoor suspected, target class {verdict['suspected_targets']} (anomaly index "
+            f"{max(verdict['anomaly_index']):.2f}); final synthetic agreement with the input "
+            f"{100 * verdict.get('final_synthetic_agreement', 0):.0f}%")
+    return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

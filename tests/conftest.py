@@ -28,3 +28,11 @@ def blended_scenario(tmp_path_factory):
     from defense.scenario import backdoored_scenario
 
     return backdoored_scenario("blended", 16, 3, 0.1, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))
+
+
+@pytest.fixture(scope="session")
+def clean_scenario(tmp_path_factory):
+    """The same small CNN trained on clean digits (poison rate 0): nothing to erase."""
+    from defense.scenario import backdoored_scenario
+
+    return backdoored_scenario("badnets", 16, 3, 0.0, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))

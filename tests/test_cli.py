@@ -75,7 +75,9 @@ def test_recipes_are_chosen_by_name_and_overridden_by_set(tmp_path):
     recipe = recipe_from_args(args)
     assert (recipe.get("bn_prior").layers, recipe.dhbe.epochs, recipe.get("lambda_step").after,
             recipe.dhbe.seed) == (1, 15, 0.7, 3)
-    cpu = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o"]))
+    default = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o"]))
+    assert default.extension_names[0] == "verdict" and "blend_search" in default and default.dhbe.epochs == 50
+    cpu = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--recipe", "cpu"]))
     assert (cpu.get("bn_prior").layers, cpu.dhbe.epochs, "lambda_step" in cpu) == (0, 30, False)
     whole = tmp_path / "recipe.json"
     whole.write_text(json.dumps(recipe_config("cpu-blend").to_dict()))

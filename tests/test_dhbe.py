@@ -359,3 +359,30 @@ def test_the_defence_never_reads_the_experiment_record(monkeypatch, tmp_path, ba
     purify(loaded.model, loaded.spec, recipe)
     shipped = job_loop_config(loaded, recipe, 1, tmp_path, "job")   # what Ray Train workers receive
     assert "experiment" not in repr(sorted(shipped)) and "experiment" not in repr(shipped["produced_by"])
+
+
+def test_the_default_hands_a_model_without_a_backdoor_back_unchanged(clean_scenario):
+    """No class's blend pattern is anomalously easy to invert on a clean model: the verdict stops
+    the game before any iteration and T itself is handed back, with the reason in the evidence."""
+    recipe = recipe_config("default", {"trigger_bank": "off"})
+    student, history = purify(clean_scenario.teacher, clean_scenario.bundle.spec, recipe)
+    for p, q in zip(student.state_dict().values(), clean_scenario.teacher.state_dict().values()):
+        assert torch.equal(p, q)
+    assert len(history) == 1 and history[0].loss_student == 0.0
+
+
+def test_the_default_suspects_a_backdoors_target_and_its_guard_falls_back(badnets_scenario):
+    """On a backdoored model the verdict names the target class (from the model alone) and the game
+    runs; a final model whose synthetic agreement with T is under the guard's floor is not handed
+    back: the guard falls back (here to T, as no epoch met a floor of 99.9%) and says so."""
+    spec = badnets_scenario.bundle.spec
+    recipe = recipe_config("default", {"trigger_bank": "off", "epochs": 1, "iters_per_epoch": 3, "student_lr": 1.0,
+                                       "verdict.min_agreement": 0.999})
+    trainer = DHBETrainer(badnets_scenario.teacher, spec, recipe)
+    from defense.dhbe import train_epochs
+
+    train_epochs(trainer)
+    verdict = trainer.evidence()["verdict"]
+    assert verdict["suspected_targets"] == [badnets_scenario.target] and "stopped" not in trainer.evidence()
+    assert trainer.history[-1].synthetic_agreement < 0.999
+    assert "guard" in verdict and trainer.output_model() is trainer.teacher

@@ -13,7 +13,7 @@ def model_file(tmp_path, badnets_scenario):
     return tmp_path / "teacher.json"
 
 
-TINY = ["--set", "epochs=2", "iters_per_epoch=2", "batch_size=16"]
+TINY = ["--recipe", "cpu", "--set", "epochs=2", "iters_per_epoch=2", "batch_size=16"]
 
 
 def _space(monkeypatch):

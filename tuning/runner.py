@@ -5,13 +5,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from defense.fileio import atomic_path
+from defense.report import figure, markdown_table
 from tuning.trial import SCORE
 
 SWEPT_ORDER = ("lam", "student_lr", "patch_size", "trigger_size")
 
 
 def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str, out: Path, resume: bool,
-              max_concurrent: Optional[int] = None, trainable_fn: Optional[Callable[[dict], None]] = None) -> str:
+              max_concurrent: Optional[int] = None, trainable_fn: Optional[Callable[[dict], None]] = None,
+              quiet: bool = False) -> str:
     """`trainable_fn`: the trial body (default tuning.trial.trial)."""
     import ray
     from ray import tune
@@ -41,7 +43,8 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=sched,
                                         max_concurrent_trials=max_concurrent or cpus),
-            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0),
+            # Tune's own progress table while trials run (off with --quiet)
+            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0 if quiet else 1),
         )
     grid = tuner.fit()
     table = write_results(grid, space, out)
@@ -85,7 +88,7 @@ def write_results(grid, space: dict[str, list], out: Path) -> str:
         final.to_csv(tmp, index=False)
     swept = [k for k in SWEPT_ORDER if k in space]
     plot(final, swept, out)
-    lines = [final.to_markdown(index=False) if _has_tabulate() else final.to_string(index=False)]
+    lines = markdown_table(list(final.columns), final.round(4).itertuples(index=False))
     by_score = final.sort_values(SCORE, ascending=False).iloc[0]
     lines.append(f"best by data-free defender score: trial {int(by_score['trial'])}")
     if "eval_asr_x1" in final:
@@ -94,31 +97,14 @@ def write_results(grid, space: dict[str, list], out: Path) -> str:
     return "\n".join(lines)
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def plot(final, swept: list[str], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for key in swept:
         column = f"config_{key}"
         if column not in final:
             continue
         grouped = final.groupby(column)[[c for c in ("eval_acc", "eval_asr_x1", "eval_asr_x9") if c in final]].mean()
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for metric in grouped.columns:
-            ax.plot(grouped.index, 100 * grouped[metric], marker="o", label=metric.replace("eval_", "").upper())
-        ax.set_xlabel(key), ax.set_ylabel("% (test set, evaluation only)"), ax.set_ylim(-2, 102)
-        ax.legend(), ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(out / f"sweep_{key}.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        with figure(out / f"sweep_{key}.png", figsize=(5, 3.2)) as ax:
+            for metric in grouped.columns:
+                ax.plot(grouped.index, 100 * grouped[metric], marker="o", label=metric.replace("eval_", "").upper())
+            ax.set_xlabel(key), ax.set_ylabel("% (test set, evaluation only)"), ax.set_ylim(-2, 102)
+            ax.legend(), ax.grid(alpha=0.3)

@@ -39,6 +39,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--image-size", type=positive_int, default=16, help="for teachers planted by the preset")
     p.add_argument("--max-concurrent", type=positive_int, default=None, help="default: the cluster's CPUs")
+    p.add_argument("--quiet", action="store_true", help="no progress table while the trials run")
     add_trigger_arguments(p, from_record=True)
     add_recipe_arguments(p)
     return p
@@ -68,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
     out.mkdir(parents=True, exist_ok=True)
     try:
         table = run_sweep(setup, PRESETS[args.preset], args.samples, args.scheduler, out, args.resume,
-                          args.max_concurrent, trainable or trial)
+                          args.max_concurrent, trainable or trial, args.quiet)
     except SweepIncomplete as exc:
         print(f"python -m tuning.sweep: {exc}", file=sys.stderr)
         return 1

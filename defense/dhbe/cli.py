@@ -22,9 +22,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT
                          recipe_flag: str = "--recipe", set_flag: str = "--set", config_flag: Optional[str] = "--config") -> None:
     group = parser.add_argument_group("DHBE recipe")
     group.add_argument(recipe_flag, dest="recipe", choices=RECIPES.names(), default=default,
-                       help="cpu: the project's small-scale recipe; federated: the same for a FedAvg global "
-                            "model; cpu-blend: plus the data-free blend search; official: the paper's defaults "
-                            "(docs/dhbe.md)")
+                       help="default: needs no knowledge of the attack (a data-free verdict, then the "
+                            "regularisers; a model with no backdoor found is handed back unchanged); cpu, "
+                            "federated, cpu-blend: research presets; official: the paper's defaults (docs/dhbe.md)")
     if config_flag:
         group.add_argument(config_flag, dest="recipe_file", default=None,
                            help="JSON file: a whole recipe ({\"dhbe\": {...}, \"extensions\": [[name, {...}], ...]}) "

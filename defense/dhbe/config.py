@@ -81,6 +81,7 @@ class ExtensionConfig:
     `validate` (against the official fields it plugs into). `name` is its registry key."""
 
     name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()   # extensions the recipe must also list (before this one acts)
 
     def validate(self, core: DHBEConfig) -> None:
         """Checks that need the official fields (e.g. a size that must hold a batch)."""
@@ -112,6 +113,8 @@ class Recipe:
         require(len(names) == len(set(names)), f"an extension is listed twice: {names}")
         for ext in self.extensions:
             ext.validate(self.dhbe)
+            missing = [name for name in ext.requires if name not in names]
+            require(not missing, f"extension {ext.name} needs {', '.join(missing)} in the recipe")
 
     # --- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> Optional[ExtensionConfig]:

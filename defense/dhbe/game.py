@@ -94,9 +94,19 @@ class DHBETrainer:
         self.history: list[EpochRecord] = []
         # Data-parallel runs (deploy/) average student gradients across workers here.
         self.sync_student_gradients = lambda student: None
+        self.stop_reason: Optional[str] = None   # set by `stop`: the game ends before the next iterations
         self.extensions: list[Extension] = [ext.build(self) for ext in recipe.extensions]
         for ext in self.extensions:
             ext.setup(self)
+
+    def stop(self, reason: str) -> None:
+        """End the game: no more iterations (e.g. a verdict that there is nothing to erase)."""
+        self.stop_reason = reason
+
+    def evidence(self) -> dict[str, Any]:
+        """What the extensions found, data-free, by name (for the purified manifest and the report)."""
+        found = {name: rep for name, rep in ((e.name, e.report(self)) for e in self.extensions) if rep}
+        return {**found, **({"stopped": self.stop_reason} if self.stop_reason else {})}
 
     def extension(self, name: str) -> Optional[Extension]:
         return next((e for e in self.extensions if e.name == name), None)
@@ -233,8 +243,9 @@ class DHBETrainer:
                     group["lr"] *= 0.5
             for schedule in self.schedules:
                 schedule.base_lrs = [lr * 0.5 for lr in schedule.base_lrs]
-        for schedule in self.schedules:
-            schedule.step()
+        if self.stop_reason is None:  # a stopped game took no optimiser step
+            for schedule in self.schedules:
+                schedule.step()
         self.epoch += 1
         loss, distill, regulariser = totals
         record = EpochRecord(
@@ -245,6 +256,8 @@ class DHBETrainer:
             recoveries=attempt, **self.diagnostics(),
         )
         self.history.append(record)
+        for ext in self.extensions:
+            ext.epoch_end(self, record)
         return record
 
     def _train_iterations(self) -> tuple[float, float, float]:
@@ -254,6 +267,8 @@ class DHBETrainer:
                 ext.probe(self)
         for ext in self.extensions:
             ext.epoch_start(self)
+        if self.stop_reason is not None:
+            return 0.0, 0.0, 0.0
         self.sample_generator.train()
         self.trigger_generator.train()
         sums = [0.0, 0.0, 0.0]
@@ -310,6 +325,7 @@ class DHBETrainer:
             "torch_rng": torch.get_rng_state(),
             "placement_rng": self.rng.get_state(),
             "history": [asdict(r) for r in self.history],
+            "stop_reason": self.stop_reason,
             "extensions": {ext.name: ext.state_dict() for ext in self.extensions},
         }
 
@@ -327,3 +343,4 @@ class DHBETrainer:
         for ext in self.extensions:
             ext.load_state_dict(state["extensions"].get(ext.name, {}))
         self.history = [EpochRecord(**r) for r in state["history"]]
+        self.stop_reason = state.get("stop_reason")

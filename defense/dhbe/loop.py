@@ -24,13 +24,14 @@ def train_epochs(trainer: DHBETrainer, evaluator: Optional[Evaluator] = None,
     """Run the remaining epochs (a resumed trainer continues where it stopped). `evaluator` is the
     experimenter's optional measuring stick (e.g. test ACC/ASR): its numbers go into each record's
     `evaluation` and are never read by the defence. `budget_s`: stop after the epoch in which this
-    many seconds have passed; `on_epoch(record, trainer, last)` runs after every epoch."""
+    many seconds have passed; `on_epoch(record, trainer, last)` runs after every epoch. An extension
+    that stops the game (`trainer.stop`) makes that epoch the last."""
     started = time.perf_counter()
     while trainer.epoch < trainer.config.epochs:
         record = trainer.run_epoch()
         if evaluator is not None:
             record.evaluation = evaluator(trainer.output_model())
-        last = trainer.epoch == trainer.config.epochs or (
+        last = trainer.epoch == trainer.config.epochs or trainer.stop_reason is not None or (
             budget_s is not None and time.perf_counter() - started >= budget_s)
         if on_epoch is not None:
             on_epoch(record, trainer, last)

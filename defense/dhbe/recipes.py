@@ -6,11 +6,11 @@ from typing import Any, Callable, Mapping, Optional
 from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.extensions import (BatchNormPriorConfig, BlendSearchConfig, ClassBalanceConfig, LambdaStepConfig,
                                      PriorOnlyGeneratorConfig, StampedPatchesConfig, StudentEMAConfig,
-                                     TriggerBankConfig)
+                                     TriggerBankConfig, VerdictConfig)
 from defense.registry import Registry
 
 RECIPES: Registry[Callable[[], Recipe]] = Registry("DHBE recipe")
-DEFAULT_RECIPE = "cpu"
+DEFAULT_RECIPE = "default"
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, overrides: Optional[Mapping[str, Any]] = None) -> Recipe:
@@ -63,9 +63,19 @@ def cpu_blend_recipe() -> Recipe:
     return cpu_recipe().replace(epochs=50).with_extension(BlendSearchConfig())
 
 
+@RECIPES.register("default")
+def default_recipe() -> Recipe:
+    """The one default (docs/dhbe.md, "one default"): it needs no knowledge of the attack. The blend
+    search's per-class inversion is the verdict: no anomalous class, and T is handed back unchanged;
+    a suspect class, and the cpu-blend game runs (patch regulariser with the trigger bank, blend term
+    on the suspect's patterns), guarded by the synthetic agreement with T."""
+    blend = cpu_blend_recipe()
+    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions))
+
+
 def without_regularisers(recipe: Recipe) -> Recipe:
     """The same recipe with no backdoor regulariser at all: lambda = 0 and no blend term."""
-    return recipe.replace(lam=0.0).without("blend_search")
+    return recipe.replace(lam=0.0).without("blend_search", "verdict")
 
 
 def plain_adversarial_distillation(recipe: Recipe) -> Recipe:

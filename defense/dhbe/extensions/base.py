@@ -17,7 +17,11 @@ order a run meets them:
 - `generator_prior`       extra terms of G's loss
 - `student_terms`         extra terms of S's loss
 - `after_student_step`    once S's optimiser has stepped
+- `epoch_end`             after every epoch, with its data-free record
 - `output_model`          the model handed back (first answer wins; official: S)
+- `report`                the data-free evidence it gathered (the purified manifest and the run report)
+
+`DHBETrainer.stop(reason)` ends the game at the next epoch start (a verdict of "nothing to erase").
 """
 from __future__ import annotations
 
@@ -77,7 +81,12 @@ class Extension:
 
     def after_student_step(self, trainer: DHBETrainer) -> None: ...
 
+    def epoch_end(self, trainer: DHBETrainer, record: Any) -> None: ...
+
     def output_model(self, trainer: DHBETrainer) -> Optional[nn.Module]:
+        return None
+
+    def report(self, trainer: DHBETrainer) -> Optional[dict[str, Any]]:
         return None
 
     def state_dict(self) -> dict[str, Any]:

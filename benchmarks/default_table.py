@@ -1,0 +1,99 @@
+"""The one default purification on the measured cases: `python -m benchmarks.default_table
+[--cases dev|held-out] [--recipe default] [--tiny]`.
+
+Every case model is planted once (benchmarks/default_cases.py, runs/cases/) with its experiment
+record; the purification gets the model and its input spec only, through the same recipe
+constructor as the CLIs (`recipe_config`), in-process (DHBE's own time, without Ray Train's fixed
+cost); the experimenter then measures ACC/ASR with the record's trigger. Writes
+benchmarks/results/default_table_<cases>.parquet and .md."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.default_cases import DEV, HELD_OUT, plant
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.fileio import atomic_path, atomic_write_text
+from defense.report import markdown_table
+from defense.scenario import model_file_scenario
+
+RESULTS = Path("benchmarks/results")
+
+
+def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
+    scenario = model_file_scenario(plant(case, tiny=tiny))
+    before = scenario.evaluate(scenario.teacher)
+    recipe = recipe_config(recipe_name, overrides)
+    if tiny:
+        recipe = smoke_sized(recipe)
+    started = time.perf_counter()
+    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe)
+    train_epochs(trainer)
+    wall = time.perf_counter() - started
+    after = scenario.evaluate(trainer.output_model().eval())
+    evidence = trainer.evidence()
+    verdict = evidence.get("verdict", {})
+    pct = lambda v: None if v is None else round(100 * v, 1)
+    return {"case": case.name, "attack": case.attack if case.poisoned else "none", "kind": case.kind,
+            "target": case.target if case.poisoned else None,
+            "acc_before": pct(before["acc"]), "acc_after": pct(after["acc"]),
+            "acc_drop": round(100 * (before["acc"] - after["acc"]), 2),
+            **{f"{k}_before": pct(before.get(k)) for k in ("asr_x1", "asr_x9")},
+            **{f"{k}_after": pct(after.get(k)) for k in ("asr_x1", "asr_x4", "asr_x9", "ra")},
+            "suspected": ",".join(map(str, verdict.get("suspected_targets", []))) or "none",
+            "max_anomaly": round(max(verdict.get("anomaly_index") or [0.0]), 2),
+            "stopped": bool(evidence.get("stopped")), "guard": verdict.get("guard", ""),
+            "epochs": trainer.epoch, "wall_s": round(wall, 1)}
+
+
+COLUMNS = [("case", "case"), ("attack", "attack"), ("kind", "model"), ("target", "target"),
+           ("acc_before", "ACC before"), ("acc_after", "ACC after"), ("acc_drop", "drop"),
+           ("asr_x1_before", "ASR x1 before"), ("asr_x1_after", "ASR x1"), ("asr_x4_after", "x4"),
+           ("asr_x9_after", "x9"), ("ra_after", "RA"), ("suspected", "suspected target"),
+           ("max_anomaly", "max anomaly"), ("wall_s", "wall s")]
+
+
+def markdown(rows: list[dict]) -> str:
+    return "\n".join(markdown_table([label for _, label in COLUMNS], [[row.get(key) for key, _ in COLUMNS] for row in rows]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", choices=("dev", "held-out"), default="dev")
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--only", nargs="*", default=None, help="case names")
+    parser.add_argument("--out", default=None, help="file stem under benchmarks/results")
+    parser.add_argument("--tiny", action="store_true", help="two cases at smoke size (CI)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from defense.cli import field_pairs
+
+    overrides = field_pairs(args.set, "--set")
+    cases = DEV if args.cases == "dev" else HELD_OUT
+    if args.only:
+        cases = [c for c in cases if c.name in args.only]
+    if args.tiny:
+        cases = [DEV[0], DEV[2]]
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, args.recipe, args.tiny, overrides))
+        print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows)
+    print(table)
+    if not args.tiny:
+        import pandas as pd
+
+        stem = args.out or f"default_table_{args.cases.replace('-', '_')}"
+        with atomic_path(RESULTS / f"{stem}.parquet") as tmp:
+            pd.DataFrame(rows).to_parquet(tmp, index=False)
+        atomic_write_text(RESULTS / f"{stem}.md", f"# `{args.recipe}` purification, {args.cases} cases "
+                          f"(`python -m benchmarks.default_table --cases {args.cases}`)\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

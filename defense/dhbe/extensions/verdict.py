@@ -1,0 +1,101 @@
+"""`verdict`: decide from data-free evidence whether there is anything to erase, and guard what is
+handed back (docs/dhbe.md, "one default").
+
+Before the game, the blend search inverts one blend pattern per class against T on G's samples; a
+backdoor of any kind measured so far (patch, DBA, blended, SIG; central and FedAvg) made its target's
+pattern anomalously easy to find (anomaly index >= 3.9 against <= 1.4 on clean models, dev cases).
+With no suspect class the game stops and T is handed back unchanged (a clean model keeps its ACC).
+With a suspect, the recipe's regularisers run as listed, and the guard checks every epoch's
+synthetic agreement of the output with T: if the last epoch's falls below `min_agreement`, the
+output of the last epoch that met it is handed back (or T if none did), and the report says so.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from defense.dhbe.config import ExtensionConfig, extension
+from defense.dhbe.extensions.base import Extension
+from defense.spec import require
+
+
+@extension
+@dataclass(frozen=True)
+class VerdictConfig(ExtensionConfig):
+    name = "verdict"
+    requires = ("blend_search",)
+    hand_back_clean: bool = True     # no suspect class: stop and hand T back unchanged
+    min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.min_agreement < 1, f"verdict.min_agreement must be in [0, 1), got {self.min_agreement}")
+
+    def build(self, trainer: Any) -> Extension:
+        return Verdict(self)
+
+
+class Verdict(Extension):
+    def __init__(self, config: VerdictConfig) -> None:
+        super().__init__(config)
+        self.suspects: Optional[list[int]] = None
+        self.last_good: Optional[dict] = None       # the output model's state after the last epoch that met the floor
+        self.fallback: Optional[str] = None          # what the guard did, if anything
+        self.fallback_model: Optional[nn.Module] = None
+
+    def epoch_start(self, trainer) -> None:
+        if trainer.epoch != 0 or self.suspects is not None:
+            return
+        search = trainer.extension("blend_search")
+        self.suspects = list(search.classes)
+        if not self.suspects and self.config.hand_back_clean:
+            trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert "
+                         f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
+                         f"threshold {search.config.suspect_threshold}); the model is handed back unchanged")
+
+    def epoch_end(self, trainer, record) -> None:
+        if trainer.stop_reason is not None or not self.config.min_agreement:
+            return
+        if record.synthetic_agreement >= self.config.min_agreement:
+            self.last_good = {k: v.detach().cpu().clone() for k, v in trainer.output_model().state_dict().items()}
+            self.fallback = self.fallback_model = None
+        elif trainer.epoch == trainer.config.epochs:
+            self._fall_back(trainer, record.synthetic_agreement)
+
+    def _fall_back(self, trainer, agreement: float) -> None:
+        if self.last_good is not None:
+            model = copy.deepcopy(trainer.output_model())
+            model.load_state_dict(self.last_good)
+            self.fallback, self.fallback_model = "the last epoch whose agreement met the floor", model
+        else:
+            self.fallback, self.fallback_model = "the input model (no epoch met the floor)", trainer.teacher
+        self.fallback = (f"guard: the final model agrees with T on {100 * agreement:.0f}% of synthetic samples "
+                         f"(floor {100 * self.config.min_agreement:.0f}%); handed back {self.fallback}")
+
+    def output_model(self, trainer) -> Optional[nn.Module]:
+        if trainer.stop_reason is not None and self.suspects == [] and self.config.hand_back_clean:
+            return trainer.teacher
+        return self.fallback_model
+
+    def report(self, trainer) -> Optional[dict[str, Any]]:
+        search = trainer.extension("blend_search").evidence() or {}
+        bank = trainer.extension("trigger_bank")
+        found = {"backdoor_suspected": bool(self.suspects), "suspected_targets": self.suspects or [],
+                 "anomaly_index": [round(v, 3) for v in search.get("anomaly_index", [])]}
+        if bank is not None and len(bank.bank):
+            found["patch_probe"] = bank.measure(trainer)
+        if trainer.history:
+            found["final_synthetic_agreement"] = trainer.history[-1].synthetic_agreement
+            found["final_trigger_sensitivity"] = trainer.history[-1].trigger_sensitivity
+        if self.fallback:
+            found["guard"] = self.fallback
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"suspects": self.suspects, "last_good": self.last_good}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.suspects, self.last_good = state.get("suspects"), state.get("last_good")
