@@ -38,8 +38,8 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
     evidence = trainer.evidence()
     verdict = evidence.get("verdict", {})
     pct = lambda v: None if v is None else round(100 * v, 1)
-    return {"case": case.name, "attack": case.attack if case.poisoned else "none", "kind": case.kind,
-            "target": case.target if case.poisoned else None,
+    return {"case": case.name, "attack": case.attack.attack if case.poisoned else "none", "kind": case.kind,
+            "target": case.attack.target if case.poisoned else None,
             "acc_before": pct(before["acc"]), "acc_after": pct(after["acc"]),
             "acc_drop": round(100 * (before["acc"] - after["acc"]), 2),
             **{f"{k}_before": pct(before.get(k)) for k in ("asr_x1", "asr_x9")},

@@ -55,7 +55,8 @@ def main() -> None:
         if args.only and case.name not in args.only:
             continue
         evidence = probe(plant(case, tiny=args.tiny), tiny=args.tiny)
-        truth = {"attack": case.attack if case.poisoned else "none", "target": case.target if case.poisoned else None}
+        truth = {"attack": case.attack.attack if case.poisoned else "none",
+                 "target": case.attack.target if case.poisoned else None}
         rows.append({"case": case.name, "truth": truth, **evidence})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
