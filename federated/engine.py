@@ -22,6 +22,7 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
     from federated.apps import make_client_app, make_server_app
 
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_flower_logs()
     cpus = max(1, min(os.cpu_count() or 1, config.clients))
     backend = {"client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR",
@@ -32,6 +33,28 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
     server_app = make_server_app(config, run, wrap_strategy or (lambda s: s))
     run_simulation(server_app=server_app, client_app=make_client_app(config), num_supernodes=config.clients,
                    backend_config=backend, verbose_logging=verbose)
+
+
+class _FlowerNoise(logging.Filter):
+    """Drops Flower's notices a user of this project cannot act on: the `run_simulation` deprecation
+    banner (the simulation engine is the project's choice; `flwr run .` is offered beside it) and the
+    note that federated evaluation is off (the server evaluates the global model itself)."""
+
+    NOTICES = ("DEPRECATED FEATURE: The `run_simulation`", "This is a deprecated feature",
+               "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+def quiet_flower_logs() -> None:
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _FlowerNoise) for f in logger.filters):
+        logger.addFilter(_FlowerNoise())
+    for handler in logger.handlers:
+        if not any(isinstance(f, _FlowerNoise) for f in handler.filters):
+            handler.addFilter(_FlowerNoise())
 
 
 RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=...) -> None: trains into `run`
