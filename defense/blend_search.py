@@ -42,14 +42,6 @@ class ClassPatterns:
         spread = max(1.4826 * float((logs - median).abs().median()), MIN_LOG_SPREAD)
         return [float((median - v) / spread) for v in logs]
 
-    def anomaly_of(self, losses: list[float]) -> list[float]:
-        """The anomaly index of other losses (e.g. a later search on the student) against this
-        search's median and spread."""
-        logs = torch.tensor(self.losses).clamp_min(1e-12).log()
-        median = logs.median()
-        spread = max(1.4826 * float((logs - median).abs().median()), MIN_LOG_SPREAD)
-        return [float((median - math.log(max(v, 1e-12))) / spread) for v in losses]
-
     def suspects(self, threshold: float) -> list[int]:
         """Classes whose anomaly index exceeds `threshold` (Neural Cleanse flags > 2)."""
         return [k for k, index in zip(self.classes, self.anomaly_index()) if index > threshold]

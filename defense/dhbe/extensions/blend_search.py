@@ -62,7 +62,6 @@ class BlendSearch(Extension):
         self.bank = torch.zeros(0, *trainer.spec.shape)
         self.found: Optional[ClassPatterns] = None   # the first search's evidence (every class, against T)
         self.classes: list[int] = []                 # the classes kept
-        self.latest: Optional[ClassPatterns] = None  # the latest re-search of the kept classes, on S
 
     def probe(self, trainer) -> None:
         if self.found is None:
@@ -91,8 +90,6 @@ class BlendSearch(Extension):
         if first:
             self.found = found
             self.classes = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
-        else:
-            self.latest = found
         kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
         self.bank = torch.cat([self.bank, kept.cpu()])
 
@@ -116,8 +113,7 @@ class BlendSearch(Extension):
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.clone(), "search_generator": copy.deepcopy(self.search_generator.state_dict()),
-                "found": asdict(self.found) if self.found is not None else None, "classes": list(self.classes),
-                "latest": asdict(self.latest) if self.latest is not None else None}
+                "found": asdict(self.found) if self.found is not None else None, "classes": list(self.classes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -126,4 +122,3 @@ class BlendSearch(Extension):
         self.search_generator.load_state_dict(state["search_generator"])
         self.found = ClassPatterns(**state["found"]) if state.get("found") else None
         self.classes = list(state.get("classes", []))
-        self.latest = ClassPatterns(**state["latest"]) if state.get("latest") else None

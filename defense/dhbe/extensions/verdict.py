@@ -29,7 +29,6 @@ class VerdictConfig(ExtensionConfig):
     requires = ("blend_search",)
     hand_back_clean: bool = True     # no suspect class: stop and hand T back unchanged
     min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
-    stop_when_erased: bool = False   # stop once the suspects' patterns, re-found on S, are no longer anomalous
 
     def __post_init__(self) -> None:
         require(0 <= self.min_agreement < 1, f"verdict.min_agreement must be in [0, 1), got {self.min_agreement}")
@@ -47,8 +46,6 @@ class Verdict(Extension):
         self.fallback_model: Optional[nn.Module] = None
 
     def epoch_start(self, trainer) -> None:
-        if trainer.epoch > 0:
-            self._stop_if_erased(trainer)
         if trainer.epoch != 0 or self.suspects is not None:
             return
         search = trainer.extension("blend_search")
@@ -58,24 +55,13 @@ class Verdict(Extension):
                          f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
                          f"threshold {search.config.suspect_threshold}); the model is handed back unchanged")
 
-    def _stop_if_erased(self, trainer) -> None:
-        search = trainer.extension("blend_search")
-        if not (self.config.stop_when_erased and self.suspects and search.latest is not None):
-            return
-        residue = search.found.anomaly_of(search.latest.losses)
-        if max(residue) <= search.config.suspect_threshold:
-            trainer.stop(f"the suspects' blend patterns re-found on the student are no longer anomalous "
-                         f"(index {max(residue):.2f} <= {search.config.suspect_threshold}); stopped after "
-                         f"epoch {trainer.epoch}")
-
     def epoch_end(self, trainer, record) -> None:
-        if not self.config.min_agreement or not self.suspects:
+        if trainer.stop_reason is not None or not self.config.min_agreement:
             return
-        last = trainer.epoch == trainer.config.epochs or trainer.stop_reason is not None
         if record.synthetic_agreement >= self.config.min_agreement:
             self.last_good = {k: v.detach().cpu().clone() for k, v in trainer.output_model().state_dict().items()}
             self.fallback = self.fallback_model = None
-        elif last:
+        elif trainer.epoch == trainer.config.epochs:
             self._fall_back(trainer, record.synthetic_agreement)
 
     def _fall_back(self, trainer, agreement: float) -> None:
