@@ -75,7 +75,7 @@ def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str =
                           from_record: bool = False) -> None:
     """--attack, --trigger-size, --target, --blend-alpha. With `from_record`, they default to None:
     the model file's experiment record decides and a flag given overrides it."""
-    from defense.triggers import ATTACKS
+    from defense.triggers import ATTACKS, PLACES
 
     def default(value):
         return None if from_record else value
@@ -85,5 +85,5 @@ def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str =
     parser.add_argument("--trigger-size", type=positive_int, default=default(3), help="patch trigger side (1..7)" + note)
     parser.add_argument("--target", type=non_negative_int, default=default(0), help="all-to-one target class" + note)
     parser.add_argument("--blend-alpha", type=float, default=default(0.2), help="blended trigger opacity" + note)
-    parser.add_argument("--trigger-place", default=default("corner"), choices=("corner", "centre", "random"),
+    parser.add_argument("--trigger-place", default=default(PLACES[0]), choices=PLACES,
                         help="where patch triggers go (random: a random place per sample)" + note)

@@ -88,7 +88,6 @@ def model_file_scenario(path: str | Path, overrides: Optional[Mapping[str, Any]]
                           f"data set {experiment.dataset!r} gives {bundle.spec.shape} and {bundle.spec.num_classes}")
     if not 0 <= experiment.target < spec.num_classes:
         raise ConfigError(f"--target must be in 0..{spec.num_classes - 1}, got {experiment.target}")
-    scenario = Scenario(loaded.model.eval(), bundle, experiment.trigger(spec), experiment.target, f"file:{path}")
-    scenario.experiment = experiment
-    scenario.experiment_source = "the file's record" if recorded is not None else "defaults (the file has no record)"
-    return scenario
+    source = "the file's record" if recorded is not None else "defaults (the file has no record)"
+    return Scenario(loaded.model.eval(), bundle, experiment.trigger(spec), experiment.target, f"file:{path}",
+                    experiment, source)

@@ -54,7 +54,8 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     from federated.engine import run_federated
-    from federated.purification import DEFAULT_FEDERATED_RECIPE, purification_recipe
+    from defense.dhbe import DEFAULT_RECIPE
+    from federated.purification import purification_recipe
     from federated.run_folder import fresh_run_dir
 
     config = config_from_run_config(context.run_config)
@@ -68,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     recipe = None
     if purify:
         overrides = field_pairs(str(context.run_config.get("purify-set", "")).split(), "run-config purify-set")
-        recipe = purification_recipe(str(context.run_config.get("purify-recipe", DEFAULT_FEDERATED_RECIPE)),
+        recipe = purification_recipe(str(context.run_config.get("purify-recipe", DEFAULT_RECIPE)),
                                      overrides, config.seed)
         recipe.validate_for(spec)
     run_federated(config, out, spec, purify=purify, purify_every=int(context.run_config.get("purify-every", 0)),

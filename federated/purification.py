@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from defense.dhbe import Recipe, recipe_config
+from defense.dhbe import DEFAULT_RECIPE, Recipe, recipe_config
 from defense.modelio import LoadedModel, load_model
 from defense.models import build_model
 from defense.spec import InputSpec
@@ -31,9 +31,6 @@ from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
 from federated.apps import arrays_to_model, model_to_arrays
 from federated.run_folder import evidence_line
 from federated.strategies import DelegatingStrategy
-
-DEFAULT_FEDERATED_RECIPE = "default"
-
 
 def purify_arrays(arrays: ArrayRecord, model_name: str, spec: InputSpec, job: PurifyJobConfig,
                   out: Path) -> tuple[ArrayRecord, PurifyResult]:
@@ -52,7 +49,7 @@ class PurifyingStrategy(DelegatingStrategy):
                  out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
         super().__init__(inner)
         self.model_name, self.spec, self.every, self.final_round = model_name, spec, every, final_round
-        self.recipe = recipe or recipe_config(DEFAULT_FEDERATED_RECIPE)
+        self.recipe = recipe or recipe_config(DEFAULT_RECIPE)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
@@ -77,10 +74,10 @@ class FederatedPurification:
     """What `python -m federated.simulate` plugs in: in-run purification every K rounds, and the
     final purification with a before/after report once the simulation has released Ray."""
 
-    def __init__(self, config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
-                 recipe: Optional[Recipe] = None) -> None:
+    def __init__(self, config, run, spec: InputSpec, recipe: Recipe, every: int = 0,
+                 budget_s: Optional[float] = None) -> None:
         self.config, self.run, self.spec, self.every, self.budget_s = config, run, spec, every, budget_s
-        self.recipe = recipe or recipe_config(DEFAULT_FEDERATED_RECIPE, {"seed": config.seed})
+        self.recipe = recipe
 
     def wrap(self, strategy: Strategy) -> Strategy:
         if self.every <= 0:
@@ -114,10 +111,10 @@ class FederatedPurification:
 
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
                            recipe: Optional[Recipe] = None) -> FederatedPurification:
-    """The hook `federated.simulate` plugs in (`recipe`: default the federated recipe, seeded by the run)."""
-    recipe = recipe or purification_recipe(DEFAULT_FEDERATED_RECIPE, {}, config.seed)
+    """The hook `federated.simulate` plugs in (`recipe`: default the default recipe, seeded by the run)."""
+    recipe = recipe or purification_recipe(DEFAULT_RECIPE, {}, config.seed)
     recipe.validate_for(spec)
-    return FederatedPurification(config, run, spec, every, budget_s, recipe)
+    return FederatedPurification(config, run, spec, recipe, every, budget_s)
 
 
 def purification_recipe(name: str, overrides: dict, seed: int) -> Recipe:

@@ -71,8 +71,7 @@ def build_parser() -> ArgumentParser:
                    help="also purify every K rounds (0 = only at the end)")
     p.add_argument("--purify-budget", type=positive_float, default=None,
                    help="DHBE wall-time budget in seconds (default: the recipe's iteration count)")
-    add_recipe_arguments(p, default="default", recipe_flag="--purify-recipe", set_flag="--purify-set",
-                         config_flag=None)
+    add_recipe_arguments(p, recipe_flag="--purify-recipe", set_flag="--purify-set", config_flag=None)
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     return p
 

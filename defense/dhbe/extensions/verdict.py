@@ -66,13 +66,13 @@ class Verdict(Extension):
 
     def _fall_back(self, trainer, agreement: float) -> None:
         if self.last_good is not None:
-            model = copy.deepcopy(trainer.output_model())
-            model.load_state_dict(self.last_good)
-            self.fallback, self.fallback_model = "the last epoch whose agreement met the floor", model
+            self.fallback_model = copy.deepcopy(trainer.output_model())
+            self.fallback_model.load_state_dict(self.last_good)
+            handed_back = "the last epoch whose agreement met the floor"
         else:
-            self.fallback, self.fallback_model = "the input model (no epoch met the floor)", trainer.teacher
+            self.fallback_model, handed_back = trainer.teacher, "the input model (no epoch met the floor)"
         self.fallback = (f"guard: the final model agrees with T on {100 * agreement:.0f}% of synthetic samples "
-                         f"(floor {100 * self.config.min_agreement:.0f}%); handed back {self.fallback}")
+                         f"(floor {100 * self.config.min_agreement:.0f}%); handed back {handed_back}")
 
     def output_model(self, trainer) -> Optional[nn.Module]:
         if trainer.stop_reason is not None and self.suspects == [] and self.config.hand_back_clean:
