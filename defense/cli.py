@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
 from defense.errors import ConfigError
@@ -52,9 +55,54 @@ def fraction(text: str) -> float:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+MAX_SEED = 2**31 - 1
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {value}")
+    return value
+
+
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
+
+
+def writable_destination(path: str | Path, flag: str = "--out") -> Path:
+    """`path` (to be created) checked before any work: not inside /proc, /sys or /dev, and its
+    nearest existing ancestor a folder this process can really write in (tried with a temporary
+    file: root passes every permission check). Returns the absolute path."""
+    target = Path(path).expanduser().absolute()
+    resolved = target.resolve()
+    if any(resolved == Path(tree) or Path(tree) in resolved.parents for tree in SYSTEM_TREES):
+        raise ConfigError(f"{flag} {path}: not inside a system folder ({', '.join(SYSTEM_TREES)})")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({exc.strerror or type(exc).__name__})") from None
+    return target
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,

@@ -6,6 +6,7 @@ with `torch.load(weights_only=True)`, which refuses any pickle that would build 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
 from dataclasses import dataclass
@@ -81,29 +82,64 @@ def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputS
     return manifest_path
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def read_manifest(manifest_path: Path) -> dict[str, Any]:
+    """The manifest as a dict with its fields type-checked; UnsafeFileError on anything else."""
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UnsafeFileError(f"manifest {manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except RecursionError:
+        raise UnsafeFileError(f"manifest {manifest_path} is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsafeFileError(f"manifest {manifest_path} is not valid JSON: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(manifest, dict):
+        raise UnsafeFileError(f"manifest {manifest_path} is a JSON {type(manifest).__name__}, not an object")
+    for key, kind in (("model", str), ("input_spec", dict), ("weights_sha256", str), ("weights_file", str)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise UnsafeFileError(f"manifest {manifest_path}: '{key}' must be a {kind.__name__}, "
+                                  f"got {type(manifest[key]).__name__}")
+    if "model" not in manifest or "input_spec" not in manifest:
+        raise UnsafeFileError(f"manifest {manifest_path} lacks 'model' or 'input_spec'")
+    name = manifest.get("weights_file")
+    if name is not None and (Path(name).name != name or name in (".", "..") or "\\" in name
+                             or not name.endswith(".safetensors")):
+        raise UnsafeFileError(f"manifest {manifest_path}: weights_file {name[:80]!r} must be a .safetensors file "
+                              "name in the manifest's own folder")
+    return manifest
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model file (manifest, safetensors or weights-only `.pt` with a manifest beside it)."""
+    """Load a model file (manifest, safetensors or weights-only `.pt` with a manifest beside it):
+    the manifest checked before anything is built, the weights against its SHA-256, every tensor finite."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"model file {path} is a folder; name its manifest (.json) or weights file")
     weights_path, manifest_path = _paths(path)
     if not manifest_path.is_file():
         raise ConfigError(f"model file {path} has no manifest {manifest_path.name} beside it")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnsafeFileError(f"manifest {manifest_path} is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-    if not isinstance(manifest, dict) or "model" not in manifest or "input_spec" not in manifest:
-        raise UnsafeFileError(f"manifest {manifest_path} lacks 'model' or 'input_spec'")
+    manifest = read_manifest(manifest_path)
     model_name = manifest["model"]
     if model_name not in MODELS:
-        raise UnsafeFileError(f"manifest {manifest_path} names unknown model {model_name!r}")
-    spec = InputSpec.from_dict(manifest["input_spec"])
+        raise UnsafeFileError(f"manifest {manifest_path} names unknown model {model_name[:80]!r}")
+    try:
+        spec = InputSpec.from_dict(manifest["input_spec"])
+    except ConfigError as exc:
+        raise UnsafeFileError(f"manifest {manifest_path}: {exc}") from None
+    if "num_classes" in manifest and manifest["num_classes"] != spec.num_classes:
+        raise UnsafeFileError(f"manifest {manifest_path}: num_classes differs from its input spec's")
 
     if path.suffix in (".pt", ".pth"):
-        state, digest = _load_weights_only_pickle(path)
+        state, digest = _load_weights_only_pickle(path, manifest)
     else:
         state, digest = _load_safetensors(manifest_path.parent / manifest.get("weights_file", weights_path.name), manifest)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UnsafeFileError(f"weights in {path} hold non-finite values ({key[:80]})")
 
     model = build_model(model_name, spec)
     try:
@@ -131,13 +167,16 @@ def _load_safetensors(weights_path: Path, manifest: Mapping[str, Any]) -> tuple[
         raise UnsafeFileError(f"{weights_path} is not a valid safetensors file: {exc}") from None
 
 
-def _load_weights_only_pickle(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _load_weights_only_pickle(path: Path, manifest: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     payload = path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if manifest.get("weights_sha256") != digest:
+        raise UnsafeFileError(f"{path} does not match its manifest's SHA-256 (corrupted or replaced)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeFileError(f"refusing {path}: not a plain weights-only state dict ({reason[:160]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UnsafeFileError(f"refusing {path}: it does not hold a flat state dict of tensors")
-    return state, hashlib.sha256(payload).hexdigest()
+    return state, digest

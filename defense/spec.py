@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import math
 from typing import Any, Mapping
 
 import torch
@@ -13,6 +14,9 @@ def require(condition: bool, message: str) -> None:
     """Raise a ConfigError with `message` unless `condition` holds (config validation)."""
     if not condition:
         raise ConfigError(message)
+
+
+MAX_CHANNELS, MAX_SIDE, MAX_CLASSES = 64, 4096, 100_000   # bounds checked before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,18 @@ class InputSpec:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        for name, high in (("channels", MAX_CHANNELS), ("height", MAX_SIDE), ("width", MAX_SIDE),
+                           ("num_classes", MAX_CLASSES)):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool),
+                    f"{name} must be an integer, got {type(value).__name__} {str(value)[:40]!r}")
+            require(value <= high, f"{name} must be at most {high}, got {value}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            require(isinstance(values, (list, tuple)) and len(values) <= MAX_CHANNELS
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values),
+                    f"{name} must be a list of at most {MAX_CHANNELS} finite numbers, got {str(values)[:60]!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
         require(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
         require(self.height >= 1 and self.width >= 1, f"image size must be positive, got {self.height}x{self.width}")
         require(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
@@ -60,6 +74,8 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "InputSpec":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"input spec must be an object, got {type(data).__name__}")
         try:
             return cls(**{k: data[k] for k in ("channels", "height", "width", "num_classes", "mean", "std")})
         except (KeyError, TypeError) as exc:

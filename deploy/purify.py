@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import ArgumentParser, non_negative_int, positive_float, positive_int, run_main
+from defense.cli import (ArgumentParser, bounded_int, positive_float, run_main,
+                         writable_destination)
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
 
@@ -17,14 +19,17 @@ def build_parser() -> ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="model file to purify (.json manifest, .safetensors, or weights-only .pt)")
     p.add_argument("--out", required=True, help="output model path (writes OUT.safetensors and OUT.json)")
-    p.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (data-parallel when > 1)")
+    p.add_argument("--workers", type=bounded_int(1, 1024), default=1, help="Ray Train workers (data-parallel when > 1)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="force GPU workers")
     device.add_argument("--cpu", dest="use_gpu", action="store_false", help="force CPU workers")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage", default=None, help="folder for Ray Train checkpoints (default: temporary)")
+    p.add_argument("--storage", default=None,
+                   help="folder for Ray Train checkpoints (default: a hidden folder beside --out)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the job's checkpoints after it succeeds (default: removed; needed to resume by --name)")
     p.add_argument("--name", default=None, help="run name; reusing one resumes that run")
-    p.add_argument("--max-failures", type=non_negative_int, default=2, help="worker failures to recover from")
+    p.add_argument("--max-failures", type=bounded_int(0, 100), default=2, help="worker failures to recover from")
     p.add_argument("--budget", type=positive_float, default=None, help="stop after this many seconds of DHBE")
     add_recipe_arguments(p)
     return p
@@ -35,17 +40,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from defense.modelio import load_model
 
     recipe = recipe_from_args(args)
-    teacher = load_model(args.model)
-    recipe.validate_for(teacher.spec)
     out = Path(args.out)
     if out.suffix in (".json", ".safetensors"):
         out = out.with_suffix("")
-    if out.with_suffix(".json").exists():
-        raise ConfigError(f"--out {out}.json already exists")
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; name the output model file (OUT.json and OUT.safetensors)")
+    for written in (out.with_suffix(".json"), out.with_suffix(".safetensors")):
+        if written.exists():
+            raise ConfigError(f"--out: {written} already exists")
+    writable_destination(out.with_suffix(".json"))
+    if args.storage is not None:
+        writable_destination(Path(args.storage) / "x", "--storage")
+    local_cpus = os.cpu_count() or 1
+    if args.address is None and not os.environ.get("RAY_ADDRESS") and args.workers > local_cpus:
+        raise ConfigError(f"--workers {args.workers}: a local Ray has {local_cpus} CPUs; use at most that many "
+                          "(or a cluster: --address / RAY_ADDRESS)")
+    teacher = load_model(args.model)
+    recipe.validate_for(teacher.spec)
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
     job = PurifyJobConfig(recipe=recipe, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
-                          storage_path=args.storage, name=args.name, max_failures=args.max_failures,
+                          storage_path=args.storage, keep_checkpoints=args.keep_checkpoints, name=args.name, max_failures=args.max_failures,
                           budget_s=args.budget)
     result = run_purify_job(teacher, job, out)
     last = result.history[-1] if result.history else {}

@@ -6,6 +6,9 @@ On a fresh local Ray by default; on an existing cluster when RAY_ADDRESS (or `ad
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -38,13 +41,29 @@ def quiet_ray_environment() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data(\..*)?")
 
 
+def protect_local_ray() -> None:
+    """A Ray this project starts on this machine (deploy's, Tune's, Flower's simulation backend)
+    requires Ray's token authentication with a fresh random token held only by this process and
+    the Ray processes it starts. Ray 2.55 cannot be told to listen on loopback alone: its GCS,
+    raylet and workers bind every interface, and `ray.init` replaces 127.0.0.1 with the node's
+    address (ray._private.services.resolve_ip_for_localhost); with the token, a process on the
+    network that connects is refused. A user's own cluster (RAY_ADDRESS) keeps its own settings.
+    Ray reads the setting when it is first imported: call this before any `import ray`."""
+    if os.environ.get("RAY_ADDRESS") or "ray" in sys.modules:
+        return   # a user's cluster; or Ray already read its settings in this process (they must agree)
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 @dataclass
 class PurifyJobConfig:
     recipe: Recipe
     workers: int = 1
     use_gpu: Optional[bool] = None          # None: a GPU if the cluster has one
     address: Optional[str] = None           # None: RAY_ADDRESS, else a fresh local Ray
-    storage_path: Optional[str] = None      # None: a temporary folder
+    storage_path: Optional[str] = None      # None: a hidden folder beside the output
+    keep_checkpoints: bool = False          # False: the job's checkpoints are removed once it succeeds
     name: Optional[str] = None              # reusing a name resumes that run
     max_failures: int = 2
     cpus_per_worker: Optional[float] = None  # None: the cluster's CPUs shared among the workers
@@ -149,12 +168,14 @@ def job_loop_config(teacher: LoadedModel, recipe: Recipe, threads: int, storage:
 
 def connect_ray(address: Optional[str] = None) -> None:
     """Join RAY_ADDRESS / `address` when given, else start a local Ray sized to this machine."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        protect_local_ray()
     import ray
 
     quiet_ray_environment()
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
@@ -201,6 +222,8 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
                    train_loop: Callable[[dict], None] = train_loop_per_worker) -> PurifyResult:
     """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically.
     `train_loop` is the worker body (tests pass one that plants a fault inside the worker)."""
+    if job.address is None:
+        protect_local_ray()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -220,7 +243,8 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
     if job.share_running_ray and sharing_ray:
         cpus_per_worker = 0.0
         extra_resources.update(shared_ray_resources())
-    storage = Path(job.storage_path or tempfile.mkdtemp(prefix="dhbe-ray-")).resolve()
+    # checkpoints (weights inside) beside the output, not in a shared /tmp; removed on success
+    storage = Path(job.storage_path or out.parent / f".{out.name}.checkpoints").resolve()
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
     loop_config = job_loop_config(
         teacher, job.recipe, max(1, int(share)), storage, name, job.budget_s,
@@ -246,5 +270,9 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
         # the input's experiment record goes along as metadata (the job itself never sees it)
         manifest_path = save_model(produced.model, out, produced.model_name, produced.spec,
                                    produced.manifest["produced_by"], extra, teacher.manifest.get("experiment"))
+    if not job.keep_checkpoints:
+        shutil.rmtree(storage / name, ignore_errors=True)
+        if job.storage_path is None:
+            shutil.rmtree(storage, ignore_errors=True)
     return PurifyResult(produced.model, manifest_path, extra.get("history", []), time.perf_counter() - started,
                         "gpu" if use_gpu else "cpu", int(extra.get("resumed_from_epoch", 0)), extra.get("evidence", {}))

@@ -22,7 +22,8 @@ from federated.attacks import boost_update, global_trigger, poison_partition
 from federated.config import SimulationConfig
 from federated.partition import partition
 from federated.run_folder import RunFolder
-from federated.strategies import ObservedStrategy, build_strategy
+from federated.strategies import MissingNodes, ObservedStrategy, build_strategy
+from federated.validation import ReplyChecker
 
 SKIPPED_STATE = "num_batches_tracked"  # integer counters: not averaged, not exchanged
 
@@ -87,9 +88,16 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
         model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
     reply = RecordDict({
         "arrays": model_to_arrays(model),
-        "metrics": MetricRecord({"num-examples": len(data), "malicious": int(attacking), "client-id": client_id}),
+        "metrics": MetricRecord({"num-examples": len(data), "client-id": client_id}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def reply_checker(config: SimulationConfig, bundle: DataBundle) -> ReplyChecker:
+    """The server's check of client replies, with the partition sizes it assigned itself."""
+    sizes = [len(index) for index in partition(config.partition, bundle.train.labels, config.clients,
+                                               config.alpha, config.seed)]
+    return ReplyChecker(config.clients, config.max_update_norm, config.client_weighting, sizes)
 
 
 def make_server_app(config: SimulationConfig, run: RunFolder,
@@ -113,7 +121,8 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     trigger = global_trigger(config, bundle.spec)
     torch.manual_seed(config.seed)
     model = build_model(config.model, bundle.spec)
-    observed = ObservedStrategy(build_strategy(config), config.max_update_norm)
+    observed = ObservedStrategy(build_strategy(config), reply_checker(config, bundle), config.attackers_in_round,
+                                node_wait_s=config.node_wait_s)
     strategy = wrap_strategy(observed)
     started = time.perf_counter()
 
@@ -126,10 +135,20 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
             run.record_round(row, model)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
 
-    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
-                            train_config=ConfigRecord({"local-epochs": config.local_epochs}),
-                            evaluate_fn=evaluate, timeout=config.round_timeout_s)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
+                                train_config=ConfigRecord({"local-epochs": config.local_epochs}),
+                                evaluate_fn=evaluate, timeout=config.round_timeout_s)
+    except MissingNodes as missing:
+        run.failure = str(missing)
+        return
     run.write_rejections(observed.rejections)
+    if not any(counts.get("clients_trained") for counts in observed.rounds.values()) or not len(result.arrays):
+        failures = sum(counts.get("client_failures", 0) for counts in observed.rounds.values())
+        rejected = sum(counts.get("updates_rejected", 0) for counts in observed.rounds.values())
+        run.failure = (f"no round aggregated any client update ({failures} client failures, {rejected} rejected "
+                       f"replies over {len(observed.rounds)} rounds; see rejected_updates.json); no final model")
+        return
     arrays_to_model(model, result.arrays)
     run.save_final(model)
 

@@ -1,6 +1,7 @@
 """The simulation's typed, validated configuration (built from the command line)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -10,6 +11,8 @@ from defense.spec import require
 
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip")
 PARTITIONS = ("iid", "dirichlet")
+MAX_CLIENTS = 100_000
+WEIGHTINGS = ("known", "equal")   # federated.validation.WEIGHTINGS (no flwr import here)
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,20 @@ class SimulationConfig:
     clip_norm: float = 1.0
     cpus_per_client: float = 1.0
     max_update_norm: float = 10.0    # reject updates with ||L - G|| > this x ||G||
+    client_weighting: str = "known"  # aggregation weights: known (num-examples capped at the partition
+                                     # size the server assigned) or equal (every accepted reply weight 1)
     round_timeout_s: float = 600.0   # a client slower than this counts as failed
+    node_wait_s: float = 120.0       # how long the server waits for all clients' nodes to connect
     client_failure_rate: float = 0.0 # injected fault: this fraction of clients raise every round
 
     def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            require(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
+        require(self.clients <= MAX_CLIENTS, f"--clients must be at most {MAX_CLIENTS}, got {self.clients}")
+        require(self.rounds <= 100_000, f"--rounds must be at most 100000, got {self.rounds}")
+        require(self.local_epochs <= 10_000, f"--local-epochs must be at most 10000, got {self.local_epochs}")
+        require(1 <= self.local_batch_size <= 65_536, f"--local-batch-size must be in 1..65536, got {self.local_batch_size}")
+        require(0 <= self.seed < 2**31, f"--seed must be in 0..{2**31 - 1}, got {self.seed}")
         require(self.clients >= 2, f"--clients must be >= 2, got {self.clients}")
         require(0 <= self.malicious <= self.clients, f"--malicious must be in 0..{self.clients} (--clients), got {self.malicious}")
         require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
@@ -60,6 +73,9 @@ class SimulationConfig:
         require(self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}")
         require(self.cpus_per_client > 0, f"cpus per client must be > 0, got {self.cpus_per_client}")
         require(self.max_update_norm > 0, f"--max-update-norm must be > 0, got {self.max_update_norm}")
+        require(self.client_weighting in WEIGHTINGS,
+                f"--client-weighting must be one of {', '.join(WEIGHTINGS)}, got {self.client_weighting!r}")
+        require(0 < self.node_wait_s <= 86_400, f"--node-wait must be in (0, 86400] s, got {self.node_wait_s}")
         require(self.round_timeout_s > 0, f"--round-timeout must be > 0, got {self.round_timeout_s}")
         require(0 <= self.client_failure_rate < 1, f"client failure rate must be in [0, 1), got {self.client_failure_rate}")
         require(4 <= self.image_size <= 512, f"--image-size must be in 4..512, got {self.image_size}")
@@ -85,6 +101,10 @@ class SimulationConfig:
         """Which partition ids attack: a fixed, seeded draw decided by the server."""
         rng = np.random.default_rng(self.seed + 7919)
         return sorted(int(i) for i in rng.choice(self.clients, size=self.malicious, replace=False))
+
+    def attackers_in_round(self, server_round: int) -> frozenset[int]:
+        """The partition ids that poison in `server_round`: the experimenter's ground truth."""
+        return frozenset(self.malicious_clients()) if server_round >= self.attack_from_round else frozenset()
 
     def experiment(self) -> "Experiment":
         """The record of this run's attack, written into every model file of the run (poison rate 0

@@ -8,15 +8,19 @@ from typing import Callable, Optional
 
 from defense.dhbe import Recipe
 from defense.spec import InputSpec
-from deploy.ray_job import SERVER_JOB_RESOURCE, quiet_ray_environment
+from deploy.ray_job import SERVER_JOB_RESOURCE, protect_local_ray, quiet_ray_environment
 from federated.config import SimulationConfig
 from federated.run_folder import RunFolder
 
 
 def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
-                          wrap_strategy: Optional[Callable] = None, verbose: bool = False) -> None:
-    """Train for `config.rounds` rounds; every round's metrics and model land in `run`."""
+                          wrap_strategy: Optional[Callable] = None, verbose: bool = False,
+                          client_app_factory: Optional[Callable] = None) -> None:
+    """Train for `config.rounds` rounds; every round's metrics and model land in `run`.
+    `client_app_factory(config)` builds the ClientApp (default federated.apps.make_client_app; tests
+    plant misbehaving clients through it)."""
     quiet_ray_environment()
+    protect_local_ray()
     from flwr.simulation import run_simulation
 
     from federated.apps import make_client_app, make_server_app
@@ -31,7 +35,7 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
                              # run on it instead of waiting for the CPUs the client actors hold
                              "resources": {SERVER_JOB_RESOURCE: 1.0}}}
     server_app = make_server_app(config, run, wrap_strategy or (lambda s: s))
-    run_simulation(server_app=server_app, client_app=make_client_app(config), num_supernodes=config.clients,
+    run_simulation(server_app=server_app, client_app=(client_app_factory or make_client_app)(config), num_supernodes=config.clients,
                    backend_config=backend, verbose_logging=verbose)
 
 
@@ -77,8 +81,10 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
             hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
                                           recipe=purify_recipe)
         rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None)
-        if not run.rows or len(run.rows) < config.rounds:
-            run.set_status("incomplete", reason="the simulation ended before its last round")
+        if run.failure is None and (not run.rows or len(run.rows) < config.rounds):
+            run.failure = f"the simulation ended after {len(run.rows)} of {config.rounds} rounds"
+        if run.failure is not None:
+            run.set_status("incomplete", reason=run.failure)
             return run
         comparison = hook.finish() if hook else None
         run.finish(comparison)

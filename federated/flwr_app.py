@@ -12,6 +12,7 @@ clients agree on who attacks.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,6 +73,8 @@ def main(grid: Grid, context: Context) -> None:
         recipe = purification_recipe(str(context.run_config.get("purify-recipe", DEFAULT_RECIPE)),
                                      overrides, config.seed)
         recipe.validate_for(spec)
-    run_federated(config, out, spec, purify=purify, purify_every=int(context.run_config.get("purify-every", 0)),
-                  purify_recipe=recipe, rounds_runner=rounds_on_this_grid)
+    run = run_federated(config, out, spec, purify=purify, purify_every=int(context.run_config.get("purify-every", 0)),
+                        purify_recipe=recipe, rounds_runner=rounds_on_this_grid)
     print(f"run folder: {out}", flush=True)
+    if not run.complete:
+        print(f"error: the run is incomplete: {run.failure}", file=sys.stderr, flush=True)

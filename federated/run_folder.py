@@ -53,6 +53,8 @@ class RunFolder:
         self.root, self.model_name, self.spec, self.quiet = root, model_name, spec, quiet
         self.experiment = experiment  # written into every model file's manifest
         self.evidence: Optional[dict] = None
+        self.failure: Optional[str] = None   # why the run cannot complete (set by the server)
+        self.state = "running"
         self.config, self.progress = config, None
         self.rows: list[dict] = []
         self.extra_columns: list[str] = []
@@ -61,7 +63,12 @@ class RunFolder:
         self.set_status("running")
 
     def set_status(self, state: str, **details: Any) -> None:
+        self.state = state
         atomic_write_json(self.root / "status.json", {"state": state, "rounds_done": len(self.rows), **details})
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
 
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
         self.rows.append(row)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_negative_int, positive_float,
-                         positive_int, run_main)
+                         positive_int, run_main, seed_value, writable_destination)
 from defense.data import DATASETS
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
@@ -42,7 +43,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds")
     p.add_argument("--local-epochs", type=positive_int, default=2, help="local epochs per round")
     p.add_argument("--local-lr", type=positive_float, default=0.05, help="clients' SGD learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--dataset", default="digits", choices=DATASETS.names())
     p.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
     p.add_argument("--image-size", type=positive_int, default=16, help="resize images to this side")
@@ -58,6 +59,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip")
     p.add_argument("--max-update-norm", type=positive_float, default=10.0,
                    help="reject client updates with ||local - global|| > this x ||global||")
+    p.add_argument("--client-weighting", default="known", choices=("known", "equal"),
+                   help="aggregation weights: known (a client's num-examples capped at the size of the partition the "
+                        "server assigned it) or equal (every accepted reply weight 1)")
+    p.add_argument("--node-wait", type=positive_float, default=120.0,
+                   help="seconds the server waits for every client's node to connect before it stops")
     p.add_argument("--round-timeout", type=positive_float, default=600.0, help="seconds to wait for clients per round")
     p.add_argument("--client-failure-rate", type=fraction, default=0.0,
                    help="fraction of clients that fail every round (an unreliable-clients experiment)")
@@ -76,7 +82,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-FLAG_FIELDS = {"attack_rounds": "attack_from_round", "round_timeout": "round_timeout_s"}  # flag dest -> field
+FLAG_FIELDS = {"attack_rounds": "attack_from_round", "round_timeout": "round_timeout_s", "node_wait": "node_wait_s"}  # flag dest -> field
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
@@ -90,15 +96,11 @@ def prepare_out_dir(out: Optional[str]) -> Path:
     from federated.run_folder import fresh_run_dir
 
     path = Path(out) if out else fresh_run_dir()
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"--out {path} exists and is not empty")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file, not a folder")
-    parent = path.parent if not path.exists() else path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {path}: {parent} is not a writable folder")
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"--out {path} exists and is not empty")
+    writable_destination(path / "config.json")
     return path
 
 
@@ -120,7 +122,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
                         purify_budget_s=args.purify_budget, purify_recipe=recipe, quiet=args.quiet)
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
-    return 0 if run else 1
+    if not run.complete:
+        print(f"python -m federated.simulate: error: the run is incomplete: {run.failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyServerSideFixedC
                                      FedTrimmedAvg, Krum, MultiKrum, Strategy)
 
 import logging
+import time
 
 from defense.registry import Registry
-from federated.validation import validate_update
+from federated.validation import RejectedReply, ReplyChecker
 
 LOG = logging.getLogger("federated.strategies")
 
@@ -97,54 +98,81 @@ class DelegatingStrategy(Strategy):
         self.inner.summary()
 
 
-class ObservedStrategy(DelegatingStrategy):
-    """Validates every update before aggregation (federated/validation.py), hands the valid ones to
-    the inner strategy in a fixed order (by client id, so aggregation is deterministic), and records
-    per round how many clients replied, failed, were rejected and trained maliciously."""
+class MissingNodes(RuntimeError):
+    """Fewer nodes than the run's clients connected within the wait."""
 
-    def __init__(self, inner: Strategy, max_relative_norm: float = float("inf")) -> None:
+
+def wait_for_nodes(grid: Grid, needed: int, wait_s: float, poll_s: float = 0.5) -> None:
+    """Flower's strategies wait for ever (and silently, at our log level) for `min_available_nodes`;
+    this waits at most `wait_s`, then stops the run with what is missing and how to set it."""
+    deadline = time.monotonic() + wait_s
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise MissingNodes(
+                f"only {connected} of the {needed} nodes the run needs (clients = {needed}) connected within "
+                f"{wait_s:.0f} s. On Flower's simulation runtime give the federation that many SuperNodes "
+                f"(`flwr federation simulation-config <federation> --num-supernodes {needed}`), or run with "
+                f"`--run-config \"clients={max(connected, 2)}\"`")
+        time.sleep(poll_s)
+
+
+class ObservedStrategy(DelegatingStrategy):
+    """Normalises every reply before aggregation (federated/validation.py: the one layout, the
+    server's own weights), hands the accepted ones to the inner strategy in a fixed order (by client
+    id, so aggregation is deterministic), and records per round how many clients were asked,
+    trained, failed, timed out and were rejected, and how many of the accepted ones attacked: that
+    ground truth is the simulation's (`attackers`, a callable of the round), never a client's word."""
+
+    def __init__(self, inner: Strategy, checker: ReplyChecker,
+                 attackers: Callable[[int], frozenset[int]] = lambda server_round: frozenset(),
+                 node_wait_s: float = 120.0) -> None:
         super().__init__(inner)
-        self.max_relative_norm = max_relative_norm
+        self.node_wait_s = node_wait_s
+        self.checker = checker
+        self.attackers = attackers
         self.rounds: dict[int, dict[str, int]] = {}
         self.rejections: list[dict] = []
-        self._reference: dict = {}
+        self._asked: dict[int, int] = {}
 
     def expect(self, arrays: ArrayRecord) -> None:
         """The global model the next replies must be updates of."""
-        self._reference = {k: arrays[k].numpy() for k in arrays.keys()}
+        self.checker.expect(arrays)
 
     def configure_train(self, server_round, arrays, config, grid):
         self.expect(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        wait_for_nodes(grid, self.checker.clients, self.node_wait_s)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._asked[server_round] = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        ok, rejected = [], 0
+        accepted: list[tuple[int, Message]] = []
+        rejected = failed = 0
         for message in replies:
             if message.has_error():
+                failed += 1
                 continue
-            reason = validate_update(message.content, self._reference, self.max_relative_norm)
-            if reason is None:
-                ok.append(message)
-                continue
-            rejected += 1
             node = getattr(getattr(message, "metadata", None), "src_node_id", None)
-            self.rejections.append({"round": server_round, "node": node, "reason": reason})
-            LOG.warning("round %d: rejected the update of node %s: %s", server_round, node, reason)
-        ok.sort(key=_client_id)
+            try:
+                content, client_id = self.checker.normalise(message.content, node)
+            except RejectedReply as reason:
+                rejected += 1
+                self.rejections.append({"round": server_round, "node": node, "reason": str(reason)})
+                LOG.warning("round %d: rejected the reply of node %s: %s", server_round, node, reason)
+                continue
+            message.content = content
+            accepted.append((client_id, message))
+        accepted.sort(key=lambda pair: pair[0])
+        timed_out = max(self._asked.get(server_round, len(replies)) - len(replies), 0)
+        attackers = self.attackers(server_round)
         self.rounds[server_round] = {
-            "clients_trained": len(ok),
-            "client_failures": sum(1 for m in replies if m.has_error()),
+            "clients_trained": len(accepted),
+            "client_failures": failed + timed_out,
+            "client_timeouts": timed_out,
             "updates_rejected": rejected,
-            "malicious_clients": sum(int(m.content["metrics"].get("malicious", 0)) for m in ok),
+            "malicious_clients": sum(1 for client_id, _ in accepted if client_id in attackers),
         }
-        if not ok:
+        if not accepted:
             return None, None
-        return self.inner.aggregate_train(server_round, ok)
-
-
-def _client_id(message: Message) -> float:
-    try:
-        return float(message.content["metrics"]["client-id"])
-    except Exception:
-        return float("inf")
+        return self.inner.aggregate_train(server_round, [message for _, message in accepted])

@@ -36,3 +36,9 @@ def clean_scenario(tmp_path_factory):
     from defense.scenario import backdoored_scenario
 
     return backdoored_scenario("badnets", 16, 3, 0.0, target=0, seed=0, cache=tmp_path_factory.mktemp("teachers"))
+
+
+@pytest.fixture(autouse=True)
+def own_config_folder(tmp_path_factory, monkeypatch):
+    """Each test's sweep-signing key lives in a folder of its own, never in the user's ~/.config."""
+    monkeypatch.setenv("BACKDOOR_PURIFY_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))

@@ -23,6 +23,18 @@ CASES = [
     (["deploy.purify", "/nonexistent/model.json", "--out", "OUT"], "does not exist"),
     (["deploy.purify", "m.json"], "--out"),
     (["deploy.purify", "m.json", "--out", "o", "--workers", "0"], "--workers"),
+    (["deploy.purify", "m.json", "--out", "o", "--workers", "10000"], "--workers"),
+    (["deploy.purify", "m.json", "--out", "o", "--set", "batch_size=1000000000"], "batch_size must be in 1..65536"),
+    (["deploy.purify", "m.json", "--out", "o", "--set", "student_lr=inf"], "student_lr expects a float"),
+    (["deploy.purify", "m.json", "--out", "o", "--set", "seed=-1"], "seed must be in"),
+    (["deploy.purify", "m.json", "--out", "/proc/purified"], "system folder"),
+    (["deploy.purify", "m.json", "--out", "o", "--budget", "inf"], "--budget"),
+    (["federated.simulate", "--seed", "-1"], "--seed"),
+    (["federated.simulate", "--rounds", "10000000"], "--rounds must be at most"),
+    (["federated.simulate", "--out", "/proc/run"], "system folder"),
+    (["federated.simulate", "--client-weighting", "reported"], "--client-weighting"),
+    (["tuning.sweep", "--preset", "patch-size", "--out", "/proc/sweep"], "system folder"),
+    (["tuning.sweep", "--preset", "patch-size", "--samples", "100000"], "--samples"),
 ]
 
 
@@ -35,6 +47,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, needle):
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["federated.simulate", "--out", "{file}"],
+                                  ["federated.simulate", "--out", "{file}/run"],
+                                  ["deploy.purify", "m.json", "--out", "{file}/purified"],
+                                  ["deploy.purify", "m.json", "--out", "{folder}"],
+                                  ["tuning.sweep", "--preset", "patch-size", "--out", "{file}"]])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, argv):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    argv = [a.format(file=tmp_path / "a-file", folder=tmp_path / "a-folder") for a in argv]
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "folder" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+    assert list((tmp_path / "a-folder").iterdir()) == []
 
 
 def test_config_flags_are_typed_and_bad_ones_named():

@@ -48,8 +48,12 @@ def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local
         train_loop_per_worker(loop_config, after_epoch=save_student)
 
     config = cpu_recipe().replace(epochs=2, iters_per_epoch=2, batch_size=16)
-    job = PurifyJobConfig(recipe=config, workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"))
+    job = PurifyJobConfig(recipe=config, workers=2, use_gpu=False)   # checkpoints beside the output
+    temporary = set(Path("/tmp").glob("dhbe-ray-*"))
     result = run_purify_job(teacher_file, job, tmp_path / "purified", train_loop=recording_loop)
+    assert {"purified.json", "purified.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert not (tmp_path / ".purified.checkpoints").exists()   # created beside the output, removed on success
+    assert set(Path("/tmp").glob("dhbe-ray-*")) == temporary   # nothing with weights left in /tmp
     loaded = load_model(result.manifest_path)
     assert loaded.manifest["produced_by"]["input_weights_sha256"] == teacher_file.weights_sha256
     assert len(loaded.manifest["extra"]["history"]) == 2 and result.device == "cpu"
@@ -85,3 +89,38 @@ def test_a_worker_that_dies_resumes_from_its_checkpoint(ray_local, tmp_path, tea
     assert marker.exists()                     # the failure did happen, inside the worker
     assert result.resumed_from_epoch == 1      # resumed from the epoch-1 checkpoint, not from scratch
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert not (tmp_path / "ray" / "resume-test").exists()   # checkpoints removed once it succeeded
+
+
+def test_a_local_ray_the_project_starts_refuses_a_process_without_its_token(tmp_path):
+    """Ray 2.55 binds every interface; the project's local Ray requires a token only its own
+    processes hold (deploy.ray_job.protect_local_ray): a stranger is refused, the token admits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])
+    base_env = {"PYTHONPATH": root, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    stranger = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                "print('CONNECTED', ray.cluster_resources().get('CPU'))")
+    host = f"""
+import json, os, subprocess, sys
+from deploy.ray_job import connect_ray
+connect_ray()
+import ray
+address = ray.get_runtime_context().gcs_address
+token = os.environ["RAY_AUTH_TOKEN"]
+results = {{}}
+for name, extra in (("stranger", {{}}), ("holder", {{"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}})):
+    env = {{**{base_env!r}, **extra}}
+    done = subprocess.run([sys.executable, "-c", {stranger!r}, address], env=env, capture_output=True, text=True, timeout=90)
+    results[name] = "CONNECTED" in done.stdout
+print(json.dumps({{"mode": os.environ["RAY_AUTH_MODE"], "token_length": len(token), **results}}))
+ray.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", host], env=base_env, capture_output=True, text=True, timeout=240)
+    import json
+
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"mode": "token", "token_length": 64, "stranger": False, "holder": True}, done.stderr[-2000:]

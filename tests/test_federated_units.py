@@ -74,3 +74,42 @@ def test_model_replacement_boost():
     l = {"w": torch.ones(3), "n": torch.tensor(6)}
     boosted = boost_update(g, l, 10.0)
     assert torch.equal(boosted["w"], torch.full((3,), 10.0)) and int(boosted["n"]) == 6
+
+
+def test_too_few_nodes_stop_the_run_after_a_bounded_wait_with_what_to_set():
+    import time
+
+    import pytest
+
+    from federated.strategies import MissingNodes, wait_for_nodes
+
+    class TwoNodes:   # Flower's default simulation federation: 2 SuperNodes
+        def get_node_ids(self):
+            return [11, 12]
+
+    started = time.monotonic()
+    with pytest.raises(MissingNodes) as missing:
+        wait_for_nodes(TwoNodes(), needed=10, wait_s=0.6, poll_s=0.1)
+    assert 0.5 < time.monotonic() - started < 3
+    assert "only 2 of the 10 nodes" in str(missing.value) and "--num-supernodes 10" in str(missing.value)
+    wait_for_nodes(TwoNodes(), needed=2, wait_s=0.1)   # enough nodes: no wait
+
+
+def test_the_server_stops_a_run_that_lacks_nodes_as_incomplete(tmp_path, digits16):
+    from flwr.app import ArrayRecord
+
+    import federated.apps as apps
+    from federated.config import SimulationConfig
+    from federated.run_folder import RunFolder
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [11, 12]
+
+        def send_and_receive(self, messages, timeout=None):
+            raise AssertionError("no round may start without its nodes")
+
+    config = SimulationConfig(clients=4, malicious=0, rounds=1, node_wait_s=0.2)
+    run = RunFolder(tmp_path / "run", {"simulation": config.to_dict()}, config.model, digits16.spec, quiet=True)
+    apps.serve(TwoNodes(), config, run)
+    assert run.failure.startswith("only 2 of the 4 nodes") and not (tmp_path / "run" / "final.json").exists()

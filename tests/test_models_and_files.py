@@ -56,15 +56,87 @@ def test_crafted_pickle_is_refused_and_its_code_never_runs(tmp_path):
 
     with open(base.with_suffix(".pt"), "wb") as handle:
         pickle.dump({"weights": Exploit()}, handle)
+    with pytest.raises(UnsafeFileError, match="SHA-256"):   # its hash is not the manifest's
+        load_model(base.with_suffix(".pt"))
+    import hashlib   # an attacker who wrote the manifest too: weights_only refuses the pickle
+
+    _edited(base, lambda m: m.update(weights_sha256=hashlib.sha256(base.with_suffix(".pt").read_bytes()).hexdigest()))
     with pytest.raises(UnsafeFileError, match="refusing"):
         load_model(base.with_suffix(".pt"))
     assert not marker.exists()
 
 
-def test_weights_only_pt_state_dict_loads(tmp_path):
+def test_weights_only_pt_state_dict_loads_only_with_its_hash_in_the_manifest(tmp_path):
+    import hashlib
+
     base = _saved(tmp_path)
     torch.save(load_model(base.with_suffix(".json")).model.state_dict(), base.with_suffix(".pt"))
+    with pytest.raises(UnsafeFileError, match="SHA-256"):
+        load_model(base.with_suffix(".pt"))
+    manifest = json.loads(base.with_suffix(".json").read_text())
+    manifest["weights_sha256"] = hashlib.sha256(base.with_suffix(".pt").read_bytes()).hexdigest()
+    base.with_suffix(".json").write_text(json.dumps(manifest))
     assert load_model(base.with_suffix(".pt")).model_name == "small-cnn"
+
+
+def _edited(base, edit):
+    manifest = json.loads(base.with_suffix(".json").read_text())
+    edit(manifest)
+    base.with_suffix(".json").write_text(json.dumps(manifest))
+
+
+HOSTILE_MANIFESTS = {
+    "weights outside the folder": lambda m: m.update(weights_file="../outside/x.safetensors"),
+    "absolute weights path": lambda m: m.update(weights_file="/etc/passwd.safetensors"),
+    "weights file not safetensors": lambda m: m.update(weights_file="m.pt"),
+    "weights file a list": lambda m: m.update(weights_file=["m.safetensors"]),
+    "model a list": lambda m: m.update(model=["small-cnn"]),
+    "input spec a string": lambda m: m.update(input_spec="1x16x16"),
+    "channels a string": lambda m: m["input_spec"].update(channels="1"),
+    "mean a string": lambda m: m["input_spec"].update(mean="abc"),
+    "mean NaN": lambda m: m["input_spec"].update(mean=[float("nan")]),
+    "num_classes 10**12": lambda m: (m["input_spec"].update(num_classes=10**12), m.update(num_classes=10**12)),
+    "num_classes a float": lambda m: m["input_spec"].update(num_classes=10.0),
+    "height huge": lambda m: m["input_spec"].update(height=10**9),
+    "num_classes disagree": lambda m: m.update(num_classes=11),
+    "sha a number": lambda m: m.update(weights_sha256=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_MANIFESTS))
+def test_hostile_manifests_are_refused_before_anything_is_built(tmp_path, name, monkeypatch):
+    import defense.modelio as modelio
+
+    base = _saved(tmp_path)
+    (tmp_path.parent / "outside").mkdir(exist_ok=True)
+    _edited(base, HOSTILE_MANIFESTS[name])
+    monkeypatch.setattr(modelio, "build_model", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(UnsafeFileError):
+        load_model(base.with_suffix(".json"))
+
+
+def test_deeply_nested_and_non_object_manifests_are_refused(tmp_path):
+    base = _saved(tmp_path)
+    for text in ("[" * 100_000 + "]" * 100_000, '["model"]', '"small-cnn"', "{not json"):
+        base.with_suffix(".json").write_text(text)
+        with pytest.raises(UnsafeFileError):
+            load_model(base.with_suffix(".json"))
+
+
+def test_folders_as_model_paths_are_one_line_errors(tmp_path):
+    for path in (tmp_path, "/", "."):
+        with pytest.raises(ConfigError, match="folder"):
+            load_model(path)
+
+
+def test_non_finite_weights_are_refused_on_load(tmp_path):
+    spec = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
+    model = build_model("small-cnn", spec)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_model(model, tmp_path / "nan", "small-cnn", spec, {"tool": "test"})
+    with pytest.raises(UnsafeFileError, match="non-finite"):
+        load_model(tmp_path / "nan.json")
 
 
 def test_tampered_truncated_and_unknown_files_are_refused(tmp_path):

@@ -59,4 +59,30 @@ def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "federated.simulate", "--out", str(blocker / "run")],
                           capture_output=True, text=True, env={"PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "not a writable folder" in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert "is a file, not a folder" in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def always_failing_clients(config):
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        raise RuntimeError("this client always fails")
+
+    return app
+
+
+def test_a_run_in_which_every_round_fails_ends_clearly_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    import federated.apps as apps
+
+    monkeypatch.setattr(apps, "make_client_app", always_failing_clients)
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out)]) == 1
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "incomplete" and "no round aggregated any client update" in status["reason"]
+    assert "8 client failures" in status["reason"]
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("python -m federated.simulate: error: the run is incomplete")
+    assert not (out / "final.json").exists() and not list(out.rglob("*.tmp"))

@@ -68,3 +68,53 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, 
     assert starts.count({"lam": 1.0}) == 2      # the interrupted one ran again
     table = pq.read_table(out / "trials.parquet").to_pandas()
     assert sorted(table["config_lam"].unique()) == [0.0, 1.0] and len(table) == 4
+
+
+def test_resume_refuses_a_sweep_folder_this_project_did_not_sign_and_never_unpickles_it(tmp_path, model_file):
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    (out / "sweep").mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (out / "sweep" / "tuner.pkl").write_bytes(pickle.dumps(Exploit()))
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin",
+           "BACKDOOR_PURIFY_CONFIG_DIR": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-m", "tuning.sweep", str(model_file), "--resume", "--out", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "refusing to resume" in done.stderr and "no signature" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not marker.exists()
+
+
+def test_a_signed_sweep_folder_that_was_changed_is_refused(tmp_path):
+    from defense.errors import UnsafeFileError
+    from tuning.signing import sign_folder, verify_folder
+
+    folder = tmp_path / "sweep"
+    (folder / "trial_0").mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"state")
+    (folder / "trial_0" / "params.pkl").write_bytes(b"params")
+    sign_folder(folder)
+    verify_folder(folder)                                  # as written: accepted
+    (folder / "trial_0" / "params.pkl").write_bytes(b"evil!!")
+    with pytest.raises(UnsafeFileError, match="changed"):
+        verify_folder(folder)
+    (folder / "trial_0" / "params.pkl").write_bytes(b"params")
+    verify_folder(folder)
+    (folder / "trial_0" / "extra.pkl").write_bytes(b"new")  # an added file
+    with pytest.raises(UnsafeFileError, match="changed"):
+        verify_folder(folder)
+    (folder / "trial_0" / "extra.pkl").unlink()
+    import os
+
+    os.environ["BACKDOOR_PURIFY_CONFIG_DIR"] = str(tmp_path / "another-user")   # restored by the fixture
+    with pytest.raises(UnsafeFileError, match="key this user does not have"):
+        verify_folder(folder)

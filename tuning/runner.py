@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 from defense.fileio import atomic_path
 from defense.report import figure, markdown_table
+from tuning.signing import sign_folder, verify_folder
 from tuning.trial import SCORE
 
 SWEPT_ORDER = ("lam", "student_lr", "patch_size", "trigger_size")
@@ -15,12 +16,12 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
               max_concurrent: Optional[int] = None, trainable_fn: Optional[Callable[[dict], None]] = None,
               quiet: bool = False) -> str:
     """`trainable_fn`: the trial body (default tuning.trial.trial)."""
+    from deploy.ray_job import connect_ray
+
+    connect_ray()   # first: it protects a local Ray before Ray is imported
     import ray
     from ray import tune
 
-    from deploy.ray_job import connect_ray
-
-    connect_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if trainable_fn is None:
         from tuning.trial import trial as trainable_fn
@@ -30,8 +31,10 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
         body(params)
 
     trainable = tune.with_resources(dhbe_trial, {"cpu": 1})
+    folder = out / "sweep"
     if resume:
-        tuner = tune.Tuner.restore(str(out / "sweep"), trainable=trainable, resume_errored=True)
+        verify_folder(folder)   # before anything in it is unpickled (tuning.sweep checks it before Ray, too)
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
     else:
         param_space: dict[str, Any] = {"setup": setup, **{k: tune.grid_search(v) for k, v in space.items()}}
         if samples > 1:
@@ -46,7 +49,15 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
             # Tune's own progress table while trials run (off with --quiet)
             run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0 if quiet else 1),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        if folder.exists():
+            sign_folder(folder)
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished > 0:
+        raise SweepInterrupted(f"interrupted: {unfinished} of {len(grid)} trials did not finish; no result is "
+                               f"reported for a partial sweep; continue it with --resume --out {out}")
     table = write_results(grid, space, out)
     if grid.errors:
         raise SweepIncomplete(f"{len(grid.errors)} trial(s) failed ({grid.errors[0]!s:.120}); "
@@ -56,6 +67,10 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
 
 class SweepIncomplete(RuntimeError):
     """Some trials failed; the sweep can be resumed."""
+
+
+class SweepInterrupted(SweepIncomplete):
+    """The driver was interrupted before every trial finished; the sweep can be resumed."""
 
 
 def write_results(grid, space: dict[str, list], out: Path) -> str:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from defense.cli import ArgumentParser, add_trigger_arguments, positive_int, run_main
+from defense.cli import ArgumentParser, add_trigger_arguments, bounded_int, positive_int, run_main, writable_destination
 from defense.data import DATASETS
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
@@ -30,7 +30,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="backdoored model file (not needed for --preset patch-size, which plants its own)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="lambda")
-    p.add_argument("--samples", type=positive_int, default=1, help="repeats (seeds) of every grid point")
+    p.add_argument("--samples", type=bounded_int(1, 1000), default=1, help="repeats (seeds) of every grid point")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (Tune storage, tables, plots)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
@@ -38,7 +38,7 @@ def build_parser() -> ArgumentParser:
                    help="evaluation data (oracle only; default: the model file's experiment record)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--image-size", type=positive_int, default=16, help="for teachers planted by the preset")
-    p.add_argument("--max-concurrent", type=positive_int, default=None, help="default: the cluster's CPUs")
+    p.add_argument("--max-concurrent", type=bounded_int(1, 1024), default=None, help="default: the cluster's CPUs")
     p.add_argument("--quiet", action="store_true", help="no progress table while the trials run")
     add_trigger_arguments(p, from_record=True)
     add_recipe_arguments(p)
@@ -55,11 +55,22 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
         if not Path(args.model).exists():
             raise ConfigError(f"model file {args.model} does not exist")
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a folder")
+    writable_destination(out / "sweep")
+    if args.model:
+        from defense.modelio import load_model
+
+        load_model(args.model)   # a model the trials cannot load is refused here, not in every trial
     if args.resume and not (out / "sweep").exists():
         raise ConfigError(f"--resume: no sweep to resume in {out}")
+    if args.resume:
+        from tuning.signing import verify_folder
+
+        verify_folder(out / "sweep")
     if not args.resume and (out / "sweep").exists():
         raise ConfigError(f"{out} already holds a sweep; pass --resume or another --out")
-    from tuning.runner import SweepIncomplete, run_sweep
+    from tuning.runner import SweepIncomplete, SweepInterrupted, run_sweep
     from tuning.trial import trial
 
     setup = {"model": str(Path(args.model).resolve()) if args.model else None, "attack": args.attack,
@@ -70,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
     try:
         table = run_sweep(setup, PRESETS[args.preset], args.samples, args.scheduler, out, args.resume,
                           args.max_concurrent, trainable or trial, args.quiet)
+    except SweepInterrupted as exc:
+        print(f"python -m tuning.sweep: {exc}", file=sys.stderr)
+        return 130
     except SweepIncomplete as exc:
         print(f"python -m tuning.sweep: {exc}", file=sys.stderr)
         return 1

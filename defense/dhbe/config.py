@@ -8,6 +8,7 @@ before anything runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -15,6 +16,12 @@ from defense.errors import ConfigError
 from defense.fields import coerce_fields as _coerce_fields
 from defense.registry import Registry
 from defense.spec import InputSpec, require
+
+
+# Upper bounds far above any sensible run: a typo (batch_size=1000000000) is an error, not an allocation.
+INTEGER_BOUNDS = {"epochs": 100_000, "iters_per_epoch": 1_000_000, "student_steps": 1_000, "batch_size": 65_536,
+                  "latent_dim": 65_536, "trigger_latent_dim": 65_536, "generator_width": 4_096,
+                  "trigger_width": 4_096, "patch_size": 1_024}
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,15 @@ class DHBEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
+        for name, value in asdict(self).items():
+            values = value if isinstance(value, tuple) else (value,)
+            require(all(not isinstance(v, float) or math.isfinite(v) for v in values),
+                    f"{name} must be finite, got {value}")
+        for name, high in INTEGER_BOUNDS.items():
+            require(1 <= getattr(self, name) <= high, f"{name} must be in 1..{high}, got {getattr(self, name)}")
         require(self.lam >= 0, f"lambda must be >= 0, got {self.lam}")
-        for name in ("epochs", "iters_per_epoch", "student_steps", "latent_dim", "trigger_latent_dim",
-                     "generator_width", "trigger_width", "patch_size"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.batch_size >= 2, f"batch_size must be >= 2 (batch norm), got {self.batch_size}")
+        require(0 <= self.seed < 2**31, f"seed must be in 0..{2**31 - 1}, got {self.seed}")
         for name in ("student_lr", "generator_lr", "trigger_lr"):
             require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         require(0 <= self.student_momentum < 1, f"student_momentum must be in [0, 1), got {self.student_momentum}")
@@ -59,7 +70,7 @@ class DHBEConfig:
                 f"lr_milestones are fractions in (0, 1), got {self.lr_milestones}")
         require(self.image_prior_weight >= 0, f"image_prior_weight must be >= 0, got {self.image_prior_weight}")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
-        require(self.max_recoveries >= 0, "max_recoveries must be >= 0")
+        require(0 <= self.max_recoveries <= 100, f"max_recoveries must be in 0..100, got {self.max_recoveries}")
 
     @property
     def iterations(self) -> int:

@@ -1,0 +1,83 @@
+"""A Ray Tune sweep folder is code: `Tuner.restore` unpickles what it finds there (tuner.pkl, the
+trials' params.pkl, checkpoints). `--resume` therefore restores only a folder this project wrote
+and nobody changed since: after every run the driver signs the folder with an HMAC-SHA256 over
+every file's path, size and SHA-256, under a key kept outside the sweep folder (the user's config
+folder, `BACKDOOR_PURIFY_CONFIG_DIR` or ~/.config/backdoor-purify, mode 0600), and checks it
+before restoring anything."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+from defense.errors import UnsafeFileError
+from defense.fileio import atomic_write_json
+
+SIGNATURE_FORMAT = "backdoor-purify-sweep-signature/1"
+KEY_NAME = "sweep-signing.key"
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("BACKDOOR_PURIFY_CONFIG_DIR") or Path.home() / ".config" / "backdoor-purify")
+
+
+def signing_key(create: bool) -> bytes | None:
+    """This user's key (32 random bytes), created on first use when `create`."""
+    path = config_dir() / KEY_NAME
+    if path.is_file():
+        key = path.read_bytes()
+        if len(key) >= 32:
+            return key
+        raise UnsafeFileError(f"sweep signing key {path} is damaged (shorter than 32 bytes); remove it")
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.token_bytes(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+    return key
+
+
+def _digest(folder: Path, key: bytes) -> tuple[str, int]:
+    mac = hmac.new(key, SIGNATURE_FORMAT.encode(), hashlib.sha256)
+    count = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        if path.is_symlink():
+            raise UnsafeFileError(f"{path} is a symbolic link; a sweep folder this project wrote holds none")
+        content = hashlib.sha256(path.read_bytes()).hexdigest()
+        mac.update(json.dumps([path.relative_to(folder).as_posix(), path.stat().st_size, content]).encode())
+        count += 1
+    return mac.hexdigest(), count
+
+
+def signature_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.signature.json"
+
+
+def sign_folder(folder: Path) -> None:
+    """Sign every file under `folder` (the signature lies beside it, not in it)."""
+    digest, count = _digest(folder, signing_key(create=True))
+    atomic_write_json(signature_path(folder), {"format": SIGNATURE_FORMAT, "files": count, "hmac": digest})
+
+
+def verify_folder(folder: Path) -> None:
+    """UnsafeFileError unless `folder` is exactly as this user's project last signed it."""
+    refusal = (f"refusing to resume {folder}: a Tune folder is code (pickles) and this one ")
+    signature = signature_path(folder)
+    if not signature.is_file():
+        raise UnsafeFileError(refusal + f"carries no signature of this project ({signature.name} is missing)")
+    key = signing_key(create=False)
+    if key is None:
+        raise UnsafeFileError(refusal + f"was signed under a key this user does not have ({config_dir() / KEY_NAME})")
+    try:
+        recorded = json.loads(signature.read_text())
+        expected = str(recorded["hmac"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise UnsafeFileError(refusal + f"has an unreadable signature ({signature.name})") from None
+    digest, _ = _digest(folder, key)
+    if not hmac.compare_digest(digest, expected):
+        raise UnsafeFileError(refusal + "was changed after this project signed it (or signed under another key)")
