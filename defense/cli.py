@@ -105,6 +105,24 @@ def writable_destination(path: str | Path, flag: str = "--out") -> Path:
     return target
 
 
+def finite_json(value):
+    """`value` with every non-finite float replaced by None: a JSON line never carries NaN or Infinity
+    (which strict JSON readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_line(value) -> str:
+    import json
+
+    return json.dumps(finite_json(value), allow_nan=False)
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,
              argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Run `main`; a ConfigError (bad value, bad file) becomes one stderr line and exit code 2."""

@@ -4,10 +4,9 @@ set come from the experiment record the file carries (written by `federated.simu
 scenario builder); any flag given overrides its field of the record."""
 from __future__ import annotations
 
-import json
 from typing import Optional, Sequence
 
-from defense.cli import ArgumentParser, add_trigger_arguments, run_main
+from defense.cli import ArgumentParser, add_trigger_arguments, json_line, run_main
 from defense.data import DATASETS
 from defense.scenario import model_file_scenario
 
@@ -30,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scenario = model_file_scenario(args.model, overrides, args.data_dir)
     metrics = scenario.evaluate(scenario.teacher)
     experiment = scenario.experiment
-    print(json.dumps({"model": str(args.model), "dataset": experiment.dataset, "attack": experiment.attack,
+    print(json_line({"model": str(args.model), "dataset": experiment.dataset, "attack": experiment.attack,
                       "trigger_size": experiment.trigger_size, "place": experiment.place,
                       "trigger_seed": experiment.trigger_seed,
                       "target": experiment.target, "experiment_from": scenario.experiment_source,

@@ -3,12 +3,11 @@ Ray Train (a fresh local Ray, or the cluster named by RAY_ADDRESS / --address)."
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from defense.cli import (ArgumentParser, bounded_int, positive_float, run_main,
+from defense.cli import (ArgumentParser, bounded_int, json_line, positive_float, run_main,
                          writable_destination)
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
@@ -64,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           budget_s=args.budget)
     result = run_purify_job(teacher, job, out)
     last = result.history[-1] if result.history else {}
-    print(json.dumps({"purified": str(result.manifest_path), "device": result.device, "wall_s": round(result.wall_s, 1),
+    print(json_line({"purified": str(result.manifest_path), "device": result.device, "wall_s": round(result.wall_s, 1),
                       "epochs": len(result.history),
                       "synthetic_agreement": last.get("synthetic_agreement"),
                       "trigger_sensitivity": last.get("trigger_sensitivity"), "evidence": result.evidence}))

@@ -4,7 +4,6 @@ model through the Ray Train job of deploy/. Writes a run folder (see --out)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

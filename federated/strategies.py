@@ -105,8 +105,12 @@ class MissingNodes(RuntimeError):
 def wait_for_nodes(grid: Grid, needed: int, wait_s: float, poll_s: float = 0.5) -> None:
     """Flower's strategies wait for ever (and silently, at our log level) for `min_available_nodes`;
     this waits at most `wait_s`, then stops the run with what is missing and how to set it."""
-    deadline = time.monotonic() + wait_s
+    deadline, told = time.monotonic() + wait_s, False
     while (connected := len(list(grid.get_node_ids()))) < needed:
+        if not told:
+            LOG.warning("waiting for nodes: %d of the %d the run needs are connected (at most %.0f s)",
+                        connected, needed, wait_s)
+            told = True
         if time.monotonic() >= deadline:
             raise MissingNodes(
                 f"only {connected} of the {needed} nodes the run needs (clients = {needed}) connected within "

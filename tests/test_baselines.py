@@ -1,5 +1,5 @@
 """Each baseline changes what it should, and leaves alone what it should."""
-from dataclasses import replace
+
 
 import pytest
 import torch

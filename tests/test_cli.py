@@ -119,3 +119,12 @@ def test_recipes_are_chosen_by_name_and_overridden_by_set(tmp_path):
     partial.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))
+
+
+def test_json_lines_never_carry_nan_or_infinity():
+    import json
+
+    from defense.cli import json_line
+
+    line = json_line({"agreement": float("nan"), "rows": [1.0, float("inf")], "ok": 0.5})
+    assert json.loads(line) == {"agreement": None, "rows": [1.0, None], "ok": 0.5} and "NaN" not in line

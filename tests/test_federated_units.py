@@ -96,7 +96,6 @@ def test_too_few_nodes_stop_the_run_after_a_bounded_wait_with_what_to_set():
 
 
 def test_the_server_stops_a_run_that_lacks_nodes_as_incomplete(tmp_path, digits16):
-    from flwr.app import ArrayRecord
 
     import federated.apps as apps
     from federated.config import SimulationConfig

@@ -118,3 +118,36 @@ def test_a_signed_sweep_folder_that_was_changed_is_refused(tmp_path):
     os.environ["BACKDOOR_PURIFY_CONFIG_DIR"] = str(tmp_path / "another-user")   # restored by the fixture
     with pytest.raises(UnsafeFileError, match="key this user does not have"):
         verify_folder(folder)
+
+
+def test_sigint_to_a_real_sweep_driver_exits_non_zero_and_says_how_to_resume(tmp_path, model_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "BACKDOOR_PURIFY_CONFIG_DIR": str(tmp_path / "config")}
+    argv = [sys.executable, "-m", "tuning.sweep", str(model_file), "--preset", "lambda", "--scheduler", "none",
+            "--quiet", "--out", str(out), "--recipe", "cpu", "--set", "epochs=30", "iters_per_epoch=2",
+            "batch_size=16"]
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list((out / "sweep").glob("*/progress.csv")):
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=180)
+    assert driver.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr and not (out / "final.csv").exists()
+    assert (out / "sweep.signature.json").exists()    # signed: this project's own folder can be resumed
+    resumed = subprocess.run([sys.executable, "-m", "tuning.sweep", str(model_file), "--resume", "--quiet",
+                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    import pandas as pd
+
+    final = pd.read_csv(out / "final.csv")
+    assert len(final) == 7 and (final["epochs_run"] == 30).all()   # every lambda of the preset, to the end

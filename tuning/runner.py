@@ -1,6 +1,7 @@
 """Runs a sweep with Ray Tune and writes its tables and plots."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,20 +50,42 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
             # Tune's own progress table while trials run (off with --quiet)
             run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0 if quiet else 1),
         )
+    watch = InterruptWatch()
+    tune_log = logging.getLogger("ray.tune.tune")   # Ray's own level (ERROR) would drop the warning
+    level, propagate = tune_log.level, tune_log.propagate
+    tune_log.addHandler(watch)
+    tune_log.setLevel(logging.WARNING)
+    tune_log.propagate = False                       # ... and the driver says it in its own words
     try:
         grid = tuner.fit()
     finally:
+        tune_log.removeHandler(watch)
+        tune_log.setLevel(level)
+        tune_log.propagate = propagate
         if folder.exists():
             sign_folder(folder)
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    if unfinished > 0:
-        raise SweepInterrupted(f"interrupted: {unfinished} of {len(grid)} trials did not finish; no result is "
+    if watch.interrupted or unfinished > 0:
+        raise SweepInterrupted(f"interrupted before every trial finished ({len(grid)} trials); no result is "
                                f"reported for a partial sweep; continue it with --resume --out {out}")
     table = write_results(grid, space, out)
     if grid.errors:
         raise SweepIncomplete(f"{len(grid.errors)} trial(s) failed ({grid.errors[0]!s:.120}); "
                               f"finished trials are kept: rerun with --resume --out {out}")
     return table
+
+
+class InterruptWatch(logging.Handler):
+    """Tune catches SIGINT itself, stops every trial (they then read as terminated) and returns
+    normally; the one sign is its warning, which this handler on Tune's logger notices."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.interrupted = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            self.interrupted = True
 
 
 class SweepIncomplete(RuntimeError):

@@ -5,7 +5,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.extensions import (BatchNormPriorConfig, BlendSearchConfig, ClassBalanceConfig, LambdaStepConfig,
-                                     PriorOnlyGeneratorConfig, StampedPatchesConfig, StudentEMAConfig,
+                                     MaskSearchConfig, PriorOnlyGeneratorConfig, StampedPatchesConfig, StudentEMAConfig,
                                      TriggerBankConfig, VerdictConfig)
 from defense.registry import Registry
 
@@ -65,12 +65,15 @@ def cpu_blend_recipe() -> Recipe:
 
 @RECIPES.register("default")
 def default_recipe() -> Recipe:
-    """The one default (docs/dhbe.md, "one default"): it needs no knowledge of the attack. The blend
-    search's per-class inversion is the verdict: no anomalous class, and T is handed back unchanged;
-    a suspect class, and the cpu-blend game runs (patch regulariser with the trigger bank, blend term
-    on the suspect's patterns), guarded by the synthetic agreement with T."""
+    """The one default (docs/dhbe.md, "one default", rounds eight and nine): it needs no knowledge of
+    the attack. The blend search's per-class inversion is the verdict: no anomalous class, and T is
+    handed back unchanged; a suspect class, and the cpu-blend game runs (patch regulariser with the
+    trigger bank, blend term on the suspect's patterns) with Neural Cleanse's mask-and-pattern
+    inversion towards the suspect, re-found on S every 5 epochs (`mask_search`: whole-image trigger
+    residue 9.5 -> 3.0% on the blended FedAvg dev case, at about 0.9 ACC points more on average),
+    guarded by the synthetic agreement with T."""
     blend = cpu_blend_recipe()
-    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions))
+    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions, MaskSearchConfig()))
 
 
 def without_regularisers(recipe: Recipe) -> Recipe:
@@ -86,6 +89,7 @@ def plain_adversarial_distillation(recipe: Recipe) -> Recipe:
 def smoke_sized(recipe: Recipe) -> Recipe:
     """The same recipe at a seconds-long size (the benchmarks' --tiny runs in CI): one short epoch,
     and the extensions present shrunk in step; nothing is added or removed."""
-    shrink = {"blend_search.warmup_steps": 2, "blend_search.steps": 2, "trigger_bank.warmup_steps": 20}
+    shrink = {"blend_search.warmup_steps": 2, "blend_search.steps": 2, "trigger_bank.warmup_steps": 20,
+              "mask_search.steps": 2}
     return recipe.replace(epochs=1, iters_per_epoch=2, batch_size=16).with_overrides(
         {key: value for key, value in shrink.items() if key.split(".")[0] in recipe})
