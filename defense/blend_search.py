@@ -12,6 +12,7 @@ the median absolute deviation, here of the log losses).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,10 +38,10 @@ class ClassPatterns:
     def anomaly_index(self) -> list[float]:
         """Per class: (median - log loss) / (1.4826 * MAD) of the log losses; large = suspiciously easy.
         The spread is floored at `MIN_LOG_SPREAD` so that near-equal losses flag nobody."""
-        logs = torch.tensor(self.losses).clamp_min(1e-12).log()
-        median = logs.median()
-        spread = max(1.4826 * float((logs - median).abs().median()), MIN_LOG_SPREAD)
-        return [float((median - v) / spread) for v in logs]
+        logs = [math.log(max(loss, 1e-12)) for loss in self.losses]   # host-side statistics of floats
+        median = statistics.median_low(logs)                            # the lower middle, as torch.median
+        spread = max(1.4826 * statistics.median_low([abs(v - median) for v in logs]), MIN_LOG_SPREAD)
+        return [(median - v) / spread for v in logs]
 
     def suspects(self, threshold: float) -> list[int]:
         """Classes whose anomaly index exceeds `threshold` (Neural Cleanse flags > 2)."""
@@ -73,7 +74,7 @@ def invert_one_class(model: nn.Module, samples: Callable[[], torch.Tensor], k: i
     final cross-entropy."""
     raw = initial.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([raw], lr=lr)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=initial.device)
     for _ in range(steps):
         with torch.no_grad():
             x = samples()

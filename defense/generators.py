@@ -77,23 +77,23 @@ def paste_patches(images: torch.Tensor, patches: torch.Tensor, per_sample: bool,
     # replace: [-a, a] -> pixel values, clamped to the valid range [0, 1]
     values = ((patches + 1) / 2).clamp(0.0, 1.0) if replace else patches
     if not per_sample:
-        row = int(torch.randint(0, height - k + 1, (1,), generator=generator))
-        col = int(torch.randint(0, width - k + 1, (1,), generator=generator))
+        row = int(torch.randint(0, height - k + 1, (1,), generator=generator, device=images.device))
+        col = int(torch.randint(0, width - k + 1, (1,), generator=generator, device=images.device))
         padding = (col, width - k - col, row, height - k - row)
         canvas = torch.nn.functional.pad(values, padding)
         if not replace:
             return images + canvas
         mask = torch.nn.functional.pad(torch.ones_like(values), padding)
         return images * (1 - mask) + canvas
-    copies = torch.randint(1, max_copies + 1, (n,), generator=generator).to(images.device)
+    copies = torch.randint(1, max_copies + 1, (n,), generator=generator, device=images.device)
     offsets = torch.arange(k, device=images.device)
     batch_idx = torch.arange(n, device=images.device)[:, None, None].expand(n, k, k)
     values = values.permute(0, 2, 3, 1)
     canvas = torch.zeros(n, height, width, channels, dtype=images.dtype, device=images.device)
     count = torch.zeros(n, height, width, 1, dtype=images.dtype, device=images.device)
     for copy_index in range(max_copies):
-        rows = torch.randint(0, height - k + 1, (n,), generator=generator).to(images.device)
-        cols = torch.randint(0, width - k + 1, (n,), generator=generator).to(images.device)
+        rows = torch.randint(0, height - k + 1, (n,), generator=generator, device=images.device)
+        cols = torch.randint(0, width - k + 1, (n,), generator=generator, device=images.device)
         row_idx = (rows[:, None] + offsets)[:, :, None].expand(n, k, k)
         col_idx = (cols[:, None] + offsets)[:, None, :].expand(n, k, k)
         active = (copy_index < copies).to(values.dtype)[:, None, None, None]

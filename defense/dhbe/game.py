@@ -90,7 +90,7 @@ class DHBETrainer:
         self.schedules = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, config.lr_decay)
                           for o in self.optimisers]
         self.epoch = 0
-        self.rng = torch.Generator().manual_seed(config.seed + 1)  # patch placement and other draws
+        self.rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)  # patch placement, other draws
         self.history: list[EpochRecord] = []
         # Data-parallel runs (deploy/) average student gradients across workers here.
         self.sync_student_gradients = lambda student: None

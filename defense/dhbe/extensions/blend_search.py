@@ -59,7 +59,7 @@ class BlendSearchConfig(ExtensionConfig):
 class BlendSearch(Extension):
     def setup(self, trainer) -> None:
         self.search_generator = copy.deepcopy(trainer.sample_generator)  # G itself stays as the recipe has it
-        self.bank = torch.zeros(0, *trainer.spec.shape)
+        self.bank = torch.zeros(0, *trainer.spec.shape, device=trainer.device)
         self.found: Optional[ClassPatterns] = None   # the first search's evidence (every class, against T)
         self.classes: list[int] = []                 # the classes kept
 
@@ -91,15 +91,15 @@ class BlendSearch(Extension):
             self.found = found
             self.classes = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
         kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
-        self.bank = torch.cat([self.bank, kept.cpu()])
+        self.bank = torch.cat([self.bank, kept.to(self.bank)])
 
     def student_terms(self, trainer, x, teacher_logits, student_logits) -> Optional[torch.Tensor]:
         if not len(self.bank):
             return None
         with torch.no_grad():
-            picks = torch.randint(0, len(self.bank), (len(x),), generator=trainer.rng)
-            patterns = self.bank[picks].to(trainer.device)
-            ratios = self.config.alpha * torch.rand(len(x), generator=trainer.rng).to(x)
+            picks = torch.randint(0, len(self.bank), (len(x),), generator=trainer.rng, device=trainer.device)
+            patterns = self.bank[picks]
+            ratios = self.config.alpha * torch.rand(len(x), generator=trainer.rng, device=trainer.device, dtype=x.dtype)
             x_blended = blend_patterns(x, patterns, ratios)
         anchor = teacher_logits if self.config.anchor == "teacher" else student_logits.detach()
         return self.config.weight * l1(trainer.student(x_blended), anchor)

@@ -31,6 +31,7 @@ class BatchNormStatistics:
         layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         self.layers = layers[:first_layers or len(layers)]
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        self.device = next(teacher.parameters()).device
         self.enabled = False
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
@@ -42,7 +43,7 @@ class BatchNormStatistics:
         self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
 
     def collect(self) -> torch.Tensor:
-        total = torch.stack(self.losses).sum() if self.losses else torch.zeros(())
+        total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=self.device)
         self.losses = []
         return total
 

@@ -86,30 +86,28 @@ class MaskSearch(Extension):
                                         start=None if first else latest.get(k)) for k in suspects]
         if first:
             self.found = triggers
-        self.bank.extend(MaskTrigger(t.target, t.mask.cpu(), t.pattern.cpu(), t.success, t.mask_mean)
-                         for t in triggers)
+        self.bank.extend(triggers)
 
     def student_terms(self, trainer, x, teacher_logits, student_logits) -> Optional[torch.Tensor]:
         if not self.bank:
             return None
-        cfg, rng, n = self.config, trainer.rng, len(x)
+        cfg, rng, n, device = self.config, trainer.rng, len(x), x.device
         height, width = x.shape[-2:]
         with torch.no_grad():
             masks = torch.stack([t.mask for t in self.bank])
             patterns = torch.stack([t.pattern for t in self.bank])
-            picks = torch.randint(0, len(self.bank), (n,), generator=rng)
+            picks = torch.randint(0, len(self.bank), (n,), generator=rng, device=device)
             mask, pattern = masks[picks].to(x), patterns[picks].to(x)
-            stamps = torch.randint(1, cfg.copies + 1, (n,), generator=rng)
-            moved = torch.rand(n, generator=rng) < cfg.shift
+            stamps = torch.randint(1, cfg.copies + 1, (n,), generator=rng, device=device)
+            moved = torch.rand(n, generator=rng, device=device) < cfg.shift
             stamped = x
             for stamp in range(cfg.copies):
-                dy = torch.randint(0, height, (n,), generator=rng)
-                dx = torch.randint(0, width, (n,), generator=rng)
+                dy = torch.randint(0, height, (n,), generator=rng, device=device)
+                dx = torch.randint(0, width, (n,), generator=rng, device=device)
                 if stamp == 0:
                     dy, dx = dy * moved, dx * moved
                 here = (stamp < stamps).to(x).view(-1, 1, 1, 1)
-                stamped = apply_mask_trigger(stamped, here * roll_per_sample(mask, dy.to(x.device), dx.to(x.device)),
-                                             roll_per_sample(pattern, dy.to(x.device), dx.to(x.device)))
+                stamped = apply_mask_trigger(stamped, here * roll_per_sample(mask, dy, dx), roll_per_sample(pattern, dy, dx))
         return cfg.weight * l1(trainer.student(stamped), teacher_logits)
 
     def report(self, trainer) -> Optional[dict[str, Any]]:

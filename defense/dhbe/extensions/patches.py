@@ -68,11 +68,10 @@ class TriggerBank(Extension):
 
     def __init__(self, config: TriggerBankConfig, core: DHBEConfig) -> None:
         super().__init__(config)
-        self.bank = torch.zeros(0, 0)
-        self.core = core
+        self.core = core   # the bank is made in setup, on the trainer's device
 
     def setup(self, trainer) -> None:
-        self.bank = torch.zeros(0, trainer.spec.channels, self.core.patch_size, self.core.patch_size)
+        self.bank = torch.zeros(0, trainer.spec.channels, self.core.patch_size, self.core.patch_size, device=trainer.device)
 
     def probe(self, trainer) -> None:
         """S is still T: Gp maximising S's sensitivity searches T's own backdoor."""
@@ -89,19 +88,19 @@ class TriggerBank(Extension):
         samples (models in eval mode): how often they flip T's answer, and how concentrated the
         flipped answers are on one class (a backdoor sends them to its target; an occluded clean
         digit goes anywhere). Draws from its own generator: the game's random streams are untouched."""
-        generator = torch.Generator().manual_seed(trainer.config.seed + 77)
+        generator = torch.Generator(device=trainer.device).manual_seed(trainer.config.seed + 77)
         core, classes = self.core, trainer.spec.num_classes
         was_training = trainer.sample_generator.training
         trainer.sample_generator.eval()
-        counts, flipped, total = torch.zeros(classes), 0, 0
+        counts, flipped, total = torch.zeros(classes, device=trainer.device), 0, 0
         for _ in range(batches):
-            z = torch.randn(core.batch_size, core.latent_dim, generator=generator).to(trainer.device)
+            z = torch.randn(core.batch_size, core.latent_dim, generator=generator, device=trainer.device)
             x = trainer.synthesise(z)
-            picks = torch.randint(0, len(self.bank), (len(x),), generator=generator)
+            picks = torch.randint(0, len(self.bank), (len(x),), generator=generator, device=trainer.device)
             patched = paste_patches(x, self.bank[picks].to(x), True, 1, generator, True)
             clean, answer = trainer.teacher(x).argmax(1), trainer.teacher(patched).argmax(1)
             changed = answer != clean
-            counts += torch.bincount(answer[changed].cpu(), minlength=classes).float()
+            counts += torch.bincount(answer[changed], minlength=classes).float()
             flipped, total = flipped + int(changed.sum()), total + len(x)
         trainer.sample_generator.train(was_training)
         top = int(counts.argmax())
@@ -111,7 +110,7 @@ class TriggerBank(Extension):
     def remember(self, trainer, z_trigger: torch.Tensor) -> None:
         with torch.no_grad():
             trainer.trigger_generator.eval()
-            fresh = trainer.trigger_generator(z_trigger[:self.KEPT_PER_STEP]).cpu()
+            fresh = trainer.trigger_generator(z_trigger[:self.KEPT_PER_STEP])
             trainer.trigger_generator.train()
         self.bank = torch.cat([self.bank, fresh])[-self.config.size:]
 
@@ -119,7 +118,7 @@ class TriggerBank(Extension):
         if not len(self.bank):
             return patches
         used = int(round(self.config.replay_fraction * len(patches)))
-        picks = torch.randint(0, len(self.bank), (used,), generator=trainer.rng)
+        picks = torch.randint(0, len(self.bank), (used,), generator=trainer.rng, device=trainer.device)
         return torch.cat([self.bank[picks].to(patches), patches[used:]])
 
     def state_dict(self) -> dict[str, Any]:

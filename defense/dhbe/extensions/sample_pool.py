@@ -42,7 +42,7 @@ class SamplePool:
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`count` samples and their logits, uniformly from the pool (with replacement)."""
-        picks = torch.randint(0, self.size, (count,), generator=generator).to(self.pixels.device)
+        picks = torch.randint(0, self.size, (count,), generator=generator, device=self.pixels.device)
         return self.pixels[picks], self.logits[picks]
 
     def state_dict(self) -> dict[str, Any]:
