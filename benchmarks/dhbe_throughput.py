@@ -48,9 +48,9 @@ def official_iteration(t: DHBETrainer) -> list[float]:
     cfg = t.config
     losses = []
     for _ in range(cfg.student_steps):
-        z = torch.randn(cfg.batch_size, cfg.latent_dim)
+        z = torch.randn(cfg.batch_size, cfg.latent_dim, device=t.device)
         fake = t.sample_generator(z).detach()
-        z2 = torch.randn(cfg.batch_size, cfg.trigger_latent_dim)
+        z2 = torch.randn(cfg.batch_size, cfg.trigger_latent_dim, device=t.device)
         pert = t.trigger_generator(z2)
         pixels = t.spec.denormalise(fake)
         patched = paste_patches(pixels, pert, False, 1, t.rng).detach()
@@ -62,18 +62,18 @@ def official_iteration(t: DHBETrainer) -> list[float]:
         loss.backward()
         t.opt_student.step()
         losses.append(loss.item())
-    z = torch.randn(cfg.batch_size, cfg.latent_dim)
+    z = torch.randn(cfg.batch_size, cfg.latent_dim, device=t.device)
     t.opt_generator.zero_grad()
     fake = t.sample_generator(z)
     pixels = t.spec.denormalise(fake)
     loss_g = -F.l1_loss(t.student(pixels), t.teacher(pixels)) + cfg.image_prior_weight * total_variation_l2(fake)
     loss_g.backward()
     t.opt_generator.step()
-    z = torch.randn(cfg.batch_size, cfg.latent_dim)
+    z = torch.randn(cfg.batch_size, cfg.latent_dim, device=t.device)
     fake = t.sample_generator(z).detach()
     pixels = t.spec.denormalise(fake)
     t.opt_trigger.zero_grad()
-    patched = paste_patches(pixels, t.trigger_generator(torch.randn(cfg.batch_size, cfg.trigger_latent_dim)),
+    patched = paste_patches(pixels, t.trigger_generator(torch.randn(cfg.batch_size, cfg.trigger_latent_dim, device=t.device)),
                             False, 1, t.rng)
     loss_p = -F.l1_loss(t.student(pixels), t.student(patched))
     loss_p.backward()

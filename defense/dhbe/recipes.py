@@ -77,8 +77,8 @@ def default_recipe() -> Recipe:
 
 
 def without_regularisers(recipe: Recipe) -> Recipe:
-    """The same recipe with no backdoor regulariser at all: lambda = 0 and no blend term."""
-    return recipe.replace(lam=0.0).without("blend_search", "verdict")
+    """The same recipe with no backdoor regulariser at all: lambda = 0, no blend or mask term."""
+    return recipe.replace(lam=0.0).without("blend_search", "mask_search", "verdict")
 
 
 def plain_adversarial_distillation(recipe: Recipe) -> Recipe:

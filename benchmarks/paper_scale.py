@@ -1,0 +1,103 @@
+"""The paper's scale, projected: ResNet-18 on 32x32 RGB, batch 256, the official DHBE settings
+(`DHBEConfig()`: 5 student steps, G and Gp of width 64, latent 256, 5x5 patches), seconds per
+iteration of the official loop's structure and of the project's loop (benchmarks/dhbe_throughput.py
+defines both), and what the paper's 15,000 iterations would take.
+
+    python -m benchmarks.paper_scale [--device cpu|cuda] [--iterations N] [--warmup N] [--tiny]
+
+Writes benchmarks/results/paper_scale.json and adds this device's rows to paper_scale.md (rows of
+another device are kept; a device never measured is marked so)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.dhbe_throughput import official_iteration, project_iteration
+from defense.dhbe import DHBEConfig, DHBETrainer, Recipe
+from defense.fileio import atomic_write_json, atomic_write_text
+from defense.models import build_model
+from defense.report import markdown_table
+from defense.spec import InputSpec
+
+RESULTS = Path("benchmarks/results")
+PAPER_ITERATIONS = 15_000   # 300 epochs x 50 iterations (the official code)
+CIFAR = InputSpec(3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def seconds_per_iteration(side: str, device: str, iterations: int, warmup: int, tiny: bool) -> float:
+    torch.manual_seed(0)
+    spec = InputSpec(1, 16, 16, 10, (0.3,), (0.4,)) if tiny else CIFAR
+    config = DHBEConfig(batch_size=8, generator_width=8, trigger_width=8, latent_dim=16, trigger_latent_dim=16,
+                        patch_size=3) if tiny else DHBEConfig()
+    teacher = build_model("small-cnn" if tiny else "resnet18", spec).eval()
+    recipe = Recipe(config).replace(channels_last=side != "official")
+    trainer = DHBETrainer(teacher, spec, recipe, device=device)
+    trainer.student.train()
+    if side == "official":   # DHBE_train.py never freezes the teacher
+        trainer.teacher.requires_grad_(True)
+    step = official_iteration if side == "official" else project_iteration
+    for _ in range(warmup):
+        step(trainer)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        step(trainer)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / iterations
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed iterations first (GPU: 2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI); writes nothing")
+    parser.add_argument("--out", default=str(RESULTS / "paper_scale"), help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for side in ("official", "project"):
+        seconds = seconds_per_iteration(side, args.device, args.iterations, args.warmup, args.tiny)
+        rows.append({"side": side, "device": args.device.split(":")[0], "device_name": device_name(args.device),
+                     "seconds_per_iteration": round(seconds, 3), "it_per_s": round(1 / seconds, 4),
+                     "projected_hours_15000_iterations": round(seconds * PAPER_ITERATIONS / 3600, 1),
+                     "timed_iterations": args.iterations, "warmup_iterations": args.warmup,
+                     "torch": torch.__version__, "platform": platform.platform()})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.tiny:
+        return
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    kept = [r for r in previous if r["device"] != rows[0]["device"]]
+    table = kept + rows
+    atomic_write_json(out.with_suffix(".json"), table)
+    lines = ["# DHBE at the paper's scale (ResNet-18, 32x32 RGB, batch 256, official settings)", "",
+             "`python -m benchmarks.paper_scale --device DEVICE`: seconds per iteration (5 student steps, one G "
+             "and one Gp step) of the official loop's structure and of the project's loop (exact maths; "
+             f"benchmarks/dhbe_throughput.py), and the paper's {PAPER_ITERATIONS:,} iterations projected from them. "
+             "The paper reports about 6 h on an RTX 2080 Ti.", ""]
+    lines += markdown_table(["device", "loop", "s / iteration", f"{PAPER_ITERATIONS:,} iterations (h)", "timed", "torch"],
+                            [[r["device_name"], r["side"], r["seconds_per_iteration"], r["projected_hours_15000_iterations"],
+                              f"{r['timed_iterations']} (+{r['warmup_iterations']} warm-up)", r["torch"]] for r in table])
+    if not any(r["device"] == "cuda" for r in table):
+        lines += ["| GPU | official / project | not measured (no GPU lent yet) | | | |"]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
