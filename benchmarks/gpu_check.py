@@ -33,14 +33,15 @@ PROJECT = Path(__file__).resolve().parents[1]
 CPU_REFERENCE = PROJECT / "benchmarks" / "results" / "gpu_check_cpu_reference.json"
 
 
-def every_extension_on(dry_run: bool):
+def every_extension_on():
+    """The default at smoke size with every extension forced on (every class suspect)."""
     recipe = smoke_sized(recipe_config("default", {"blend_search.suspect_threshold": 0, "sample_pool": "on",
                                                    "lambda_step": "on"}))
     return recipe.replace(epochs=2)
 
 
 def device_checks(device: str, scenario, dry_run: bool) -> dict:
-    recipe = every_extension_on(dry_run)
+    recipe = every_extension_on()
     with DeviceDiscipline(device, [PROJECT / "defense"]) as check:
         trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, device=device)
         train_epochs(trainer)

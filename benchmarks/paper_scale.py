@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.dhbe_throughput import official_iteration, project_iteration
+from benchmarks.dhbe_throughput import SPEC as TINY_SPEC, official_iteration, project_iteration
 from defense.dhbe import DHBEConfig, DHBETrainer, Recipe
 from defense.fileio import atomic_write_json, atomic_write_text
 from defense.models import build_model
@@ -32,7 +32,7 @@ CIFAR = InputSpec(3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.26
 
 def seconds_per_iteration(side: str, device: str, iterations: int, warmup: int, tiny: bool) -> float:
     torch.manual_seed(0)
-    spec = InputSpec(1, 16, 16, 10, (0.3,), (0.4,)) if tiny else CIFAR
+    spec = TINY_SPEC if tiny else CIFAR
     config = DHBEConfig(batch_size=8, generator_width=8, trigger_width=8, latent_dim=16, trigger_latent_dim=16,
                         patch_size=3) if tiny else DHBEConfig()
     teacher = build_model("small-cnn" if tiny else "resnet18", spec).eval()

@@ -12,7 +12,7 @@ from defense.spec import require
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip")
 PARTITIONS = ("iid", "dirichlet")
 MAX_CLIENTS = 100_000
-WEIGHTINGS = ("known", "equal")   # federated.validation.WEIGHTINGS (no flwr import here)
+WEIGHTINGS = ("known", "equal")   # client aggregation weights (federated.validation.ReplyChecker)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from defense.report import figure, markdown_table
 from defense.spec import InputSpec
 
 ROUND_COLUMNS = ["round", "acc", "asr_x1", "asr_x4", "asr_x9", "asr_all_x1", "ra", "clients_trained",
-                 "client_failures", "updates_rejected", "malicious_clients", "wall_time_s"]
+                 "client_failures", "client_timeouts", "updates_rejected", "malicious_clients", "wall_time_s"]
 
 
 def fresh_run_dir(base: str | Path = "runs") -> Path:
@@ -40,7 +40,7 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
     data = {c: [row.get(c) for row in rows] for c in columns}
     schema = pa.schema([(c, pa.int64() if c in ("round", "clients_trained", "client_failures", "malicious_clients",
-                                                  "epoch", "trial", "updates_rejected") else pa.float64())
+                                                  "epoch", "trial", "updates_rejected", "client_timeouts") else pa.float64())
                         for c in columns])
     table = pa.Table.from_pydict({c: [None if v is None else v for v in data[c]] for c in columns}, schema=schema)
     with atomic_path(path) as tmp:

@@ -15,7 +15,7 @@ from defense.data import DATASETS
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
 from defense.models import MODELS
-from federated.config import PARTITIONS, SimulationConfig
+from federated.config import PARTITIONS, WEIGHTINGS, SimulationConfig
 
 
 def parse_attack_rounds(text: str) -> int:
@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip")
     p.add_argument("--max-update-norm", type=positive_float, default=10.0,
                    help="reject client updates with ||local - global|| > this x ||global||")
-    p.add_argument("--client-weighting", default="known", choices=("known", "equal"),
+    p.add_argument("--client-weighting", default="known", choices=WEIGHTINGS,
                    help="aggregation weights: known (a client's num-examples capped at the size of the partition the "
                         "server assigned it) or equal (every accepted reply weight 1)")
     p.add_argument("--node-wait", type=positive_float, default=120.0,

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from federated.config import WEIGHTINGS
+
 METRIC_KEYS = ("client-id", "num-examples")
-WEIGHTINGS = ("known", "equal")
 MAX_EXAMPLES = 10**9
 
 

@@ -4,17 +4,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_check import every_extension_on
 from defense.device_check import DeviceDiscipline
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import DHBETrainer, train_epochs
 
 PROJECT = Path(__file__).parents[1]
 DHBE_CODE = [PROJECT / "defense"]
-
-
-def every_extension_on():
-    recipe = smoke_sized(recipe_config("default", {"blend_search.suspect_threshold": 0,   # every class suspect
-                                                   "sample_pool": "on", "lambda_step": "on"}))
-    return recipe.replace(epochs=2)
 
 
 def test_one_dhbe_epoch_with_every_extension_makes_nothing_off_the_models_device(badnets_scenario):

@@ -17,6 +17,9 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
               max_concurrent: Optional[int] = None, trainable_fn: Optional[Callable[[dict], None]] = None,
               quiet: bool = False) -> str:
     """`trainable_fn`: the trial body (default tuning.trial.trial)."""
+    folder = out / "sweep"
+    if resume:
+        verify_folder(folder)   # before anything in it is unpickled, and before Ray starts
     from deploy.ray_job import connect_ray
 
     connect_ray()   # first: it protects a local Ray before Ray is imported
@@ -32,9 +35,7 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
         body(params)
 
     trainable = tune.with_resources(dhbe_trial, {"cpu": 1})
-    folder = out / "sweep"
     if resume:
-        verify_folder(folder)   # before anything in it is unpickled (tuning.sweep checks it before Ray, too)
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
     else:
         param_space: dict[str, Any] = {"setup": setup, **{k: tune.grid_search(v) for k, v in space.items()}}

@@ -55,8 +55,6 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
         if not Path(args.model).exists():
             raise ConfigError(f"model file {args.model} does not exist")
     out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {args.out} is a file, not a folder")
     writable_destination(out / "sweep")
     if args.model:
         from defense.modelio import load_model
@@ -64,10 +62,6 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
         load_model(args.model)   # a model the trials cannot load is refused here, not in every trial
     if args.resume and not (out / "sweep").exists():
         raise ConfigError(f"--resume: no sweep to resume in {out}")
-    if args.resume:
-        from tuning.signing import verify_folder
-
-        verify_folder(out / "sweep")
     if not args.resume and (out / "sweep").exists():
         raise ConfigError(f"{out} already holds a sweep; pass --resume or another --out")
     from tuning.runner import SweepIncomplete, SweepInterrupted, run_sweep
