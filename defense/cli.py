@@ -141,7 +141,7 @@ def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str =
                           from_record: bool = False) -> None:
     """--attack, --trigger-size, --target, --blend-alpha. With `from_record`, they default to None:
     the model file's experiment record decides and a flag given overrides it."""
-    from defense.triggers import ATTACKS, PLACES
+    from defense.triggers import ATTACKS, PATTERNS, PLACES
 
     def default(value):
         return None if from_record else value
@@ -153,3 +153,6 @@ def add_trigger_arguments(parser: argparse.ArgumentParser, attack_default: str =
     parser.add_argument("--blend-alpha", type=float, default=default(0.2), help="blended trigger opacity" + note)
     parser.add_argument("--trigger-place", default=default(PLACES[0]), choices=PLACES,
                         help="where patch triggers go (random: a random place per sample)" + note)
+    parser.add_argument("--trigger-pattern", default=default(PATTERNS[0]), choices=PATTERNS,
+                        help="patch trigger pattern: checkerboard (the DHBE code's tri2), tri1 (its inverse, the DHBE "
+                             "code's default) or white (BackdoorBench's square)" + note)

@@ -25,12 +25,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"dataset": args.dataset, "attack": args.attack, "trigger_size": args.trigger_size,
                  "target": args.target, "blend_alpha": args.blend_alpha, "trigger_seed": args.trigger_seed,
-                 "place": args.trigger_place}
+                 "place": args.trigger_place, "pattern": args.trigger_pattern}
     scenario = model_file_scenario(args.model, overrides, args.data_dir)
     metrics = scenario.evaluate(scenario.teacher)
     experiment = scenario.experiment
     print(json_line({"model": str(args.model), "dataset": experiment.dataset, "attack": experiment.attack,
-                      "trigger_size": experiment.trigger_size, "place": experiment.place,
+                      "trigger_size": experiment.trigger_size, "place": experiment.place, "pattern": experiment.pattern,
                       "trigger_seed": experiment.trigger_seed,
                       "target": experiment.target, "experiment_from": scenario.experiment_source,
                       "overridden": sorted(k for k, v in overrides.items() if v is not None), **metrics}))

@@ -30,6 +30,7 @@ class Experiment:
     target: int = 0
     poison_rate: float = 0.1
     place: str = "corner"            # patch triggers: corner (bottom-right), centre, random (per sample)
+    pattern: str = "checkerboard"    # patch triggers: checkerboard, tri1, white (defense.triggers.PATTERNS)
     written_by: str = ""             # the tool that planted the backdoor
 
     def __post_init__(self) -> None:
@@ -39,11 +40,13 @@ class Experiment:
         require(4 <= self.image_size <= 512, f"image size must be in 4..512, got {self.image_size}")
         if self.attack not in PATCH_ATTACKS:
             object.__setattr__(self, "place", "whole image")
+            object.__setattr__(self, "pattern", "whole image")
         self.trigger_config()  # validates the trigger's parameters
 
     def trigger_config(self) -> TriggerConfig:
-        place = self.place if self.attack in PATCH_ATTACKS else "corner"
-        return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed, place=place)
+        patch = self.attack in PATCH_ATTACKS
+        return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed,
+                             place=self.place if patch else "corner", pattern=self.pattern if patch else "checkerboard")
 
     def trigger(self, spec: InputSpec) -> Trigger:
         return make_trigger(self.attack, spec, self.trigger_config())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,8 +29,10 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
 
 
-def train_classifier(model: nn.Module, data: Split, config: TrainConfig, cosine: bool = True) -> nn.Module:
-    """Plain mini-batch SGD with momentum (and a cosine learning-rate schedule); returns `model`."""
+def train_classifier(model: nn.Module, data: Split, config: TrainConfig, cosine: bool = True,
+                     after_step: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """Plain mini-batch SGD with momentum (and a cosine learning-rate schedule); returns `model`.
+    `after_step(model)` runs after every optimiser step (e.g. a projection of the weights)."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -48,6 +51,8 @@ def train_classifier(model: nn.Module, data: Split, config: TrainConfig, cosine:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if after_step is not None:
+                after_step(model)
             if schedule is not None:
                 schedule.step()
     model.eval()

@@ -37,6 +37,18 @@ def checkerboard(size: int, channels: int) -> torch.Tensor:
     return board.expand(channels, size, size).clone()
 
 
+PATTERNS = ("checkerboard", "tri1", "white")
+
+
+def patch_pattern(name: str, size: int, channels: int) -> torch.Tensor:
+    """A patch trigger's pattern: `checkerboard` (today's default; the DHBE code's `tri2` at 3x3),
+    `tri1` (its inverse, the DHBE code's default `tri1_3x3`: [[0,1,0],[1,0,1],[0,1,0]]) or `white`
+    (BackdoorBench's plain white square)."""
+    require(name in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {name!r}")
+    board = checkerboard(size, channels)
+    return {"checkerboard": board, "tri1": 1.0 - board, "white": torch.ones_like(board)}[name]
+
+
 def grid_positions(copies: int, height: int, width: int, size: int) -> list[tuple[int, int]]:
     """Top-left corners: 1 = bottom-right; 4 = the corners; 9 = corners, edge centres and centre."""
     require(copies in AMPLIFICATIONS, f"a trigger is pasted 1, 4 or 9 times, not {copies}")
@@ -142,8 +154,10 @@ class TriggerConfig:
     sig_delta: float = 0.1
     seed: int = 0
     place: str = "corner"          # patch triggers: corner (bottom-right), centre, or random per sample
+    pattern: str = "checkerboard"  # patch triggers: checkerboard, tri1, white (PATTERNS)
 
     def __post_init__(self) -> None:
+        require(self.pattern in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {self.pattern!r}")
         require(self.place in PLACES, f"trigger place must be one of {', '.join(PLACES)}, got {self.place!r}")
         require(1 <= self.trigger_size <= 7, f"trigger size must be in 1..7, got {self.trigger_size}")
         require(0 < self.blend_alpha < 1, f"blend alpha must be in (0, 1), got {self.blend_alpha}")
@@ -160,7 +174,7 @@ def badnets_trigger(spec: InputSpec, config: TriggerConfig) -> Trigger:
     require(k < min(spec.height, spec.width), f"a {k}x{k} trigger does not fit {spec.height}x{spec.width} images")
     position = ((spec.height - k) // 2, (spec.width - k) // 2) if config.place == "centre" else \
         (spec.height - k, spec.width - k)
-    return PatchTrigger(checkerboard(k, spec.channels), position, place=config.place, seed=config.seed)
+    return PatchTrigger(patch_pattern(config.pattern, k, spec.channels), position, place=config.place, seed=config.seed)
 
 
 # DBA (Xie et al. 2020) uses the same global trigger at test time; attackers paste parts of it.

@@ -18,7 +18,7 @@ from defense.data import DataBundle, Split, load_dataset
 from defense.metrics import evaluate_backdoor
 from defense.models import build_model
 from defense.training import TrainConfig, train_classifier
-from federated.attacks import boost_update, global_trigger, poison_partition
+from federated.attacks import boost_update, global_trigger, neurotoxin_mask, poison_partition, projection
 from federated.config import SimulationConfig
 from federated.partition import partition
 from federated.run_folder import RunFolder
@@ -76,14 +76,17 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
         draw = np.random.default_rng([config.seed, server_round, client_id]).random()
         if draw < config.client_failure_rate:
             raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
-    attacking = client_id in attackers and server_round >= config.attack_from_round
+    attacking = client_id in config.attackers_in_round(server_round)
     data = client_data(config, client_id, attacking)
     spec = load_bundle(config.dataset, config.data_dir, config.image_size).spec
     model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
+    after_step = None
+    if config.attacker == "neurotoxin" and client_id in attackers:
+        after_step = neurotoxin_step(config, context, global_state, attacking)
     train_classifier(model, data, TrainConfig(epochs=config.local_epochs, batch_size=config.local_batch_size,
-                                              lr=config.local_lr, seed=seed), cosine=False)
+                                              lr=config.local_lr, seed=seed), cosine=False, after_step=after_step)
     if attacking and config.boost != 1.0:
         model.load_state_dict(boost_update(global_state, model.state_dict(), config.boost))
     reply = RecordDict({
@@ -91,6 +94,22 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
         "metrics": MetricRecord({"num-examples": len(data), "client-id": client_id}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+NEUROTOXIN_STATE = "neurotoxin-last-global"
+
+
+def neurotoxin_step(config: SimulationConfig, context: Context, global_state: dict, attacking: bool):
+    """A Neurotoxin attacker remembers every global model it receives (in its node's context state);
+    when it attacks, its local steps are projected off the coordinates the last global update moved most."""
+    previous = context.state.array_records.get(NEUROTOXIN_STATE)
+    previous_state = previous.to_torch_state_dict() if previous is not None else None
+    context.state[NEUROTOXIN_STATE] = ArrayRecord({k: v.clone() for k, v in global_state.items()
+                                                   if not k.endswith(SKIPPED_STATE)})
+    if not attacking:
+        return None
+    allowed = neurotoxin_mask(global_state, previous_state, config.neurotoxin_top_k)
+    return projection(global_state, allowed) if allowed is not None else None
 
 
 def reply_checker(config: SimulationConfig, bundle: DataBundle) -> ReplyChecker:
@@ -122,7 +141,7 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     torch.manual_seed(config.seed)
     model = build_model(config.model, bundle.spec)
     observed = ObservedStrategy(build_strategy(config), reply_checker(config, bundle), config.attackers_in_round,
-                                node_wait_s=config.node_wait_s)
+                                node_wait_s=config.node_wait_s, sample=config.sample, seed=config.seed)
     strategy = wrap_strategy(observed)
     started = time.perf_counter()
 

@@ -1,5 +1,8 @@
-"""What a malicious client does: poison its own partition, and optionally boost its update."""
+"""What a malicious client does: poison its own partition, optionally keep its update off the
+coordinates benign training moves (Neurotoxin), and optionally boost its update."""
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 
@@ -34,3 +37,29 @@ def boost_update(global_state: dict[str, torch.Tensor], local_state: dict[str, t
     """Model replacement (Bagdasaryan et al. 2020): G + boost * (L - G) for floating tensors."""
     return {k: (global_state[k] + boost * (v - global_state[k])) if v.is_floating_point() else v
             for k, v in local_state.items()}
+
+
+def neurotoxin_mask(global_state: dict[str, torch.Tensor], previous_global: Optional[dict[str, torch.Tensor]],
+                    top_k: float) -> Optional[dict[str, torch.Tensor]]:
+    """Neurotoxin (Zhang et al., ICML 2022): the coordinates the attacker may change, True where the
+    last global update (the benign clients' aggregate, seen as the change between the last two global
+    models this client received) is *not* among the `top_k` share of largest magnitudes, over all
+    floating tensors together. None without a previous global model (the first round it trains)."""
+    if previous_global is None:
+        return None
+    keys = [k for k, v in global_state.items() if v.is_floating_point() and k in previous_global]
+    magnitude = torch.cat([(global_state[k] - previous_global[k]).abs().flatten() for k in keys])
+    excluded = max(1, int(round(top_k * magnitude.numel())))
+    threshold = torch.topk(magnitude, excluded).values[-1]
+    return {k: (global_state[k] - previous_global[k]).abs() < threshold for k in keys}
+
+
+def projection(global_state: dict[str, torch.Tensor], allowed: dict[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
+    """After each local step: the weights outside `allowed` back to the global model's (projected
+    gradient descent onto the attacker's coordinates)."""
+    def project(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if name in allowed:
+                    tensor.copy_(torch.where(allowed[name], tensor, global_state[name]))
+    return project

@@ -9,8 +9,10 @@ import numpy as np
 
 from defense.spec import require
 
-AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip")
+AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip", "dp", "flame",
+                "foolsgold", "rlr")
 PARTITIONS = ("iid", "dirichlet")
+ATTACKERS = ("plain", "neurotoxin")   # how a malicious client poisons (federated/attacks.py)
 MAX_CLIENTS = 100_000
 WEIGHTINGS = ("known", "equal")   # client aggregation weights (federated.validation.ReplyChecker)
 
@@ -33,14 +35,23 @@ class SimulationConfig:
     attack: str = "badnets"
     trigger_size: int = 3
     trigger_place: str = "corner"    # patch attacks: corner (bottom-right), centre, random (per sample)
+    trigger_pattern: str = "checkerboard"  # patch attacks: checkerboard, tri1, white (defense.triggers.PATTERNS)
     target: int = 0
     poison_rate: float = 0.5
     attack_from_round: int = 1       # attackers poison from this round on (1 = all rounds)
+    attack_until_round: int = 0      # ... up to and including this round (0 = to the last round)
+    attacker: str = "plain"          # plain poisoning, or neurotoxin (Zhang et al. 2022)
+    neurotoxin_top_k: float = 0.01   # neurotoxin: share of coordinates (largest last global update) left alone
+    sample: int = 0                  # clients trained per round (0 = every registered client)
     boost: float = 1.0               # model-replacement scaling of malicious updates (1 = none)
     blend_alpha: float = 0.2
     aggregation: str = "fedavg"
     trimmed_beta: float = 0.2
     clip_norm: float = 1.0
+    dp_noise: float = 0.1            # --aggregation dp: noise multiplier (std = this x clip_norm / clients)
+    flame_noise: float = 0.001       # --aggregation flame: noise std = this x the median update norm (paper: 0.001)
+    foolsgold_kappa: float = 1.0     # --aggregation foolsgold: the logit's confidence (paper: 1)
+    rlr_threshold: int = 4           # --aggregation rlr: clients that must agree on a coordinate's sign (paper: 4)
     cpus_per_client: float = 1.0
     max_update_norm: float = 10.0    # reject updates with ||L - G|| > this x ||G||
     client_weighting: str = "known"  # aggregation weights: known (num-examples capped at the partition
@@ -67,10 +78,26 @@ class SimulationConfig:
         require(1 <= self.trigger_size <= 7, f"--trigger-size must be in 1..7, got {self.trigger_size}")
         require(0 <= self.poison_rate <= 1, f"--poison-rate must be in [0, 1], got {self.poison_rate}")
         require(self.attack_from_round >= 1, f"--attack-rounds must start at round >= 1, got {self.attack_from_round}")
+        require(self.attack_until_round == 0 or self.attack_until_round >= self.attack_from_round,
+                f"--attack-rounds K:L needs L >= K, got {self.attack_from_round}:{self.attack_until_round}")
+        require(self.attacker in ATTACKERS, f"--attacker must be one of {', '.join(ATTACKERS)}, got {self.attacker!r}")
+        require(0 < self.neurotoxin_top_k < 1, f"--neurotoxin-top-k must be in (0, 1), got {self.neurotoxin_top_k}")
+        require(0 <= self.sample <= self.clients, f"--sample must be in 0..{self.clients} (--clients), got {self.sample}")
+        require(self.sample == 0 or self.sample >= 2, f"--sample must be >= 2 (or 0: every client), got {self.sample}")
+        from defense.triggers import PATTERNS
+        require(self.trigger_pattern in PATTERNS,
+                f"--trigger-pattern must be one of {', '.join(PATTERNS)}, got {self.trigger_pattern!r}")
         require(self.boost >= 1, f"--boost must be >= 1, got {self.boost}")
         require(self.aggregation in AGGREGATIONS, f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
         require(0 < self.trimmed_beta < 0.5, f"--trimmed-beta must be in (0, 0.5), got {self.trimmed_beta}")
         require(self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}")
+        require(0 <= self.dp_noise <= 100, f"--dp-noise must be in [0, 100], got {self.dp_noise}")
+        require(0 <= self.flame_noise <= 1, f"--flame-noise must be in [0, 1], got {self.flame_noise}")
+        require(0 < self.foolsgold_kappa <= 100, f"--foolsgold-kappa must be in (0, 100], got {self.foolsgold_kappa}")
+        require(self.rlr_threshold >= 1, f"--rlr-threshold must be >= 1, got {self.rlr_threshold}")
+        if self.aggregation == "rlr":
+            require(self.rlr_threshold <= self.clients_per_round,
+                    f"--rlr-threshold must be at most the clients per round ({self.clients_per_round}), got {self.rlr_threshold}")
         require(self.cpus_per_client > 0, f"cpus per client must be > 0, got {self.cpus_per_client}")
         require(self.max_update_norm > 0, f"--max-update-norm must be > 0, got {self.max_update_norm}")
         require(self.client_weighting in WEIGHTINGS,
@@ -79,7 +106,7 @@ class SimulationConfig:
         require(self.round_timeout_s > 0, f"--round-timeout must be > 0, got {self.round_timeout_s}")
         require(0 <= self.client_failure_rate < 1, f"client failure rate must be in [0, 1), got {self.client_failure_rate}")
         require(4 <= self.image_size <= 512, f"--image-size must be in 4..512, got {self.image_size}")
-        f, n = self.malicious, self.clients
+        f, n = min(self.malicious, self.clients_per_round), self.clients_per_round
         if self.aggregation in ("krum", "multikrum"):
             require(n > 2 * f + 2, f"--aggregation {self.aggregation} needs clients > 2*malicious + 2 ({n} <= {2 * f + 2})")
         if self.aggregation == "bulyan":
@@ -104,7 +131,19 @@ class SimulationConfig:
 
     def attackers_in_round(self, server_round: int) -> frozenset[int]:
         """The partition ids that poison in `server_round`: the experimenter's ground truth."""
-        return frozenset(self.malicious_clients()) if server_round >= self.attack_from_round else frozenset()
+        in_window = server_round >= self.attack_from_round and (
+            not self.attack_until_round or server_round <= self.attack_until_round)
+        return frozenset(self.malicious_clients()) if in_window else frozenset()
+
+    def last_attack_round(self) -> int:
+        """The last round in which attackers poison (0: no attacker, or the window starts after the run)."""
+        if not self.malicious or self.attack_from_round > self.rounds:
+            return 0
+        return min(self.attack_until_round or self.rounds, self.rounds)
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.sample or self.clients
 
     def experiment(self) -> "Experiment":
         """The record of this run's attack, written into every model file of the run (poison rate 0
@@ -112,7 +151,7 @@ class SimulationConfig:
         from defense.experiment import Experiment
 
         return Experiment(dataset=self.dataset, image_size=self.image_size, attack=self.attack,
-                          trigger_size=self.trigger_size, place=self.trigger_place,
+                          trigger_size=self.trigger_size, place=self.trigger_place, pattern=self.trigger_pattern,
                           blend_alpha=self.blend_alpha, trigger_seed=self.seed,
                           target=self.target, poison_rate=self.poison_rate if self.malicious else 0.0,
                           written_by="federated.simulate")

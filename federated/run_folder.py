@@ -16,8 +16,11 @@ from defense.modelio import save_model
 from defense.report import figure, markdown_table
 from defense.spec import InputSpec
 
-ROUND_COLUMNS = ["round", "acc", "asr_x1", "asr_x4", "asr_x9", "asr_all_x1", "ra", "clients_trained",
-                 "client_failures", "client_timeouts", "updates_rejected", "malicious_clients", "wall_time_s"]
+ROUND_COLUMNS = ["round", "acc", "asr_x1", "asr_x4", "asr_x9", "asr_all_x1", "ra", "clients_sampled", "clients_trained",
+                 "client_failures", "client_timeouts", "updates_rejected", "malicious_clients", "updates_excluded",
+                 "malicious_excluded", "wall_time_s"]
+INT_COLUMNS = ("round", "clients_sampled", "clients_trained", "client_failures", "malicious_clients", "epoch", "trial",
+               "updates_rejected", "client_timeouts", "updates_excluded", "malicious_excluded", "lifespan_rounds")
 
 
 def fresh_run_dir(base: str | Path = "runs") -> Path:
@@ -39,8 +42,7 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
     import pyarrow.parquet as pq
 
     data = {c: [row.get(c) for row in rows] for c in columns}
-    schema = pa.schema([(c, pa.int64() if c in ("round", "clients_trained", "client_failures", "malicious_clients",
-                                                  "epoch", "trial", "updates_rejected", "client_timeouts") else pa.float64())
+    schema = pa.schema([(c, pa.int64() if c in INT_COLUMNS else pa.bool_() if c == "lifespan_censored" else pa.float64())
                         for c in columns])
     table = pa.Table.from_pydict({c: [None if v is None else v for v in data[c]] for c in columns}, schema=schema)
     with atomic_path(path) as tmp:
@@ -53,6 +55,7 @@ class RunFolder:
         self.root, self.model_name, self.spec, self.quiet = root, model_name, spec, quiet
         self.experiment = experiment  # written into every model file's manifest
         self.evidence: Optional[dict] = None
+        self.lifespan: Optional[dict] = None
         self.failure: Optional[str] = None   # why the run cannot complete (set by the server)
         self.state = "running"
         self.config, self.progress = config, None
@@ -100,8 +103,20 @@ class RunFolder:
             return
         self.rows[-1].update({f"purified_{k}": after.get(k) for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")})
         self.rows[-1].update({"purified_der": der, "purify_wall_s": wall_s})
-        self.extra_columns = [f"purified_{k}" for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")] + \
-            ["purified_der", "purify_wall_s"]
+        self._add_columns([f"purified_{k}" for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")] +
+                          ["purified_der", "purify_wall_s"])
+        write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
+
+    def _add_columns(self, columns: list[str]) -> None:
+        self.extra_columns += [c for c in columns if c not in self.extra_columns]
+
+    def add_lifespan(self, last_attack_round: int) -> None:
+        """The backdoor's lifespan after the last attack (columns beside the last round, and the summary)."""
+        if not self.rows or not last_attack_round:
+            return
+        self.lifespan = backdoor_lifespan(self.rows, last_attack_round)
+        self.rows[-1].update(self.lifespan)
+        self._add_columns(["lifespan_rounds", "lifespan_censored"])
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
 
     def add_evidence(self, evidence: dict) -> None:
@@ -122,6 +137,8 @@ class RunFolder:
             lines += markdown_table(["round", "ACC %", "ASR x1 %", "ASR x4 %", "ASR x9 %"],
                                     [[last["round"], *(_fmt(last.get(k)) for k in ("acc", "asr_x1", "asr_x4", "asr_x9"))]])
             lines += [""]
+        if self.lifespan is not None:
+            lines += [lifespan_line(self.lifespan), ""]
         if comparison:
             lines += comparison_table(comparison) + ["", "![before/after](purification.png)", ""]
         if self.evidence is not None:
@@ -138,6 +155,29 @@ class RunFolder:
             for key, label in (("acc", "clean ACC"), ("asr_x1", "ASR x1"), ("asr_x9", "ASR x9")):
                 ax.plot(rounds, [100 * (r.get(key) or 0) for r in self.rows], marker=".", label=label)
             ax.set_xlabel("round"), ax.set_ylabel("%"), ax.set_ylim(-2, 102), ax.legend(), ax.grid(alpha=0.3)
+
+
+ALIVE = 0.5   # the backdoor counts as alive while ASR x1 >= this
+
+
+def backdoor_lifespan(rows: list[dict], last_attack_round: int) -> dict:
+    """Rounds after the last attack round until ASR x1 first falls below 50% (Neurotoxin's durability
+    measure). Where it never falls by the last round, the lifespan is censored: at least the rounds run
+    since the last attack (`lifespan_censored` True)."""
+    after = [row for row in rows if row["round"] > last_attack_round]
+    for row in after:
+        if row.get("asr_x1") is not None and row["asr_x1"] < ALIVE:
+            return {"lifespan_rounds": row["round"] - last_attack_round, "lifespan_censored": False}
+    last = rows[-1]["round"] if rows else last_attack_round
+    return {"lifespan_rounds": max(last - last_attack_round, 0), "lifespan_censored": True}
+
+
+def lifespan_line(lifespan: dict) -> str:
+    rounds = lifespan["lifespan_rounds"]
+    if lifespan["lifespan_censored"]:
+        return (f"Backdoor lifespan: >= {rounds} rounds after the last attack (censored: ASR x1 stayed >= "
+                f"{100 * ALIVE:.0f}% to the last round).")
+    return f"Backdoor lifespan: {rounds} rounds after the last attack (ASR x1 fell below {100 * ALIVE:.0f}%)."
 
 
 def comparison_table(rows: list[dict]) -> list[str]:

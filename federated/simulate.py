@@ -15,21 +15,23 @@ from defense.data import DATASETS
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
 from defense.models import MODELS
-from federated.config import PARTITIONS, WEIGHTINGS, SimulationConfig
+from federated.config import ATTACKERS, PARTITIONS, WEIGHTINGS, SimulationConfig
 
 
-def parse_attack_rounds(text: str) -> int:
-    """'all' -> 1; 'from:K' or 'K' -> K (attackers poison from round K on)."""
+def parse_attack_rounds(text: str) -> tuple[int, int]:
+    """'all' -> (1, 0); 'from:K' or 'K' -> (K, 0) (from round K on); 'K:L' -> (K, L) (rounds K to L)."""
     if text == "all":
-        return 1
-    value = text.split(":", 1)[1] if text.startswith("from:") else text
+        return 1, 0
+    first, _, last = (text.split(":", 1)[1] if text.startswith("from:") else text).partition(":")
     try:
-        round_ = int(value)
+        window = int(first), int(last) if last else 0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all', 'K' or 'from:K', got {text!r}") from None
-    if round_ < 1:
-        raise argparse.ArgumentTypeError(f"the first attack round must be >= 1, got {round_}")
-    return round_
+        raise argparse.ArgumentTypeError(f"expected 'all', 'K', 'from:K' or 'K:L', got {text!r}") from None
+    if window[0] < 1:
+        raise argparse.ArgumentTypeError(f"the first attack round must be >= 1, got {window[0]}")
+    if last and window[1] < window[0]:
+        raise argparse.ArgumentTypeError(f"the last attack round must be >= the first, got {text!r}")
+    return window
 
 
 def build_parser() -> ArgumentParser:
@@ -51,11 +53,27 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
     add_trigger_arguments(p)
     p.add_argument("--poison-rate", type=fraction, default=0.5, help="fraction of a malicious client's data poisoned")
-    p.add_argument("--attack-rounds", type=parse_attack_rounds, default=1, metavar="all|K|from:K",
-                   help="rounds in which attackers poison (from round K on)")
+    p.add_argument("--attack-rounds", type=parse_attack_rounds, default=(1, 0), metavar="all|K|from:K|K:L",
+                   help="rounds in which attackers poison: from round K on, or rounds K to L (then the summary "
+                        "reports the backdoor's lifespan after round L)")
+    p.add_argument("--attacker", default="plain", choices=ATTACKERS,
+                   help="how attackers poison: plain, or neurotoxin (updates kept off the coordinates the last "
+                        "global update moved most)")
+    p.add_argument("--neurotoxin-top-k", type=float, default=0.01,
+                   help="--attacker neurotoxin: share of coordinates (largest last global update) left untouched")
+    p.add_argument("--sample", type=non_negative_int, default=0,
+                   help="clients trained per round, a seeded draw out of --clients (0 = every client)")
     p.add_argument("--boost", type=float, default=1.0, help="model-replacement scaling of malicious updates")
     p.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS.names())
-    p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip")
+    p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip and dp")
+    p.add_argument("--dp-noise", type=float, default=0.1,
+                   help="--aggregation dp: noise multiplier (std = this x --clip-norm / clients)")
+    p.add_argument("--flame-noise", type=float, default=0.001,
+                   help="--aggregation flame: noise std as a fraction of the median update norm (FLAME's 0.001)")
+    p.add_argument("--foolsgold-kappa", type=float, default=1.0, help="--aggregation foolsgold: the logit's confidence")
+    p.add_argument("--rlr-threshold", type=positive_int, default=4,
+                   help="--aggregation rlr: how many clients must agree on a coordinate's sign for the server's "
+                        "learning rate there to stay +1 (Ozdayi et al.'s 4 of 10)")
     p.add_argument("--max-update-norm", type=positive_float, default=10.0,
                    help="reject client updates with ||local - global|| > this x ||global||")
     p.add_argument("--client-weighting", default="known", choices=WEIGHTINGS,
@@ -81,13 +99,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-FLAG_FIELDS = {"attack_rounds": "attack_from_round", "round_timeout": "round_timeout_s", "node_wait": "node_wait_s"}  # flag dest -> field
+FLAG_FIELDS = {"round_timeout": "round_timeout_s", "node_wait": "node_wait_s"}  # flag dest -> field
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     """Every SimulationConfig field from its flag (the flag's name is the field's, in kebab-case,
     but for FLAG_FIELDS), through the one typed constructor."""
     values = {FLAG_FIELDS.get(dest, dest): value for dest, value in vars(args).items()}
+    values["attack_from_round"], values["attack_until_round"] = values.pop("attack_rounds")
     return SimulationConfig.from_values({name: values[name] for name in SimulationConfig.field_names()})
 
 

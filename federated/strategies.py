@@ -12,6 +12,8 @@ from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyServerSideFixedC
 import logging
 import time
 
+import numpy as np
+
 from defense.registry import Registry
 from federated.validation import RejectedReply, ReplyChecker
 
@@ -25,9 +27,14 @@ AGGREGATIONS: Registry[StrategyFactory] = Registry("aggregation")
 
 
 def _every_client(config: "SimulationConfig") -> dict:
-    # Round 1 samples before all nodes registered: ask for all of them or only 2 would train.
+    # Round 1 samples before all nodes registered: ask for all of them or only 2 would train. With
+    # --sample, ObservedStrategy keeps a seeded draw of the messages (the same draw for every strategy).
     return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.clients,
                 min_available_nodes=config.clients, min_evaluate_nodes=0)
+
+
+def _malicious_per_round(config: "SimulationConfig") -> int:
+    return min(config.malicious, config.clients_per_round)
 
 
 @AGGREGATIONS.register("fedavg")
@@ -37,18 +44,19 @@ def fedavg(config: "SimulationConfig") -> Strategy:
 
 @AGGREGATIONS.register("krum")
 def krum(config: "SimulationConfig") -> Strategy:
-    return Krum(num_malicious_nodes=config.malicious, **_every_client(config))
+    return Krum(num_malicious_nodes=_malicious_per_round(config), **_every_client(config))
 
 
 @AGGREGATIONS.register("multikrum")
 def multikrum(config: "SimulationConfig") -> Strategy:
-    return MultiKrum(num_malicious_nodes=config.malicious, num_nodes_to_select=config.clients - config.malicious,
+    return MultiKrum(num_malicious_nodes=_malicious_per_round(config),
+                     num_nodes_to_select=config.clients_per_round - _malicious_per_round(config),
                      **_every_client(config))
 
 
 @AGGREGATIONS.register("bulyan")
 def bulyan(config: "SimulationConfig") -> Strategy:
-    return Bulyan(num_malicious_nodes=config.malicious, **_every_client(config))
+    return Bulyan(num_malicious_nodes=_malicious_per_round(config), **_every_client(config))
 
 
 @AGGREGATIONS.register("median")
@@ -66,7 +74,40 @@ def clip(config: "SimulationConfig") -> Strategy:
     """Server-side norm clipping of updates (Flower's DP wrapper with zero noise)."""
     return DifferentialPrivacyServerSideFixedClipping(FedAvg(**_every_client(config)), noise_multiplier=0.0,
                                                       clipping_norm=config.clip_norm,
-                                                      num_sampled_clients=config.clients)
+                                                      num_sampled_clients=config.clients_per_round)
+
+
+@AGGREGATIONS.register("dp")
+def dp(config: "SimulationConfig") -> Strategy:
+    """Server-side differential privacy (Flower's fixed clipping): updates clipped to --clip-norm,
+    Gaussian noise of std --dp-noise x --clip-norm / clients added to the sum."""
+    return DifferentialPrivacyServerSideFixedClipping(FedAvg(**_every_client(config)), noise_multiplier=config.dp_noise,
+                                                      clipping_norm=config.clip_norm,
+                                                      num_sampled_clients=config.clients_per_round)
+
+
+@AGGREGATIONS.register("flame")
+def flame(config: "SimulationConfig") -> Strategy:
+    """FLAME (Nguyen et al. 2022): HDBSCAN over cosine distances, median-norm clipping, noise."""
+    from federated.defences import Flame
+
+    return Flame(noise=config.flame_noise, seed=config.seed, **_every_client(config))
+
+
+@AGGREGATIONS.register("foolsgold")
+def foolsgold(config: "SimulationConfig") -> Strategy:
+    """FoolsGold (Fung et al. 2020): client weights from the similarity of their update histories."""
+    from federated.defences import FoolsGold
+
+    return FoolsGold(kappa=config.foolsgold_kappa, seed=config.seed, **_every_client(config))
+
+
+@AGGREGATIONS.register("rlr")
+def rlr(config: "SimulationConfig") -> Strategy:
+    """Robust learning rate (Ozdayi et al. 2021): the sign of the server's learning rate per coordinate."""
+    from federated.defences import RobustLR
+
+    return RobustLR(threshold=config.rlr_threshold, seed=config.seed, **_every_client(config))
 
 
 def build_strategy(config: "SimulationConfig") -> Strategy:
@@ -129,9 +170,11 @@ class ObservedStrategy(DelegatingStrategy):
 
     def __init__(self, inner: Strategy, checker: ReplyChecker,
                  attackers: Callable[[int], frozenset[int]] = lambda server_round: frozenset(),
-                 node_wait_s: float = 120.0) -> None:
+                 node_wait_s: float = 120.0, sample: int = 0, seed: int = 0) -> None:
         super().__init__(inner)
         self.node_wait_s = node_wait_s
+        self.sample, self.seed = sample, seed
+        self.trained: dict[int, list[int]] = {}    # round -> client ids whose replies were aggregated
         self.checker = checker
         self.attackers = attackers
         self.rounds: dict[int, dict[str, int]] = {}
@@ -146,6 +189,11 @@ class ObservedStrategy(DelegatingStrategy):
         self.expect(arrays)
         wait_for_nodes(grid, self.checker.clients, self.node_wait_s)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.sample and self.sample < len(messages):
+            # a seeded draw of `sample` of the connected nodes (in node-id order), the same for every strategy
+            messages.sort(key=lambda message: message.metadata.dst_node_id)
+            picked = np.random.default_rng([self.seed, server_round]).choice(len(messages), self.sample, replace=False)
+            messages = [messages[i] for i in sorted(picked)]
         self._asked[server_round] = len(messages)
         return messages
 
@@ -170,7 +218,9 @@ class ObservedStrategy(DelegatingStrategy):
         accepted.sort(key=lambda pair: pair[0])
         timed_out = max(self._asked.get(server_round, len(replies)) - len(replies), 0)
         attackers = self.attackers(server_round)
+        self.trained[server_round] = [client_id for client_id, _ in accepted]
         self.rounds[server_round] = {
+            "clients_sampled": self._asked.get(server_round, len(replies)),
             "clients_trained": len(accepted),
             "client_failures": failed + timed_out,
             "client_timeouts": timed_out,
@@ -179,4 +229,9 @@ class ObservedStrategy(DelegatingStrategy):
         }
         if not accepted:
             return None, None
-        return self.inner.aggregate_train(server_round, [message for _, message in accepted])
+        result = self.inner.aggregate_train(server_round, [message for _, message in accepted])
+        excluded = set(getattr(self.inner, "excluded", {}).get(server_round, ()))
+        if hasattr(self.inner, "excluded"):   # an in-training defence that gives some updates no weight
+            self.rounds[server_round]["updates_excluded"] = len(excluded)
+            self.rounds[server_round]["malicious_excluded"] = len(excluded & attackers)
+        return result

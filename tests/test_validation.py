@@ -175,7 +175,7 @@ def test_aggregation_goes_on_with_the_valid_replies_exactly(bad, claimed):
     for key in REFERENCE:
         expected = sum(w * c["arrays"][key].numpy().astype(np.float64) for w, c in zip(weights, good)) / sum(weights)
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert strategy.rounds[1] == {"clients_trained": len(good), "client_failures": 1, "client_timeouts": 0,
+    assert strategy.rounds[1] == {"clients_sampled": len(replies), "clients_trained": len(good), "client_failures": 1, "client_timeouts": 0,
                                   "updates_rejected": len(bad), "malicious_clients": 1}
     assert len(strategy.rejections) == len(bad)
 

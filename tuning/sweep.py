@@ -69,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
 
     setup = {"model": str(Path(args.model).resolve()) if args.model else None, "attack": args.attack,
              "trigger_size": args.trigger_size, "target": args.target, "dataset": args.dataset,
+             "blend_alpha": args.blend_alpha, "place": args.trigger_place, "pattern": args.trigger_pattern,
              "data_dir": args.data_dir, "image_size": args.image_size, "seed": base.dhbe.seed,
              "base": base.to_dict(), "out": str(out), "cache": str(out / "teachers")}
     out.mkdir(parents=True, exist_ok=True)

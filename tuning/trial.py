@@ -54,5 +54,6 @@ def _evaluator(setup: dict, trigger_size: Optional[int]):
     from defense.scenario import model_file_scenario
 
     overrides = {"attack": setup["attack"], "trigger_size": trigger_size, "target": setup["target"],
-                 "dataset": setup["dataset"]}
+                 "dataset": setup["dataset"], "blend_alpha": setup.get("blend_alpha"), "place": setup.get("place"),
+                 "pattern": setup.get("pattern")}
     return model_file_scenario(setup["model"], overrides, setup["data_dir"]).evaluate

@@ -1,0 +1,66 @@
+"""Per-epoch trajectory of the default purification on named cases (a research diagnostic):
+`python -m benchmarks.default_trajectory --only CASE [CASE ...] [--set FIELD=VALUE ...] [--out STEM]`.
+
+Each epoch records the data-free signals the defence can see (synthetic agreement with T, Gp's
+trigger sensitivity and flip rate) beside the experimenter's test ACC/ASR of the output model. The
+test figures are for reading the trajectory only: no rule of the defence may be fitted to them.
+Writes benchmarks/results/<stem>.jsonl (one line per case and epoch)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.default_cases import by_name, plant
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.fileio import atomic_write_text
+from defense.scenario import model_file_scenario
+
+RESULTS = Path("benchmarks/results")
+SIGNALS = ("synthetic_agreement", "trigger_sensitivity", "trigger_flip_rate")
+
+
+def trajectory(case, recipe_name: str, overrides: dict, tiny: bool = False) -> list[dict]:
+    scenario = model_file_scenario(plant(case, tiny=tiny))
+    before = scenario.evaluate(scenario.teacher)
+    recipe = recipe_config(recipe_name, overrides)
+    if tiny:
+        recipe = smoke_sized(recipe)
+    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe)
+    rows = []
+    for record in train_epochs(trainer, evaluator=lambda model: scenario.evaluate(model.eval())):
+        test = record.evaluation or {}
+        rows.append({"case": case.name, "epoch": record.epoch, "acc_before": before["acc"],
+                     **{k: round(getattr(record, k), 4) for k in SIGNALS},
+                     **{f"test_{k}": (None if v is None else round(v, 4)) for k, v in test.items()}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", required=True, help="case names (benchmarks/default_cases.py)")
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--out", default="default_trajectory")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from defense.cli import field_pairs
+
+    overrides = field_pairs(args.set, "--set")
+    lines = []
+    for name in args.only:
+        case = by_name(name)
+        if case is None:
+            parser.error(f"unknown case {name!r}")
+        for row in trajectory(case, args.recipe, overrides, args.tiny):
+            print(json.dumps(row), flush=True)
+            lines.append(json.dumps(row))
+    if not args.tiny:
+        atomic_write_text(RESULTS / f"{args.out}.jsonl", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
