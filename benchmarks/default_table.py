@@ -24,8 +24,10 @@ from defense.scenario import model_file_scenario
 RESULTS = Path("benchmarks/results")
 
 
-def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
-    scenario = model_file_scenario(plant(case, tiny=tiny))
+def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict) -> dict:
+    """One purification of a model file in-process (DHBE's own time), measured by the experimenter with
+    the file's experiment record: before, after, the trainer's evidence and DHBE's wall time."""
+    scenario = model_file_scenario(path)
     before = scenario.evaluate(scenario.teacher)
     recipe = recipe_config(recipe_name, overrides)
     if tiny:
@@ -35,7 +37,12 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
     train_epochs(trainer)
     wall = time.perf_counter() - started
     after = scenario.evaluate(trainer.output_model().eval())
-    evidence = trainer.evidence()
+    return {"before": before, "after": after, "evidence": trainer.evidence(), "wall_s": wall, "epochs": trainer.epoch}
+
+
+def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
+    result = purify_model_file(plant(case, tiny=tiny), recipe_name, tiny, overrides)
+    before, after, evidence, wall = result["before"], result["after"], result["evidence"], result["wall_s"]
     verdict = evidence.get("verdict", {})
     pct = lambda v: None if v is None else round(100 * v, 1)
     return {"case": case.name, "attack": case.attack.attack if case.poisoned else "none", "kind": case.kind,
@@ -47,7 +54,7 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
             "suspected": ",".join(map(str, verdict.get("suspected_targets", []))) or "none",
             "max_anomaly": round(max(verdict.get("anomaly_index") or [0.0]), 2),
             "stopped": bool(evidence.get("stopped")), "guard": verdict.get("guard", ""),
-            "epochs": trainer.epoch, "wall_s": round(wall, 1)}
+            "epochs": result["epochs"], "wall_s": round(wall, 1)}
 
 
 COLUMNS = [("case", "case"), ("attack", "attack"), ("kind", "model"), ("target", "target"),

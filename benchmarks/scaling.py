@@ -24,6 +24,8 @@ from defense.models import build_model
 from federated.config import SimulationConfig
 
 FEDERATED_GRID = [(5, 20), (10, 20), (20, 20), (10, 5), (10, 10)]  # (clients, rounds)
+SAMPLING_GRID = [(100, 10), (1000, 10), (100, 100), (1000, 100)]    # (registered clients, sampled per round)
+SAMPLING_ROUNDS = 5
 IMAGE_SIZES = (8, 16, 32)
 
 
@@ -39,6 +41,54 @@ def time_federated(clients: int, rounds: int, local_epochs: int = 2) -> dict:
     last = run.rows[-1]
     return {"clients": clients, "rounds": rounds, "wall_s": round(wall, 1),
             "s_per_round": round(wall / rounds, 2), "acc": round(last["acc"], 4), "asr_x1": round(last["asr_x1"], 4)}
+
+
+def ray_workers_rss() -> int:
+    """Bytes resident in Ray's worker processes now (from /proc; 0 where there is no /proc)."""
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"ray::" not in cmdline and b"default_worker.py" not in cmdline:
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:   # the process ended meanwhile
+            continue
+    return total
+
+
+def time_sampled(registered: int, sampled: int, rounds: int) -> dict:
+    """A run with `registered` clients of which `sampled` train each round (2 malicious among the
+    registered): wall time and the peak memory of this (server) process and of the Ray workers
+    (their resident memory read from /proc while the run lasts; Linux)."""
+    import resource
+    import threading
+
+    from federated.engine import run_federated
+
+    config = SimulationConfig(clients=registered, sample=sampled, malicious=2, rounds=rounds, local_epochs=1)
+    spec = load_dataset("digits", None, config.image_size).spec
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:   # the Ray workers' resident memory together, sampled every 0.5 s
+        while not done.wait(0.5):
+            peak[0] = max(peak[0], ray_workers_rss())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        run = run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
+        wall = time.perf_counter() - started
+    done.set()
+    watcher.join()
+    rows = run.rows
+    return {"registered": registered, "sampled": sampled, "rounds": rounds, "wall_s": round(wall, 1),
+            "s_per_round": round(wall / rounds, 2), "trained_per_round": rows[-1]["clients_trained"] if rows else 0,
+            "server_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+            "workers_peak_rss_mb": round(peak[0] / 2**20, 0)}
 
 
 def time_dhbe(image_size: int, iterations: int, batch_size: int) -> dict:
@@ -66,6 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     grid = [(4, 2)] if args.tiny else FEDERATED_GRID
     federated = [time_federated(c, r, local_epochs=1 if args.tiny else 2) for c, r in grid]
+    sampled = [time_sampled(registered, per_round, 2 if args.tiny else SAMPLING_ROUNDS)
+               for registered, per_round in ([(20, 4)] if args.tiny else SAMPLING_GRID)]
     sizes = (8,) if args.tiny else IMAGE_SIZES
     dhbe = [time_dhbe(size, 2 if args.tiny else 20, 16 if args.tiny else 128) for size in sizes]
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
@@ -75,6 +127,15 @@ def main() -> None:
              "| clients | rounds | wall s | s per round | final ACC % | final ASR x1 % |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['rounds']} | {r['wall_s']} | {r['s_per_round']} | {100 * r['acc']:.1f} | "
               f"{100 * r['asr_x1']:.1f} |" for r in federated]
+    lines += ["", f"Client sampling (`--sample`), {SAMPLING_ROUNDS} rounds, 1 local epoch, FedAvg, 2 malicious among the "
+              "registered; server peak RSS is this process's (it grows over the runs of this script), workers' the Ray "
+              "workers' resident memory together at its peak. On digits 1,000 clients hold 1-2 images each: a client "
+              "whose partition is one image takes no step (batch norm needs two samples per batch) and returns the "
+              "global model, so the point is the engine's cost, not accuracy.", "",
+              "| registered | sampled per round | wall s | s per round | trained per round | server peak RSS MB | "
+              "workers peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['registered']} | {r['sampled']} | {r['wall_s']} | {r['s_per_round']} | {r['trained_per_round']} | "
+              f"{r['server_peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |" for r in sampled]
     lines += ["", "DHBE, CPU recipe (batch 128, 5 student steps per iteration), small CNN, against image size:", "",
               "| image | iterations/s | recipe iterations | recipe estimate s (incl. Gp warm-up) |", "|---|---|---|---|"]
     lines += [f"| {r['image_size']}x{r['image_size']} | {r['it_per_s']} | {r['recipe_iterations']} | "
@@ -82,7 +143,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.tiny:
-        atomic_write_json(Path("benchmarks/results/scaling.json"), {"federated": federated, "dhbe": dhbe, "machine": machine})
+        atomic_write_json(Path("benchmarks/results/scaling.json"), {"federated": federated, "sampled": sampled, "dhbe": dhbe, "machine": machine})
         atomic_write_text(Path("benchmarks/results/scaling.md"), text)
 
 

@@ -49,9 +49,11 @@ def robust_accuracy(triggered_pred: torch.Tensor, labels: torch.Tensor, target: 
     return float((triggered_pred[eligible] == labels[eligible]).float().mean()) if bool(eligible.any()) else float("nan")
 
 
-def defence_effectiveness_rating(before: dict, after: dict) -> float:
-    """DER = (max(0, ASR drop) - max(0, ACC drop) + 1) / 2, with rates in [0, 1]."""
-    asr_drop = before["asr_x1"] - after["asr_x1"]
+def defence_effectiveness_rating(before: dict, after: dict, asr: str = "asr_x1") -> float:
+    """DER = (max(0, ASR drop) - max(0, ACC drop) + 1) / 2, with rates in [0, 1]. `asr`: which ASR form,
+    `asr_x1` (DHBE's: non-target test images the model gets right when clean) or `asr_all_x1`
+    (BackdoorBench's: every non-target test image; the form BackdoorBench's DER uses)."""
+    asr_drop = before[asr] - after[asr]
     acc_drop = before["acc"] - after["acc"]
     return (max(0.0, asr_drop) - max(0.0, acc_drop) + 1.0) / 2.0
 

@@ -86,7 +86,6 @@ class FederatedPurification:
                                  out_dir=self.run.root / "models")
 
     def finish(self) -> list[dict]:
-        from defense.metrics import defence_effectiveness_rating
         from defense.scenario import model_file_scenario
 
         backdoored = load_model(self.run.root / "final.json")
@@ -101,7 +100,7 @@ class FederatedPurification:
         self.run.add_evidence(result.evidence)
         rows = [{"model": "global (after training)", **before},
                 {"model": f"purified (DHBE, {result.wall_s:.0f} s)", **after}]
-        self.run.add_purification(before, after, defence_effectiveness_rating(before, after), result.wall_s)
+        self.run.add_purification(before, after, result.wall_s)
         plot_before_after(rows, self.run.root / "purification.png")
         from federated.run_folder import comparison_table
 

@@ -97,14 +97,20 @@ class RunFolder:
         """Every rejected client update: round, node and reason."""
         atomic_write_json(self.root / "rejected_updates.json", rejections)
 
-    def add_purification(self, before: dict, after: dict, der: float, wall_s: float) -> None:
-        """The purified model's figures, as columns beside the last round's."""
+    def add_purification(self, before: dict, after: dict, wall_s: float) -> None:
+        """The purified model's figures, as columns beside the last round's, with DER in both ASR forms:
+        `purified_der` from the DHBE form (asr_x1), `purified_der_all` from BackdoorBench's (asr_all_x1),
+        the one BackdoorBench's tables use."""
+        from defense.metrics import defence_effectiveness_rating
+
         if not self.rows:
             return
         self.rows[-1].update({f"purified_{k}": after.get(k) for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")})
-        self.rows[-1].update({"purified_der": der, "purify_wall_s": wall_s})
+        self.rows[-1].update({"purified_der": defence_effectiveness_rating(before, after),
+                              "purified_der_all": defence_effectiveness_rating(before, after, "asr_all_x1"),
+                              "purify_wall_s": wall_s})
         self._add_columns([f"purified_{k}" for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")] +
-                          ["purified_der", "purify_wall_s"])
+                          ["purified_der", "purified_der_all", "purify_wall_s"])
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
 
     def _add_columns(self, columns: list[str]) -> None:

@@ -24,6 +24,9 @@ INTEGER_BOUNDS = {"epochs": 100_000, "iters_per_epoch": 1_000_000, "student_step
                   "trigger_width": 4_096, "patch_size": 1_024}
 
 
+PRECISIONS = ("fp32", "bf16")   # fp16 needs loss scaling for S, G, Gp and the searches: not built
+
+
 @dataclass(frozen=True)
 class DHBEConfig:
     """The official code's hyper-parameters and defaults (paper scale: 300 x 50 iterations)."""
@@ -50,6 +53,9 @@ class DHBEConfig:
     # --- speed and safety only, the maths is unchanged ---
     channels_last: bool = True            # NHWC convolutions (1.28x on CPU for the small CNN)
     max_recoveries: int = 3               # non-finite loss: roll back the epoch and halve all lrs
+    # --- speed, with the maths in lower precision (opt-in, measured in docs/performance.md) ---
+    precision: str = "fp32"               # fp32, or bf16: autocast for the networks, logits and Eq. 8 in fp32
+    compile: bool = False                 # torch.compile T and S (in place: state_dict keys unchanged)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
@@ -71,6 +77,7 @@ class DHBEConfig:
         require(self.image_prior_weight >= 0, f"image_prior_weight must be >= 0, got {self.image_prior_weight}")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(0 <= self.max_recoveries <= 100, f"max_recoveries must be in 0..100, got {self.max_recoveries}")
+        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def iterations(self) -> int:

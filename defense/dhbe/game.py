@@ -14,6 +14,7 @@ asked at the named points of `Extension`; with no extension this is the official
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -30,6 +31,25 @@ from defense.errors import DivergenceError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import frozen
 from defense.spec import InputSpec
+
+
+class _LogitsInFP32:
+    """Mixed into the class of a model's last linear layer (the logits): under autocast it runs in
+    fp32, so Eq. 8's L1 between T's and S's logits is taken on fp32 values. Outside autocast it
+    changes nothing; the layer's state_dict is the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def keep_logits_fp32(model: nn.Module) -> nn.Module:
+    """Swap the class of `model`'s last nn.Linear for one that computes in fp32 under autocast."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if heads and not isinstance(heads[-1], _LogitsInFP32):
+        cls = type(heads[-1])
+        heads[-1].__class__ = type(f"FP32Logits{cls.__name__}", (_LogitsInFP32, cls), {})
+    return model
 
 
 @dataclass
@@ -79,6 +99,12 @@ class DHBETrainer:
         if config.channels_last:
             for module in (self.teacher, self.student, self.sample_generator):
                 module.to(memory_format=torch.channels_last)
+        if config.precision != "fp32":
+            for model in (self.teacher, self.student):
+                keep_logits_fp32(model)
+        if config.compile:
+            for model in (self.teacher, self.student):
+                model.compile()
         self.trigger_generator = TriggerGenerator(spec.channels, config.patch_size, config.trigger_latent_dim,
                                                   config.trigger_width).to(self.device)
         self.opt_student = torch.optim.SGD(self.student.parameters(), lr=config.student_lr,
@@ -98,6 +124,12 @@ class DHBETrainer:
         self.extensions: list[Extension] = [ext.build(self) for ext in recipe.extensions]
         for ext in self.extensions:
             ext.setup(self)
+
+    def precision(self):
+        """The autocast context of the game's forward passes (bf16), or none (fp32)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def stop(self, reason: str) -> None:
         """End the game: no more iterations (e.g. a verdict that there is nothing to erase)."""
@@ -231,7 +263,8 @@ class DHBETrainer:
         snapshot = self.state_dict()
         for attempt in range(self.config.max_recoveries + 1):
             start = time.perf_counter()
-            totals = self._train_iterations()
+            with self.precision():
+                totals = self._train_iterations()
             if all(math.isfinite(v) for v in totals) and self._weights_finite():
                 break
             if attempt == self.config.max_recoveries:
@@ -248,12 +281,14 @@ class DHBETrainer:
                 schedule.step()
         self.epoch += 1
         loss, distill, regulariser = totals
+        with self.precision():
+            diagnostics = self.diagnostics()
         record = EpochRecord(
             epoch=self.epoch, iteration=self.epoch * self.config.iters_per_epoch,
             student_updates=self.epoch * self.config.iters_per_epoch * self.config.student_steps,
             loss_student=loss, loss_distill=distill, loss_regulariser=regulariser,
             student_lr=self.opt_student.param_groups[0]["lr"], seconds=time.perf_counter() - start,
-            recoveries=attempt, **self.diagnostics(),
+            recoveries=attempt, **diagnostics,
         )
         self.history.append(record)
         for ext in self.extensions:

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error on logits: the |.|_1 of Eq. 8."""
-    return F.l1_loss(a, b)
+    """Mean absolute error on logits: the |.|_1 of Eq. 8 (in fp32 whatever the inputs' precision: the
+    L1 between nearly equal logits vanishes in bf16)."""
+    return F.l1_loss(a.float(), b.float())
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -23,6 +24,7 @@ def backdoor_regulariser(patched_logits: torch.Tensor, clean_logits: torch.Tenso
 
 def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
     """Smoothness prior on G's samples (official `get_image_prior_losses_l2`)."""
+    x = x.float()
     dh = x[:, :, 1:, :] - x[:, :, :-1, :]
     dw = x[:, :, :, 1:] - x[:, :, :, :-1]
     return dh.pow(2).mean() + dw.pow(2).mean()

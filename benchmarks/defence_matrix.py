@@ -1,0 +1,187 @@
+"""The attack x in-training defence x purification matrix:
+
+    python -m benchmarks.defence_matrix [--attacks ...] [--aggregations ...] [--seeds N] [--no-purify] [--tiny]
+
+Each cell is one federated run through the project's engine (Flower's simulation, Ray backend; 10
+clients, 20 rounds, attackers poison in rounds 1..15 so the backdoor's lifespan after the attack is
+measured in the last 5), then, unless --no-purify, the default data-free purification of the final
+global model, in-process (DHBE's own time), measured by the experimenter with the run's experiment
+record. A cell whose global model carries no backdoor (ASR x1 < 50%) is not purified; its purified row
+says `skipped: no backdoor`, it is not dropped.
+
+Writes benchmarks/results/defence_matrix.parquet (one row per attack, aggregation, seed and
+purified), defence_matrix.md and defence_matrix.png (ASR x1 heatmaps before and after purification).
+DER is reported in both ASR forms: `der_all` from BackdoorBench's (asr_all_x1: every non-target test
+image), the form BackdoorBench's tables use, and `der` from DHBE's (asr_x1: those the model gets
+right when clean)."""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from defense.fileio import atomic_path, atomic_write_text
+from defense.metrics import defence_effectiveness_rating
+from defense.report import figure, markdown_table
+
+RESULTS = Path("benchmarks/results")
+
+# attack rows: SimulationConfig fields of each (the trigger, how attackers poison, how many, boost)
+ATTACKS = {
+    "badnets": {"attack": "badnets"},
+    "blended": {"attack": "blended"},
+    "sig": {"attack": "sig"},
+    "dba": {"attack": "dba", "malicious": 3},
+    "neurotoxin": {"attack": "badnets", "attacker": "neurotoxin"},
+    "boosted-badnets": {"attack": "badnets", "malicious": 1, "boost": 5.0},
+}
+AGGREGATIONS = ("fedavg", "multikrum", "median", "trimmed-mean", "clip", "flame", "foolsgold", "rlr")
+EXCLUDING = ("flame", "foolsgold")   # in-training defences that give some updates no weight
+ALIVE = 0.5   # a global model with ASR x1 below this carries no backdoor to purify
+
+
+def cell_config(attack: str, aggregation: str, seed: int, tiny: bool):
+    from federated.config import SimulationConfig
+
+    rounds = 3 if tiny else 20
+    fields = {"clients": 4 if tiny else 10, "malicious": 2, "rounds": rounds, "local_epochs": 1 if tiny else 2,
+              "aggregation": aggregation, "seed": seed, "target": seed % 10,
+              "attack_from_round": 1, "attack_until_round": rounds - (1 if tiny else 5), **ATTACKS[attack]}
+    if tiny:
+        fields["malicious"] = min(fields["malicious"], 1)
+    return SimulationConfig(**fields)
+
+
+def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool, recipe: str) -> list[dict]:
+    from defense.data import load_dataset
+    from federated.engine import run_federated
+
+    config = cell_config(attack, aggregation, seed, tiny)
+    spec = load_dataset(config.dataset, None, config.image_size).spec
+    key = {"attack": attack, "aggregation": aggregation, "seed": seed}
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        run = run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
+        wall = time.perf_counter() - started
+        if not run.complete:
+            return [{**key, "purified": False, "status": f"incomplete: {run.failure}", "wall_s": round(wall, 1)}]
+        last = run.rows[-1]
+        excluded = sum(r.get("malicious_excluded") or 0 for r in run.rows)
+        attacked = sum(r.get("malicious_clients") or 0 for r in run.rows)
+        trained = {**key, "purified": False, "status": "trained", "acc": last["acc"], "asr_x1": last["asr_x1"],
+                   "asr_x9": last.get("asr_x9"), "asr_all_x1": last.get("asr_all_x1"),
+                   "lifespan": last.get("lifespan_rounds"), "lifespan_censored": last.get("lifespan_censored"),
+                   # of the attackers' accepted updates, the share the in-training defence gave no weight
+                   "malicious_excluded_share": excluded / attacked if attacked and aggregation in EXCLUDING else None,
+                   "der": None, "der_all": None, "wall_s": round(wall, 1)}
+        rows = [trained]
+        if not purify:
+            return rows
+        if last["asr_x1"] is None or last["asr_x1"] < ALIVE:
+            rows.append({**key, "purified": True, "status": "skipped: no backdoor (ASR x1 < 50%)", "wall_s": 0.0})
+            return rows
+        from benchmarks.default_table import purify_model_file
+
+        result = purify_model_file(Path(folder) / "run" / "final.json", recipe, tiny, {})
+        before, after = result["before"], result["after"]
+        verdict = result["evidence"].get("verdict", {})
+        rows.append({**key, "purified": True, "status": "purified" if verdict.get("backdoor_suspected", True)
+                     else "handed back: no backdoor found", "acc": after["acc"], "asr_x1": after["asr_x1"],
+                     "asr_x9": after.get("asr_x9"), "asr_all_x1": after.get("asr_all_x1"),
+                     "der": defence_effectiveness_rating(before, after),
+                     "der_all": defence_effectiveness_rating(before, after, "asr_all_x1"),
+                     "wall_s": round(result["wall_s"], 1)})
+        return rows
+
+
+COLUMNS = ["attack", "aggregation", "seed", "purified", "status", "acc", "asr_x1", "asr_x9", "asr_all_x1",
+           "lifespan", "lifespan_censored", "malicious_excluded_share", "der", "der_all", "wall_s"]
+
+
+def pct(value: Optional[float]) -> Optional[str]:
+    return None if value is None else f"{100 * value:.1f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    def lifespan(row):
+        if row.get("lifespan") is None:
+            return None
+        return f">= {row['lifespan']}" if row.get("lifespan_censored") else str(row["lifespan"])
+
+    lines = markdown_table(
+        ["attack", "aggregation", "seed", "purified", "ACC %", "ASR x1 %", "ASR x9 %", "ASR all x1 %", "lifespan",
+         "DER (all)", "wall s", "status"],
+        [[r["attack"], r["aggregation"], r["seed"], "yes" if r["purified"] else "no", pct(r.get("acc")),
+          pct(r.get("asr_x1")), pct(r.get("asr_x9")), pct(r.get("asr_all_x1")), lifespan(r),
+          None if r.get("der_all") is None else f"{r['der_all']:.3f}", r.get("wall_s"), r.get("status")]
+         for r in rows])
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[dict], attacks: list[str], aggregations: list[str], path: Path) -> None:
+    import numpy as np
+
+    with figure(path, figsize=(2.2 + 1.1 * len(aggregations), 1.2 + 0.9 * len(attacks))) as ax:
+        fig = ax.figure
+        fig.clf()
+        panels = fig.subplots(1, 2, sharey=True)
+        for ax, purified in zip(panels, (False, True)):
+            grid = np.full((len(attacks), len(aggregations)), np.nan)
+            for r in rows:
+                if r["purified"] == purified and r.get("asr_x1") is not None:
+                    grid[attacks.index(r["attack"]), aggregations.index(r["aggregation"])] = 100 * r["asr_x1"]
+            ax.imshow(grid, vmin=0, vmax=100, cmap="Reds")
+            for (i, j), value in np.ndenumerate(grid):
+                ax.text(j, i, "skip" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(aggregations)), aggregations, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(attacks)), attacks, fontsize=7)
+            ax.set_title(f"ASR x1 % {'after purification' if purified else 'after training'}", fontsize=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--aggregations", nargs="+", default=list(AGGREGATIONS), choices=list(AGGREGATIONS))
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (seed s also sets target s mod 10)")
+    parser.add_argument("--no-purify", action="store_true", help="only the trained models (no purified rows)")
+    parser.add_argument("--recipe", default="default", help="the purification's recipe")
+    parser.add_argument("--out", default="defence_matrix", help="file stem under benchmarks/results")
+    parser.add_argument("--tiny", action="store_true", help="2 attacks x 2 aggregations at smoke size (CI), not written")
+    args = parser.parse_args()
+    if not 1 <= args.seeds <= 10:
+        parser.error(f"--seeds must be in 1..10, got {args.seeds}")
+    torch.set_num_threads(2)
+    attacks, aggregations = args.attacks, args.aggregations
+    if args.tiny:
+        attacks, aggregations = ["badnets", "neurotoxin"], ["fedavg", "flame"]
+    rows, started = [], time.perf_counter()
+    for seed in range(args.seeds):
+        for attack in attacks:
+            for aggregation in aggregations:
+                for row in run_cell(attack, aggregation, seed, not args.no_purify, args.tiny, args.recipe):
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    total = time.perf_counter() - started
+    table = markdown(rows)
+    print(table)
+    print(f"matrix wall time: {total:.0f} s")
+    if args.tiny:
+        return
+    import pandas as pd
+
+    with atomic_path(RESULTS / f"{args.out}.parquet") as tmp:
+        pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp, index=False)
+    heatmap(rows, attacks, aggregations, RESULTS / f"{args.out}.png")
+    command = "python -m benchmarks.defence_matrix" + (" --no-purify" if args.no_purify else "")
+    atomic_write_text(RESULTS / f"{args.out}.md", f"# Attack x defence x purification (`{command}`)\n\n"
+                      f"{len(rows)} rows, {args.seeds} seed(s), wall time {total:.0f} s on this machine.\n\n"
+                      f"![ASR x1 heatmaps]({args.out}.png)\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
