@@ -40,7 +40,8 @@ def trajectory(case, recipe_name: str, overrides: dict, tiny: bool = False) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="+", required=True, help="case names (benchmarks/default_cases.py)")
+    parser.add_argument("--only", nargs="+", default=["badnets3-corner-central"],
+                        help="case names (benchmarks/default_cases.py)")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", default="default_trajectory")

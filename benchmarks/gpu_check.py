@@ -4,7 +4,7 @@ tree, no Ray, no Flower, no pytest (the device machine has none of them).
 1. checks that make sense on CUDA: one epoch of the default recipe with every extension forced on,
    under `DeviceDiscipline(device)` (no tensor made off the model's device, no mixed devices), and
    the same epoch twice from one seed (deterministic state on the device);
-2. throughput: the official loop's structure against the project's loop (fp32), ResNet-18 32x32
+2. throughput: the official loop's structure against the project's loop (fp32 and bf16), ResNet-18 32x32
    batch 256 (benchmarks/paper_scale.py), and the projected 15,000 iterations;
 3. the default purification of the digits model built here with the project's scenario builder and
    the same seed as the CPU figures, ACC/ASR beside the CPU reference
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.paper_scale import PAPER_ITERATIONS, seconds_per_iteration
+from benchmarks.paper_scale import PAPER_ITERATIONS, SIDES, seconds_per_iteration
 from defense.device_check import DeviceDiscipline
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.fileio import atomic_write_json
@@ -100,7 +100,7 @@ def main() -> None:
     result["checks"] = device_checks(device, scenario, args.dry_run)
     print(json.dumps({"checks": result["checks"]}), flush=True)
     throughput = {}
-    for side in ("official", "project"):
+    for side in SIDES:
         seconds = seconds_per_iteration(side, device, 1 if args.dry_run else 5, 0 if args.dry_run else 2, args.dry_run)
         throughput[side] = {"seconds_per_iteration": round(seconds, 4), "it_per_s": round(1 / seconds, 3),
                             "projected_hours_15000": round(seconds * PAPER_ITERATIONS / 3600, 2)}

@@ -27,6 +27,7 @@ from defense.spec import InputSpec
 
 RESULTS = Path("benchmarks/results")
 PAPER_ITERATIONS = 15_000   # 300 epochs x 50 iterations (the official code)
+SIDES = ("official", "project", "project-bf16")   # the last: the project's loop under bf16 autocast (logits fp32)
 CIFAR = InputSpec(3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
@@ -36,19 +37,21 @@ def seconds_per_iteration(side: str, device: str, iterations: int, warmup: int, 
     config = DHBEConfig(batch_size=8, generator_width=8, trigger_width=8, latent_dim=16, trigger_latent_dim=16,
                         patch_size=3) if tiny else DHBEConfig()
     teacher = build_model("small-cnn" if tiny else "resnet18", spec).eval()
-    recipe = Recipe(config).replace(channels_last=side != "official")
+    recipe = Recipe(config).replace(channels_last=side != "official", precision="bf16" if side == "project-bf16" else "fp32")
     trainer = DHBETrainer(teacher, spec, recipe, device=device)
     trainer.student.train()
     if side == "official":   # DHBE_train.py never freezes the teacher
         trainer.teacher.requires_grad_(True)
     step = official_iteration if side == "official" else project_iteration
     for _ in range(warmup):
-        step(trainer)
+        with trainer.precision():
+            step(trainer)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(iterations):
-        step(trainer)
+        with trainer.precision():
+            step(trainer)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - started) / iterations
@@ -71,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for side in ("official", "project"):
+    for side in SIDES:
         seconds = seconds_per_iteration(side, args.device, args.iterations, args.warmup, args.tiny)
         rows.append({"side": side, "device": args.device.split(":")[0], "device_name": device_name(args.device),
                      "seconds_per_iteration": round(seconds, 3), "it_per_s": round(1 / seconds, 4),
@@ -89,7 +92,7 @@ def main() -> None:
     lines = ["# DHBE at the paper's scale (ResNet-18, 32x32 RGB, batch 256, official settings)", "",
              "`python -m benchmarks.paper_scale --device DEVICE`: seconds per iteration (5 student steps, one G "
              "and one Gp step) of the official loop's structure and of the project's loop (exact maths; "
-             f"benchmarks/dhbe_throughput.py), and the paper's {PAPER_ITERATIONS:,} iterations projected from them. "
+             f"benchmarks/dhbe_throughput.py; `project-bf16`: the same under bf16 autocast with fp32 logits), and the paper's {PAPER_ITERATIONS:,} iterations projected from them. "
              "The paper reports about 6 h on an RTX 2080 Ti.", ""]
     lines += markdown_table(["device", "loop", "s / iteration", f"{PAPER_ITERATIONS:,} iterations (h)", "timed", "torch"],
                             [[r["device_name"], r["side"], r["seconds_per_iteration"], r["projected_hours_15000_iterations"],

@@ -85,18 +85,25 @@ def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputS
 MAX_MANIFEST_BYTES = 1 << 20
 
 
+def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from a file that may be hostile: at most 1 MiB, valid, not too deep, an object;
+    UnsafeFileError otherwise."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UnsafeFileError(f"{what} {path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(path.read_bytes())
+    except RecursionError:
+        raise UnsafeFileError(f"{what} {path} is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsafeFileError(f"{what} {path} is not valid JSON: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(data, dict):
+        raise UnsafeFileError(f"{what} {path} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_manifest(manifest_path: Path) -> dict[str, Any]:
     """The manifest as a dict with its fields type-checked; UnsafeFileError on anything else."""
-    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise UnsafeFileError(f"manifest {manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except RecursionError:
-        raise UnsafeFileError(f"manifest {manifest_path} is nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise UnsafeFileError(f"manifest {manifest_path} is not valid JSON: {getattr(exc, 'msg', exc)}") from None
-    if not isinstance(manifest, dict):
-        raise UnsafeFileError(f"manifest {manifest_path} is a JSON {type(manifest).__name__}, not an object")
+    manifest = read_json_object(manifest_path, "manifest")
     for key, kind in (("model", str), ("input_spec", dict), ("weights_sha256", str), ("weights_file", str)):
         if key in manifest and not isinstance(manifest[key], kind):
             raise UnsafeFileError(f"manifest {manifest_path}: '{key}' must be a {kind.__name__}, "

@@ -22,7 +22,7 @@ from federated.attacks import boost_update, global_trigger, neurotoxin_mask, poi
 from federated.config import SimulationConfig
 from federated.partition import partition
 from federated.run_folder import RunFolder
-from federated.strategies import MissingNodes, ObservedStrategy, build_strategy
+from federated.strategies import MissingNodes, ObservedStrategy, OffsetRounds, build_strategy
 from federated.validation import ReplyChecker
 
 SKIPPED_STATE = "num_batches_tracked"  # integer counters: not averaged, not exchanged
@@ -120,21 +120,23 @@ def reply_checker(config: SimulationConfig, bundle: DataBundle) -> ReplyChecker:
 
 
 def make_server_app(config: SimulationConfig, run: RunFolder,
-                    wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s) -> ServerApp:
+                    wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s,
+                    start: Optional[ArrayRecord] = None) -> ServerApp:
     """`wrap_strategy` lets a caller (the purification hook of deploy/) wrap the chosen strategy."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, config, run, wrap_strategy)
+        serve(grid, config, run, wrap_strategy, start)
 
     return app
 
 
 def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
-          wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s) -> None:
+          wrap_strategy: Callable[[Strategy], Strategy] = lambda s: s, start: Optional[ArrayRecord] = None) -> None:
     """The server's run: the chosen strategy for `config.rounds` rounds, evaluating the global model
-    every round into `run`, then the final model."""
+    every round into `run`, then the final model. `start`: a resumed run's global model after the
+    rounds already in `run` (the run goes on from the next round)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     bundle = load_bundle(config.dataset, config.data_dir, config.image_size)
     trigger = global_trigger(config, bundle.spec)
@@ -143,9 +145,13 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     observed = ObservedStrategy(build_strategy(config), reply_checker(config, bundle), config.attackers_in_round,
                                 node_wait_s=config.node_wait_s, sample=config.sample, seed=config.seed)
     strategy = wrap_strategy(observed)
+    done = len(run.rows) if start is not None else 0
+    if done:
+        strategy = OffsetRounds(strategy, done)
     started = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done if server_round > 0 else 0
         arrays_to_model(model, arrays)
         metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)
         if server_round > 0:
@@ -155,7 +161,8 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
         return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
 
     try:
-        result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=config.rounds,
+        initial = start if start is not None else model_to_arrays(model)
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds - done,
                                 train_config=ConfigRecord({"local-epochs": config.local_epochs}),
                                 evaluate_fn=evaluate, timeout=config.round_timeout_s)
     except MissingNodes as missing:

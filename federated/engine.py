@@ -15,7 +15,7 @@ from federated.run_folder import RunFolder
 
 def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
                           wrap_strategy: Optional[Callable] = None, verbose: bool = False,
-                          client_app_factory: Optional[Callable] = None) -> None:
+                          client_app_factory: Optional[Callable] = None, start=None) -> None:
     """Train for `config.rounds` rounds; every round's metrics and model land in `run`.
     `client_app_factory(config)` builds the ClientApp (default federated.apps.make_client_app; tests
     plant misbehaving clients through it)."""
@@ -34,7 +34,7 @@ def run_simulation_rounds(config: SimulationConfig, run: RunFolder,
                              # a slot no client actor claims: server-side jobs (in-run purification)
                              # run on it instead of waiting for the CPUs the client actors hold
                              "resources": {SERVER_JOB_RESOURCE: 1.0}}}
-    server_app = make_server_app(config, run, wrap_strategy or (lambda s: s))
+    server_app = make_server_app(config, run, wrap_strategy or (lambda s: s), start)
     run_simulation(server_app=server_app, client_app=(client_app_factory or make_client_app)(config), num_supernodes=config.clients,
                    backend_config=backend, verbose_logging=verbose)
 
@@ -61,18 +61,27 @@ def quiet_flower_logs() -> None:
             handler.addFilter(_FlowerNoise())
 
 
-RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=...) -> None: trains into `run`
+RoundsRunner = Callable[..., None]  # (config, run, wrap_strategy=..., start=...) -> None: trains into `run`
 
 
 def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: bool = True,
                   purify_every: int = 0, purify_budget_s: Optional[float] = None,
                   purify_recipe: Optional[Recipe] = None, quiet: bool = False,
-                  rounds_runner: RoundsRunner = run_simulation_rounds) -> RunFolder:
+                  rounds_runner: RoundsRunner = run_simulation_rounds, resume: bool = False) -> RunFolder:
     """Train (by default on Flower's simulation engine), then purify and report. `rounds_runner`
     is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in. `purify_recipe`:
-    the DHBE recipe (default: federated.purification's default, seeded by the run)."""
-    run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
-                    config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
+    the DHBE recipe (default: federated.purification's default, seeded by the run). `resume`: `out`
+    is an interrupted run folder of this config; the run goes on after its last saved round."""
+    start = None
+    if resume:
+        from defense.modelio import load_model
+        from federated.apps import model_to_arrays
+
+        run, last = RunFolder.reopen(out, config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
+        start = model_to_arrays(load_model(last).model) if last is not None else None
+    else:
+        run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
+                        config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
     try:
         hook = None
         if purify:
@@ -80,7 +89,13 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
 
             hook = federated_purification(config, run, spec, every=purify_every, budget_s=purify_budget_s,
                                           recipe=purify_recipe)
-        rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None)
+        if len(run.rows) < config.rounds:
+            rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None,
+                          **({"start": start} if start is not None else {}))
+        elif not (run.root / "final.json").exists():   # killed after the last round, before the final model
+            from defense.modelio import load_model
+
+            run.save_final(load_model(run.root / "models" / f"round-{config.rounds:03d}.json").model)
         if run.failure is None and (not run.rows or len(run.rows) < config.rounds):
             run.failure = f"the simulation ended after {len(run.rows)} of {config.rounds} rounds"
         if run.failure is not None:

@@ -63,8 +63,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config.get("out", "")) or fresh_run_dir()).resolve()
     spec = load_bundle(config.dataset, config.data_dir, config.image_size).spec
 
-    def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None) -> None:
-        serve(grid, config, run, wrap_strategy or (lambda s: s))
+    def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None, start=None) -> None:
+        serve(grid, config, run, wrap_strategy or (lambda s: s), start)
 
     purify = bool(context.run_config.get("purify", False))
     recipe = None

@@ -33,6 +33,15 @@ def fresh_run_dir(base: str | Path = "runs") -> Path:
     return path
 
 
+def _read_json(path: Path, name: str) -> dict:
+    from defense.errors import ConfigError
+    from defense.modelio import read_json_object
+
+    if not path.is_file():
+        raise ConfigError(f"{path.parent} is not a run folder: no {name}")
+    return read_json_object(path, name)
+
+
 def _fmt(value: Any) -> str:
     return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:5.1f}"
 
@@ -64,6 +73,55 @@ class RunFolder:
         (root / "models").mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "config.json", config)
         self.set_status("running")
+
+    @classmethod
+    def reopen(cls, root: Path, model_name: str, spec: InputSpec, quiet: bool = False,
+               experiment: Optional[dict] = None) -> tuple["RunFolder", Optional[Path]]:
+        """An interrupted run folder, to go on from its last saved round: the rows of metrics.parquet up
+        to the last round whose model file loads and verifies (hash, finite weights), and that file's
+        path (None: no round was saved). Later rows and files are dropped. Raises ConfigError for a
+        folder that is complete or whose files do not fit one another."""
+        import pyarrow.parquet as pq
+
+        from defense.errors import ConfigError
+        from defense.modelio import load_model
+
+        status = _read_json(root / "status.json", "status.json")
+        if status.get("state") == "complete":
+            raise ConfigError(f"{root} holds a complete run: nothing to resume")
+        config = _read_json(root / "config.json", "config.json")
+        rows: list[dict] = []
+        if (root / "metrics.parquet").exists():
+            try:
+                rows = pq.read_table(root / "metrics.parquet").to_pylist()
+            except Exception as exc:   # a file from outside: any read error is its fault
+                raise ConfigError(f"{root / 'metrics.parquet'} is not a readable Parquet table: {exc}"[:300]) from None
+        kept, last_model = [], None
+        for index, row in enumerate(rows):
+            number = row.get("round")
+            if number != index + 1:
+                raise ConfigError(f"{root / 'metrics.parquet'}: rounds are not 1, 2, ... (row {index} says {number!r})")
+            path = root / "models" / f"round-{number:03d}.json"
+            try:
+                loaded = load_model(path)
+            except ConfigError:
+                break
+            if loaded.model_name != model_name:
+                raise ConfigError(f"{path} holds a {loaded.model_name}, the run's config a {model_name}")
+            kept.append({k: v for k, v in row.items() if not k.startswith(("purified_", "purify_", "lifespan_"))})
+            last_model = path
+        run = cls.__new__(cls)
+        run.root, run.model_name, run.spec, run.quiet, run.experiment = root, model_name, spec, quiet, experiment
+        run.evidence = run.lifespan = run.failure = run.progress = None
+        run.state, run.config, run.rows, run.extra_columns = "running", config, kept, []
+        for stale in (root / "models").glob("round-*.json"):
+            if int(stale.stem.split("-")[1]) > len(kept):
+                stale.unlink()
+                stale.with_suffix(".safetensors").unlink(missing_ok=True)
+        if kept:
+            write_parquet(root / "metrics.parquet", kept, ROUND_COLUMNS)
+        run.set_status("running", resumed_after_round=len(kept))
+        return run, last_model
 
     def set_status(self, state: str, **details: Any) -> None:
         self.state = state

@@ -89,6 +89,9 @@ def build_parser() -> ArgumentParser:
                    help="fraction trimmed at each end by --aggregation trimmed-mean, in (0, 0.5)")
     p.add_argument("--cpus-per-client", type=positive_float, default=1.0, help="CPUs each client actor holds")
     p.add_argument("--out", default=None, help="run folder (default: a fresh folder under runs/)")
+    p.add_argument("--resume", default=None, metavar="RUN_FOLDER",
+                   help="go on with an interrupted run from its last saved round, with the run's own settings "
+                        "(its config.json; the purification flags are this command's)")
     p.add_argument("--no-purify", action="store_true", help="skip server-side DHBE purification")
     p.add_argument("--purify-every", type=non_negative_int, default=0,
                    help="also purify every K rounds (0 = only at the end)")
@@ -122,9 +125,24 @@ def prepare_out_dir(out: Optional[str]) -> Path:
     return path
 
 
+def resumed_config(folder: str) -> SimulationConfig:
+    """The settings of the run folder to resume (a file from outside: read as hostile)."""
+    from defense.modelio import read_json_object
+
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir() or not path.is_file():
+        raise ConfigError(f"--resume {folder}: not a run folder (no config.json)")
+    simulation = read_json_object(path, "run config").get("simulation")
+    if not isinstance(simulation, dict):
+        raise ConfigError(f"--resume {folder}: config.json has no 'simulation' object")
+    return SimulationConfig.from_values(simulation)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    if args.resume and args.out:
+        raise ConfigError("--resume continues in the run's own folder; drop --out")
+    config = resumed_config(args.resume) if args.resume else config_from_args(args)
     recipe = recipe_from_args(args, {"seed": config.seed}) if not args.no_purify else None
     from defense.data import load_dataset
 
@@ -133,12 +151,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--target must be in 0..{bundle.spec.num_classes - 1}, got {config.target}")
     if recipe is not None:
         recipe.validate_for(bundle.spec)
-    out = prepare_out_dir(args.out)
+    out = Path(args.resume) if args.resume else prepare_out_dir(args.out)
     from federated.engine import run_federated
 
     started = time.perf_counter()
     run = run_federated(config, out, bundle.spec, purify=not args.no_purify, purify_every=args.purify_every,
-                        purify_budget_s=args.purify_budget, purify_recipe=recipe, quiet=args.quiet)
+                        purify_budget_s=args.purify_budget, purify_recipe=recipe, quiet=args.quiet,
+                        resume=bool(args.resume))
     print(f"run folder: {out}  ({time.perf_counter() - started:.0f} s)")
     if not run.complete:
         print(f"python -m federated.simulate: error: the run is incomplete: {run.failure}", file=sys.stderr)

@@ -139,6 +139,28 @@ class DelegatingStrategy(Strategy):
         self.inner.summary()
 
 
+class OffsetRounds(DelegatingStrategy):
+    """A resumed run: Flower's `start` counts rounds from 1, the run goes on from round `offset` + 1,
+    so every round number reaching the wrapped strategies (and through them the clients' config,
+    the attack window and every seed drawn per round) is shifted by `offset`."""
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        super().__init__(inner)
+        self.offset = offset
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+
 class MissingNodes(RuntimeError):
     """Fewer nodes than the run's clients connected within the wait."""
 
