@@ -101,7 +101,8 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
         if run.failure is not None:
             run.set_status("incomplete", reason=run.failure)
             return run
-        run.add_lifespan(config.last_attack_round())
+        if 0 < config.last_attack_round() < config.rounds:   # an attack window that ends before the run
+            run.add_lifespan(config.last_attack_round())
         comparison = hook.finish() if hook else None
         run.finish(comparison)
     except BaseException as exc:

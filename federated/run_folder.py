@@ -227,7 +227,11 @@ ALIVE = 0.5   # the backdoor counts as alive while ASR x1 >= this
 def backdoor_lifespan(rows: list[dict], last_attack_round: int) -> dict:
     """Rounds after the last attack round until ASR x1 first falls below 50% (Neurotoxin's durability
     measure). Where it never falls by the last round, the lifespan is censored: at least the rounds run
-    since the last attack (`lifespan_censored` True)."""
+    since the last attack (`lifespan_censored` True). Where ASR x1 was below 50% at the last attack
+    round, no backdoor was alive to outlive it: both are None."""
+    at_last = next((row for row in rows if row["round"] == last_attack_round), None)
+    if at_last is None or at_last.get("asr_x1") is None or at_last["asr_x1"] < ALIVE:
+        return {"lifespan_rounds": None, "lifespan_censored": None}
     after = [row for row in rows if row["round"] > last_attack_round]
     for row in after:
         if row.get("asr_x1") is not None and row["asr_x1"] < ALIVE:
@@ -238,6 +242,8 @@ def backdoor_lifespan(rows: list[dict], last_attack_round: int) -> dict:
 
 def lifespan_line(lifespan: dict) -> str:
     rounds = lifespan["lifespan_rounds"]
+    if rounds is None:
+        return f"Backdoor lifespan: n/a (ASR x1 was below {100 * ALIVE:.0f}% at the last attack round)."
     if lifespan["lifespan_censored"]:
         return (f"Backdoor lifespan: >= {rounds} rounds after the last attack (censored: ASR x1 stayed >= "
                 f"{100 * ALIVE:.0f}% to the last round).")

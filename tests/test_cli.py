@@ -35,6 +35,18 @@ CASES = [
     (["federated.simulate", "--client-weighting", "reported"], "--client-weighting"),
     (["tuning.sweep", "--preset", "patch-size", "--out", "/proc/sweep"], "system folder"),
     (["tuning.sweep", "--preset", "patch-size", "--samples", "100000"], "--samples"),
+    (["federated.simulate", "--sample", "20"], "--sample must be in 0..10"),
+    (["federated.simulate", "--sample", "1"], "--sample must be >= 2"),
+    (["federated.simulate", "--attack-rounds", "5:2"], "--attack-rounds"),
+    (["federated.simulate", "--aggregation", "rlr", "--rlr-threshold", "50"], "--rlr-threshold"),
+    (["federated.simulate", "--aggregation", "foolish"], "--aggregation"),
+    (["federated.simulate", "--attacker", "a4fl"], "--attacker"),
+    (["federated.simulate", "--neurotoxin-top-k", "2"], "--neurotoxin-top-k"),
+    (["federated.simulate", "--flame-noise", "-1"], "--flame-noise"),
+    (["federated.simulate", "--dp-noise", "nan"], "dp_noise must be finite"),
+    (["federated.simulate", "--trigger-pattern", "stripes"], "--trigger-pattern"),
+    (["federated.simulate", "--resume", "/nonexistent/run"], "not a run folder"),
+    (["deploy.purify", "m.json", "--out", "o", "--set", "precision=fp16"], "precision must be one of"),
 ]
 
 

@@ -33,6 +33,8 @@ def test_lifespan_counts_rounds_until_asr_falls_below_half_and_is_censored_other
     assert backdoor_lifespan(rows, last_attack_round=3) == {"lifespan_rounds": 3, "lifespan_censored": False}
     alive = [{"round": r, "asr_x1": 0.9} for r in range(1, 8)]
     assert backdoor_lifespan(alive, last_attack_round=3) == {"lifespan_rounds": 4, "lifespan_censored": True}
+    never = [{"round": r, "asr_x1": 0.1} for r in range(1, 8)]     # no backdoor alive when the attack ended
+    assert backdoor_lifespan(never, last_attack_round=3) == {"lifespan_rounds": None, "lifespan_censored": None}
 
 
 def test_neurotoxin_keeps_the_attacker_off_the_coordinates_benign_training_moved_most():
@@ -108,6 +110,6 @@ def test_a_sampled_flame_run_with_an_attack_window_reports_sampling_exclusions_a
     assert all(r["updates_excluded"] is not None and 0 <= r["malicious_excluded"] <= r["updates_excluded"] for r in rows)
     assert all(r["malicious_clients"] == 0 for r in rows[1:])            # no attack after round 1
     last = rows[-1]
-    assert last["lifespan_rounds"] is not None and isinstance(last["lifespan_censored"], bool)
+    assert "lifespan_rounds" in last and "lifespan_censored" in last
     assert "Backdoor lifespan" in (out / "summary.md").read_text()
     assert json.loads((out / "status.json").read_text())["state"] == "complete"

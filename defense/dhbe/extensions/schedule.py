@@ -3,10 +3,6 @@
 - `lambda_step`: lambda becomes `after` once the share `at` of the epochs is done (erase at full
   strength, then let the distillation restore ACC; docs/dhbe.md, fifth round).
 - `student_ema`: hand back an exponential moving average of S (decay per student step).
-- `student_warmup`: S's learning rate ramps up linearly over the first `epochs` epochs (per student
-  step). At full rate from the first step, the regularisers knock a copy of a backdoored T far off
-  (test ACC 98.9 -> 72% within two epochs on a dev case, recovered only to 92-94% by epoch 50;
-  docs/dhbe.md, tenth round).
 """
 from __future__ import annotations
 
@@ -76,48 +72,3 @@ class StudentEMA(Extension):
         if state.get("averaged"):
             self.averaged.load_state_dict(state["averaged"])
 
-
-@extension
-@dataclass(frozen=True)
-class StudentWarmupConfig(ExtensionConfig):
-    name = "student_warmup"
-    epochs: float = 5.0    # epochs over which S's learning rate ramps from ~0 to its scheduled value
-
-    def __post_init__(self) -> None:
-        require(0 < self.epochs <= 1000, f"student_warmup.epochs must be in (0, 1000], got {self.epochs}")
-
-    def build(self, trainer: Any) -> Extension:
-        return StudentWarmup(self)
-
-
-class StudentWarmup(Extension):
-    """Sets S's learning rate before each student step to base x (step + 1) / ramp steps, base being
-    the student schedule's base rate (which the divergence rollback halves); after the ramp it leaves
-    the rate to the schedule (MultiStepLR scales the rate it finds, so it finds the base exactly)."""
-
-    def setup(self, trainer) -> None:
-        self.steps = 0
-        self._set_rate(trainer)
-
-    def _ramp_steps(self, trainer) -> int:
-        cfg = trainer.config
-        return max(1, int(round(self.config.epochs * cfg.iters_per_epoch * cfg.student_steps)))
-
-    def _set_rate(self, trainer) -> None:
-        ramp = self._ramp_steps(trainer)
-        if self.steps >= ramp + 1:
-            return
-        base = trainer.schedules[0].base_lrs[0]
-        for group in trainer.opt_student.param_groups:
-            group["lr"] = base * min(1.0, (self.steps + 1) / ramp)
-
-    def after_student_step(self, trainer) -> None:
-        self.steps += 1
-        self._set_rate(trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self.steps = int(state["steps"])
