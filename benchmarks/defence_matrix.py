@@ -124,23 +124,44 @@ def markdown(rows: list[dict]) -> str:
 
 
 def heatmap(rows: list[dict], attacks: list[str], aggregations: list[str], path: Path) -> None:
+    """ASR x1 heatmaps: after training, and (where purified rows exist) after purification. A cell
+    reads `skip` where the purification was skipped (no backdoor), `n/a` where ASR is undefined."""
     import numpy as np
 
-    with figure(path, figsize=(2.2 + 1.1 * len(aggregations), 1.2 + 0.9 * len(attacks))) as ax:
+    panels_wanted = [False] + ([True] if any(r["purified"] for r in rows) else [])
+    with figure(path, figsize=(1.5 + 0.75 * len(aggregations) * len(panels_wanted), 1.2 + 0.6 * len(attacks))) as ax:
         fig = ax.figure
         fig.clf()
-        panels = fig.subplots(1, 2, sharey=True)
-        for ax, purified in zip(panels, (False, True)):
+        panels = np.atleast_1d(fig.subplots(1, len(panels_wanted), sharey=True))
+        for ax, purified in zip(panels, panels_wanted):
             grid = np.full((len(attacks), len(aggregations)), np.nan)
+            labels = np.full(grid.shape, "", dtype=object)
             for r in rows:
-                if r["purified"] == purified and r.get("asr_x1") is not None:
-                    grid[attacks.index(r["attack"]), aggregations.index(r["aggregation"])] = 100 * r["asr_x1"]
+                if r["purified"] != purified or r["attack"] not in attacks or r["aggregation"] not in aggregations:
+                    continue
+                i, j = attacks.index(r["attack"]), aggregations.index(r["aggregation"])
+                if r.get("asr_x1") is not None and r["asr_x1"] == r["asr_x1"]:
+                    grid[i, j], labels[i, j] = 100 * r["asr_x1"], f"{100 * r['asr_x1']:.0f}"
+                else:
+                    labels[i, j] = "skip" if str(r.get("status", "")).startswith("skipped") else "n/a"
             ax.imshow(grid, vmin=0, vmax=100, cmap="Reds")
-            for (i, j), value in np.ndenumerate(grid):
-                ax.text(j, i, "skip" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=7)
+            for (i, j), label in np.ndenumerate(labels):
+                ax.text(j, i, label, ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(aggregations)), aggregations, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(attacks)), attacks, fontsize=7)
             ax.set_title(f"ASR x1 % {'after purification' if purified else 'after training'}", fontsize=8)
+
+
+def redraw(stem: str = "defence_matrix") -> None:
+    """The heatmap again from a written table (`python -c 'from benchmarks.defence_matrix import redraw; redraw()'`)."""
+    import pandas as pd
+
+    table = pd.read_parquet(RESULTS / f"{stem}.parquet")
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in table.to_dict("records")]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    aggregations = list(dict.fromkeys(r["aggregation"] for r in rows))
+    heatmap(rows, attacks, aggregations, RESULTS / f"{stem}.png")
 
 
 def main() -> None:

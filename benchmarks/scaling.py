@@ -127,7 +127,7 @@ def main() -> None:
              "| clients | rounds | wall s | s per round | final ACC % | final ASR x1 % |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['rounds']} | {r['wall_s']} | {r['s_per_round']} | {100 * r['acc']:.1f} | "
               f"{100 * r['asr_x1']:.1f} |" for r in federated]
-    lines += ["", f"Client sampling (`--sample`), {SAMPLING_ROUNDS} rounds, 1 local epoch, FedAvg, 2 malicious among the "
+    lines += ["", f"Client sampling (`--sample`), {sampled[0]['rounds']} rounds, 1 local epoch, FedAvg, 2 malicious among the "
               "registered; server peak RSS is this process's (it grows over the runs of this script), workers' the Ray "
               "workers' resident memory together at its peak. On digits 1,000 clients hold 1-2 images each: a client "
               "whose partition is one image takes no step (batch norm needs two samples per batch) and returns the "
