@@ -7,7 +7,7 @@ tree, no Ray, no Flower, no pytest (the device machine has none of them).
 2. throughput: the official loop's structure against the project's loop (fp32 and bf16), ResNet-18 32x32
    batch 256 (benchmarks/paper_scale.py), and the projected 15,000 iterations;
 3. the default purification of the digits model built here with the project's scenario builder and
-   the same seed as the CPU figures, ACC/ASR beside the CPU reference
+   the same seed as the CPU figures, in fp32 and in bf16 (`precision=bf16`), ACC/ASR beside the CPU reference
    (benchmarks/results/gpu_check_cpu_reference.json).
 
     python -m benchmarks.gpu_check OUT [--device cuda] [--dry-run]
@@ -54,8 +54,8 @@ def device_checks(device: str, scenario, dry_run: bool) -> dict:
             "device_discipline_ok": not check.violations, "deterministic_on_device": same}
 
 
-def default_purification(device: str, scenario, dry_run: bool) -> dict:
-    recipe = recipe_config("default")
+def default_purification(device: str, scenario, dry_run: bool, precision: str = "fp32") -> dict:
+    recipe = recipe_config("default", {"precision": precision})
     if dry_run:
         recipe = smoke_sized(recipe)
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def default_purification(device: str, scenario, dry_run: bool) -> dict:
     before = scenario.evaluate(scenario.teacher)
     after = scenario.evaluate(trainer.output_model().to("cpu").eval())
     verdict = trainer.evidence().get("verdict", {})
-    return {"wall_s": round(wall, 1), "epochs": trainer.epoch,
+    return {"precision": precision, "wall_s": round(wall, 1), "epochs": trainer.epoch,
             "acc_before": before["acc"], "asr_x1_before": before["asr_x1"],
             **{f"{k}_after": after.get(k) for k in ("acc", "asr_x1", "asr_x9")},
             "suspected": verdict.get("suspected_targets")}
@@ -80,13 +80,16 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--cpu-reference", action="store_true",
                         help="only the default purification, on this CPU, into the committed CPU reference")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="with --cpu-reference: the precision of that purification (bf16 writes its own file)")
     args = parser.parse_args()
     if args.cpu_reference:
         torch.set_num_threads(2)
         scenario = backdoored_scenario("badnets", 16, 3, 0.1, target=0, seed=0, epochs=30, cache=Path(args.out) / "teachers")
         reference = {"device": "cpu", "threads": 2, "torch": torch.__version__,
-                     **default_purification("cpu", scenario, dry_run=False)}
-        atomic_write_json(CPU_REFERENCE, reference)
+                     **default_purification("cpu", scenario, dry_run=False, precision=args.precision)}
+        target = CPU_REFERENCE if args.precision == "fp32" else CPU_REFERENCE.with_name(f"{CPU_REFERENCE.stem}_{args.precision}.json")
+        atomic_write_json(target, reference)
         print(json.dumps(reference))
         return
     device = "cpu" if args.dry_run else args.device
@@ -108,9 +111,11 @@ def main() -> None:
               flush=True)
     result["throughput"] = throughput
     result["default_purification"] = default_purification(device, scenario, args.dry_run)
+    result["default_purification_bf16"] = default_purification(device, scenario, args.dry_run, precision="bf16")
     if CPU_REFERENCE.exists() and not args.dry_run:
         result["cpu_reference"] = json.loads(CPU_REFERENCE.read_text())
-    print(json.dumps({"default_purification": result["default_purification"]}), flush=True)
+    print(json.dumps({"default_purification": result["default_purification"],
+                      "default_purification_bf16": result["default_purification_bf16"]}), flush=True)
     atomic_write_json(out / "gpu_check.json", result)
     if not result["checks"]["device_discipline_ok"]:
         raise SystemExit("device discipline violated: " + "; ".join(result["checks"]["device_violations"][:3]))

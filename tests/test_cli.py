@@ -43,7 +43,7 @@ CASES = [
     (["federated.simulate", "--attacker", "a4fl"], "--attacker"),
     (["federated.simulate", "--neurotoxin-top-k", "2"], "--neurotoxin-top-k"),
     (["federated.simulate", "--flame-noise", "-1"], "--flame-noise"),
-    (["federated.simulate", "--dp-noise", "nan"], "dp_noise must be finite"),
+    (["federated.simulate", "--dp-noise", "nan"], "dp_noise expects a float"),
     (["federated.simulate", "--trigger-pattern", "stripes"], "--trigger-pattern"),
     (["federated.simulate", "--resume", "/nonexistent/run"], "not a run folder"),
     (["deploy.purify", "m.json", "--out", "o", "--set", "precision=fp16"], "precision must be one of"),
