@@ -131,6 +131,14 @@ class DHBETrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def searches_in_fp32(self):
+        """Autocast off for the probes and the per-epoch searches (the verdict's blend search, the mask
+        search, the trigger bank's warm-up): under bf16 the blend search flagged no class on a
+        backdoored model the fp32 search flags (docs/performance.md)."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
     def stop(self, reason: str) -> None:
         """End the game: no more iterations (e.g. a verdict that there is nothing to erase)."""
         self.stop_reason = reason
@@ -297,11 +305,12 @@ class DHBETrainer:
 
     def _train_iterations(self) -> tuple[float, float, float]:
         cfg = self.config
-        if self.epoch == 0:
+        with self.searches_in_fp32():   # the evidence and the trigger searches: full precision
+            if self.epoch == 0:
+                for ext in self.extensions:
+                    ext.probe(self)
             for ext in self.extensions:
-                ext.probe(self)
-        for ext in self.extensions:
-            ext.epoch_start(self)
+                ext.epoch_start(self)
         if self.stop_reason is not None:
             return 0.0, 0.0, 0.0
         self.sample_generator.train()
