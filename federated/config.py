@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from defense.spec import require
+from defense.triggers import PATTERNS
 
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip", "dp", "flame",
                 "foolsgold", "rlr")
@@ -84,7 +85,6 @@ class SimulationConfig:
         require(0 < self.neurotoxin_top_k < 1, f"--neurotoxin-top-k must be in (0, 1), got {self.neurotoxin_top_k}")
         require(0 <= self.sample <= self.clients, f"--sample must be in 0..{self.clients} (--clients), got {self.sample}")
         require(self.sample == 0 or self.sample >= 2, f"--sample must be >= 2 (or 0: every client), got {self.sample}")
-        from defense.triggers import PATTERNS
         require(self.trigger_pattern in PATTERNS,
                 f"--trigger-pattern must be one of {', '.join(PATTERNS)}, got {self.trigger_pattern!r}")
         require(self.boost >= 1, f"--boost must be >= 1, got {self.boost}")

@@ -72,13 +72,12 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
     is how another engine (`flwr run .`, see federated.flwr_app) plugs the same run in. `purify_recipe`:
     the DHBE recipe (default: federated.purification's default, seeded by the run). `resume`: `out`
     is an interrupted run folder of this config; the run goes on after its last saved round."""
-    start = None
+    start = last = None
     if resume:
-        from defense.modelio import load_model
         from federated.apps import model_to_arrays
 
         run, last = RunFolder.reopen(out, config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
-        start = model_to_arrays(load_model(last).model) if last is not None else None
+        start = model_to_arrays(last.model) if last is not None else None
     else:
         run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
                         config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
@@ -92,10 +91,8 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
         if len(run.rows) < config.rounds:
             rounds_runner(config, run, wrap_strategy=hook.wrap if hook else None,
                           **({"start": start} if start is not None else {}))
-        elif not (run.root / "final.json").exists():   # killed after the last round, before the final model
-            from defense.modelio import load_model
-
-            run.save_final(load_model(run.root / "models" / f"round-{config.rounds:03d}.json").model)
+        elif last is not None and not (run.root / "final.json").exists():   # killed after the last round
+            run.save_final(last.model)
         if run.failure is None and (not run.rows or len(run.rows) < config.rounds):
             run.failure = f"the simulation ended after {len(run.rows)} of {config.rounds} rounds"
         if run.failure is not None:

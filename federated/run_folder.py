@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 
 from defense.fileio import atomic_path, atomic_write_json, atomic_write_text
-from defense.modelio import save_model
+from defense.errors import ConfigError
+from defense.modelio import LoadedModel, load_model, read_json_object, save_model
 from defense.report import figure, markdown_table
 from defense.spec import InputSpec
 
@@ -34,9 +35,6 @@ def fresh_run_dir(base: str | Path = "runs") -> Path:
 
 
 def _read_json(path: Path, name: str) -> dict:
-    from defense.errors import ConfigError
-    from defense.modelio import read_json_object
-
     if not path.is_file():
         raise ConfigError(f"{path.parent} is not a run folder: no {name}")
     return read_json_object(path, name)
@@ -60,7 +58,8 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 class RunFolder:
     def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,
-                 experiment: Optional[dict] = None) -> None:
+                 experiment: Optional[dict] = None, fresh: bool = True) -> None:
+        """`fresh`: a new run folder (config.json and status.json written now); `reopen` passes False."""
         self.root, self.model_name, self.spec, self.quiet = root, model_name, spec, quiet
         self.experiment = experiment  # written into every model file's manifest
         self.evidence: Optional[dict] = None
@@ -70,21 +69,19 @@ class RunFolder:
         self.config, self.progress = config, None
         self.rows: list[dict] = []
         self.extra_columns: list[str] = []
-        (root / "models").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / "config.json", config)
-        self.set_status("running")
+        if fresh:
+            (root / "models").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(root / "config.json", config)
+            self.set_status("running")
 
     @classmethod
     def reopen(cls, root: Path, model_name: str, spec: InputSpec, quiet: bool = False,
-               experiment: Optional[dict] = None) -> tuple["RunFolder", Optional[Path]]:
+               experiment: Optional[dict] = None) -> tuple["RunFolder", Optional[LoadedModel]]:
         """An interrupted run folder, to go on from its last saved round: the rows of metrics.parquet up
-        to the last round whose model file loads and verifies (hash, finite weights), and that file's
-        path (None: no round was saved). Later rows and files are dropped. Raises ConfigError for a
+        to the last round whose model file loads and verifies (hash, finite weights), and that round's
+        model (None: no round was saved). Later rows and files are dropped. Raises ConfigError for a
         folder that is complete or whose files do not fit one another."""
         import pyarrow.parquet as pq
-
-        from defense.errors import ConfigError
-        from defense.modelio import load_model
 
         status = _read_json(root / "status.json", "status.json")
         if status.get("state") == "complete":
@@ -109,13 +106,12 @@ class RunFolder:
             if loaded.model_name != model_name:
                 raise ConfigError(f"{path} holds a {loaded.model_name}, the run's config a {model_name}")
             kept.append({k: v for k, v in row.items() if not k.startswith(("purified_", "purify_", "lifespan_"))})
-            last_model = path
-        run = cls.__new__(cls)
-        run.root, run.model_name, run.spec, run.quiet, run.experiment = root, model_name, spec, quiet, experiment
-        run.evidence = run.lifespan = run.failure = run.progress = None
-        run.state, run.config, run.rows, run.extra_columns = "running", config, kept, []
+            last_model = loaded
+        run = cls(root, config, model_name, spec, quiet, experiment, fresh=False)
+        run.rows = kept
         for stale in (root / "models").glob("round-*.json"):
-            if int(stale.stem.split("-")[1]) > len(kept):
+            number = stale.stem.split("-", 1)[1]
+            if not number.isdigit() or int(number) > len(kept):   # later rounds, and names no round has
                 stale.unlink()
                 stale.with_suffix(".safetensors").unlink(missing_ok=True)
         if kept:

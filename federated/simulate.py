@@ -29,9 +29,7 @@ def parse_attack_rounds(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected 'all', 'K', 'from:K' or 'K:L', got {text!r}") from None
     if window[0] < 1:
         raise argparse.ArgumentTypeError(f"the first attack round must be >= 1, got {window[0]}")
-    if last and window[1] < window[0]:
-        raise argparse.ArgumentTypeError(f"the last attack round must be >= the first, got {text!r}")
-    return window
+    return window   # L >= K: SimulationConfig's check
 
 
 def build_parser() -> ArgumentParser:

@@ -69,21 +69,24 @@ def trimmed_mean(config: "SimulationConfig") -> Strategy:
     return FedTrimmedAvg(beta=config.trimmed_beta, **_every_client(config))
 
 
+def _server_side_clipping(config: "SimulationConfig", noise_multiplier: float) -> Strategy:
+    """FedAvg behind Flower's server-side fixed clipping: updates clipped to --clip-norm, Gaussian noise
+    of std noise_multiplier x --clip-norm / clients per round added to the sum."""
+    return DifferentialPrivacyServerSideFixedClipping(FedAvg(**_every_client(config)), noise_multiplier=noise_multiplier,
+                                                      clipping_norm=config.clip_norm,
+                                                      num_sampled_clients=config.clients_per_round)
+
+
 @AGGREGATIONS.register("clip")
 def clip(config: "SimulationConfig") -> Strategy:
     """Server-side norm clipping of updates (Flower's DP wrapper with zero noise)."""
-    return DifferentialPrivacyServerSideFixedClipping(FedAvg(**_every_client(config)), noise_multiplier=0.0,
-                                                      clipping_norm=config.clip_norm,
-                                                      num_sampled_clients=config.clients_per_round)
+    return _server_side_clipping(config, 0.0)
 
 
 @AGGREGATIONS.register("dp")
 def dp(config: "SimulationConfig") -> Strategy:
-    """Server-side differential privacy (Flower's fixed clipping): updates clipped to --clip-norm,
-    Gaussian noise of std --dp-noise x --clip-norm / clients added to the sum."""
-    return DifferentialPrivacyServerSideFixedClipping(FedAvg(**_every_client(config)), noise_multiplier=config.dp_noise,
-                                                      clipping_norm=config.clip_norm,
-                                                      num_sampled_clients=config.clients_per_round)
+    """Server-side differential privacy: clipping plus noise of --dp-noise."""
+    return _server_side_clipping(config, config.dp_noise)
 
 
 @AGGREGATIONS.register("flame")
@@ -196,7 +199,6 @@ class ObservedStrategy(DelegatingStrategy):
         super().__init__(inner)
         self.node_wait_s = node_wait_s
         self.sample, self.seed = sample, seed
-        self.trained: dict[int, list[int]] = {}    # round -> client ids whose replies were aggregated
         self.checker = checker
         self.attackers = attackers
         self.rounds: dict[int, dict[str, int]] = {}
@@ -240,7 +242,6 @@ class ObservedStrategy(DelegatingStrategy):
         accepted.sort(key=lambda pair: pair[0])
         timed_out = max(self._asked.get(server_round, len(replies)) - len(replies), 0)
         attackers = self.attackers(server_round)
-        self.trained[server_round] = [client_id for client_id, _ in accepted]
         self.rounds[server_round] = {
             "clients_sampled": self._asked.get(server_round, len(replies)),
             "clients_trained": len(accepted),
@@ -252,8 +253,8 @@ class ObservedStrategy(DelegatingStrategy):
         if not accepted:
             return None, None
         result = self.inner.aggregate_train(server_round, [message for _, message in accepted])
-        excluded = set(getattr(self.inner, "excluded", {}).get(server_round, ()))
         if hasattr(self.inner, "excluded"):   # an in-training defence that gives some updates no weight
+            excluded = set(self.inner.excluded.get(server_round, ()))
             self.rounds[server_round]["updates_excluded"] = len(excluded)
             self.rounds[server_round]["malicious_excluded"] = len(excluded & attackers)
         return result

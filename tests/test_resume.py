@@ -29,7 +29,9 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     assert main(ARGS + ["--out", str(whole)]) == 0
     shutil.copytree(whole, resumed)
     interrupt_after(resumed, 1)
+    (resumed / "models" / "round-abc.json").write_text("{}")   # a name no round has: dropped, no traceback
     assert main(["--resume", str(resumed), "--no-purify", "--quiet"]) == 0
+    assert not (resumed / "models" / "round-abc.json").exists()
     assert json.loads((resumed / "status.json").read_text())["state"] == "complete"
     sha = lambda folder: json.loads((folder / "final.json").read_text())["weights_sha256"]
     assert sha(resumed) == sha(whole)

@@ -71,4 +71,3 @@ class StudentEMA(Extension):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("averaged"):
             self.averaged.load_state_dict(state["averaged"])
-
