@@ -38,6 +38,7 @@ ATTACKS = {
     "sig": {"attack": "sig"},
     "dba": {"attack": "dba", "malicious": 3},
     "neurotoxin": {"attack": "badnets", "attacker": "neurotoxin"},
+    "a3fl": {"attack": "badnets", "attacker": "a3fl"},
     "boosted-badnets": {"attack": "badnets", "malicious": 1, "boost": 5.0},
 }
 AGGREGATIONS = ("fedavg", "multikrum", "median", "trimmed-mean", "clip", "flame", "foolsgold", "rlr")
@@ -172,14 +173,14 @@ def main() -> None:
     parser.add_argument("--no-purify", action="store_true", help="only the trained models (no purified rows)")
     parser.add_argument("--recipe", default="default", help="the purification's recipe")
     parser.add_argument("--out", default="defence_matrix", help="file stem under benchmarks/results")
-    parser.add_argument("--tiny", action="store_true", help="2 attacks x 2 aggregations at smoke size (CI), not written")
+    parser.add_argument("--tiny", action="store_true", help="3 attacks x 2 aggregations at smoke size (CI), not written")
     args = parser.parse_args()
     if not 1 <= args.seeds <= 10:
         parser.error(f"--seeds must be in 1..10, got {args.seeds}")
     torch.set_num_threads(2)
     attacks, aggregations = args.attacks, args.aggregations
     if args.tiny:
-        attacks, aggregations = ["badnets", "neurotoxin"], ["fedavg", "flame"]
+        attacks, aggregations = ["badnets", "neurotoxin", "a3fl"], ["fedavg", "flame"]
     rows, started = [], time.perf_counter()
     for seed in range(args.seeds):
         for attack in attacks:

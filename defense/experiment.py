@@ -31,6 +31,8 @@ class Experiment:
     poison_rate: float = 0.1
     place: str = "corner"            # patch triggers: corner (bottom-right), centre, random (per sample)
     pattern: str = "checkerboard"    # patch triggers: checkerboard, tri1, white (defense.triggers.PATTERNS)
+    patch_values: Optional[tuple[float, ...]] = None  # patch triggers: the pasted pixel values when the
+                                     # attack optimised them (A3FL), in place of `pattern`; C x k x k, row-major
     written_by: str = ""             # the tool that planted the backdoor
 
     def __post_init__(self) -> None:
@@ -38,6 +40,10 @@ class Experiment:
         require(self.target >= 0, f"target must be >= 0, got {self.target}")
         require(0 <= self.poison_rate <= 1, f"poison rate must be in [0, 1], got {self.poison_rate}")
         require(4 <= self.image_size <= 512, f"image size must be in 4..512, got {self.image_size}")
+        require(self.patch_values is None or self.attack in PATCH_ATTACKS,
+                f"patch values are for patch attacks ({', '.join(PATCH_ATTACKS)}), not {self.attack}")
+        require(self.patch_values is None or len(self.patch_values) in (self.trigger_size ** 2, 3 * self.trigger_size ** 2),
+                f"a {self.trigger_size}x{self.trigger_size} trigger has 1 or 3 x {self.trigger_size ** 2} patch values")
         if self.attack not in PATCH_ATTACKS:
             object.__setattr__(self, "place", "whole image")
             object.__setattr__(self, "pattern", "whole image")
@@ -46,7 +52,8 @@ class Experiment:
     def trigger_config(self) -> TriggerConfig:
         patch = self.attack in PATCH_ATTACKS
         return TriggerConfig(self.trigger_size, self.blend_alpha, self.sig_delta, seed=self.trigger_seed,
-                             place=self.place if patch else "corner", pattern=self.pattern if patch else "checkerboard")
+                             place=self.place if patch else "corner", pattern=self.pattern if patch else "checkerboard",
+                             values=self.patch_values)
 
     def trigger(self, spec: InputSpec) -> Trigger:
         return make_trigger(self.attack, spec, self.trigger_config())

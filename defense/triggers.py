@@ -155,9 +155,13 @@ class TriggerConfig:
     seed: int = 0
     place: str = "corner"          # patch triggers: corner (bottom-right), centre, or random per sample
     pattern: str = "checkerboard"  # patch triggers: checkerboard, tri1, white (PATTERNS)
+    values: Optional[tuple[float, ...]] = None  # patch triggers: pixel values (C x k x k, row-major) in
+                                                # place of the named pattern (an optimised trigger: A3FL)
 
     def __post_init__(self) -> None:
         require(self.pattern in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {self.pattern!r}")
+        require(self.values is None or all(0.0 <= v <= 1.0 for v in self.values),
+                "a patch trigger's pixel values must lie in [0, 1]")
         require(self.place in PLACES, f"trigger place must be one of {', '.join(PLACES)}, got {self.place!r}")
         require(1 <= self.trigger_size <= 7, f"trigger size must be in 1..7, got {self.trigger_size}")
         require(0 < self.blend_alpha < 1, f"blend alpha must be in (0, 1), got {self.blend_alpha}")
@@ -174,7 +178,14 @@ def badnets_trigger(spec: InputSpec, config: TriggerConfig) -> Trigger:
     require(k < min(spec.height, spec.width), f"a {k}x{k} trigger does not fit {spec.height}x{spec.width} images")
     position = ((spec.height - k) // 2, (spec.width - k) // 2) if config.place == "centre" else \
         (spec.height - k, spec.width - k)
-    return PatchTrigger(patch_pattern(config.pattern, k, spec.channels), position, place=config.place, seed=config.seed)
+    if config.values is None:
+        pattern = patch_pattern(config.pattern, k, spec.channels)
+    else:
+        require(len(config.values) == spec.channels * k * k,
+                f"a {k}x{k} trigger on {spec.channels}-channel images has {spec.channels * k * k} pixel values, "
+                f"got {len(config.values)}")
+        pattern = torch.tensor(config.values, dtype=torch.float32).view(spec.channels, k, k)
+    return PatchTrigger(pattern, position, place=config.place, seed=config.seed)
 
 
 # DBA (Xie et al. 2020) uses the same global trigger at test time; attackers paste parts of it.

@@ -18,7 +18,9 @@ from defense.data import DataBundle, Split, load_dataset
 from defense.metrics import evaluate_backdoor
 from defense.models import build_model
 from defense.training import TrainConfig, train_classifier
-from federated.attacks import boost_update, global_trigger, neurotoxin_mask, poison_partition, projection
+from defense.experiment import Experiment
+from defense.triggers import PatchTrigger, Trigger, poison
+from federated.attacks import a3fl_trigger, boost_update, global_trigger, neurotoxin_mask, poison_partition, projection
 from federated.config import SimulationConfig
 from federated.partition import partition
 from federated.run_folder import RunFolder
@@ -77,10 +79,15 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
         if draw < config.client_failure_rate:
             raise RuntimeError(f"injected failure of client {client_id} in round {server_round}")
     attacking = client_id in config.attackers_in_round(server_round)
-    data = client_data(config, client_id, attacking)
     spec = load_bundle(config.dataset, config.data_dir, config.image_size).spec
     model = arrays_to_model(build_model(config.model, spec), msg.content["arrays"])
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if attacking and config.attacker == "a3fl":   # this round's trigger, optimised on the model received
+        trigger = round_trigger(config, model, spec, server_round)
+        data = poison(client_data(config, client_id, False), trigger, config.poison_rate, config.target,
+                      seed=config.seed * 1000 + client_id)[0]
+    else:
+        data = client_data(config, client_id, attacking)
     seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
     after_step = None
     if config.attacker == "neurotoxin" and client_id in attackers:
@@ -94,6 +101,23 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
         "metrics": MetricRecord({"num-examples": len(data), "client-id": client_id}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def round_trigger(config: SimulationConfig, global_model: torch.nn.Module, spec, server_round: int) -> PatchTrigger:
+    """A3FL's trigger of `server_round`, from the global model sent in that round: the attackers collude
+    (one trigger, optimised on their clean partitions together), and the experimenter recomputes it
+    to measure ASR. One thread, so that every process computes the same values."""
+    base = global_trigger(config, spec)
+    assert isinstance(base, PatchTrigger)
+    parts = [client_data(config, client_id, False) for client_id in config.malicious_clients()]
+    data = Split(torch.cat([part.images for part in parts]), torch.cat([part.labels for part in parts]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return a3fl_trigger(global_model, data, base, config.target, config.a3fl_steps, config.a3fl_adversary_steps,
+                            config.a3fl_step_size, seed=config.seed * 1_009 + server_round)
+    finally:
+        torch.set_num_threads(threads)
 
 
 NEUROTOXIN_STATE = "neurotoxin-last-global"
@@ -139,9 +163,12 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     rounds already in `run` (the run goes on from the next round)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     bundle = load_bundle(config.dataset, config.data_dir, config.image_size)
-    trigger = global_trigger(config, bundle.spec)
+    # the run's record names the trigger ASR is measured with (A3FL's latest, on a resumed run)
+    trigger: Trigger = Experiment.from_dict(run.experiment).trigger(bundle.spec) if run.experiment else \
+        global_trigger(config, bundle.spec)
     torch.manual_seed(config.seed)
     model = build_model(config.model, bundle.spec)
+    sent = start if start is not None else None   # the global model sent in the round being evaluated
     observed = ObservedStrategy(build_strategy(config), reply_checker(config, bundle), config.attackers_in_round,
                                 node_wait_s=config.node_wait_s, sample=config.sample, seed=config.seed)
     strategy = wrap_strategy(observed)
@@ -151,7 +178,14 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     started = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        nonlocal trigger, sent
         server_round += done if server_round > 0 else 0
+        if config.attacker == "a3fl" and server_round > 0 and sent is not None and \
+                observed.rounds.get(server_round, {}).get("malicious_clients"):
+            trigger = round_trigger(config, arrays_to_model(model, sent), bundle.spec, server_round)
+            run.experiment = {**(run.experiment or config.experiment().to_dict()),
+                              "patch_values": [round(float(v), 6) for v in trigger.pattern.flatten()]}
+        sent = arrays
         arrays_to_model(model, arrays)
         metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)
         if server_round > 0:

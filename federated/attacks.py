@@ -1,10 +1,14 @@
 """What a malicious client does: poison its own partition, optionally keep its update off the
-coordinates benign training moves (Neurotoxin), and optionally boost its update."""
+coordinates benign training moves (Neurotoxin) or re-optimise its patch against the global model
+every round (A3FL), and optionally boost its update."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from defense.data import Split
 from defense.spec import InputSpec
@@ -63,3 +67,44 @@ def projection(global_state: dict[str, torch.Tensor], allowed: dict[str, torch.T
                 if name in allowed:
                     tensor.copy_(torch.where(allowed[name], tensor, global_state[name]))
     return project
+
+
+def a3fl_trigger(global_model: torch.nn.Module, data: Split, base: PatchTrigger, target: int, steps: int,
+                 adversary_steps: int, step_size: float, seed: int) -> PatchTrigger:
+    """A3FL (Zhang et al., NeurIPS 2023): the patch's pixel values re-optimised against the global model
+    the attacker received, and against an adversarially adapted copy of it (a few SGD steps that teach
+    the copy the true labels of triggered images, as benign training would), so that the trigger
+    outlives the benign rounds. Signed-gradient steps of `step_size` on the values, kept in [0, 1];
+    one adaptation every step. Deterministic in its inputs: every attacker (and the experimenter, who
+    measures ASR with it) computes the same trigger from the same global model and data."""
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = data.images, data.labels
+    keep = labels != target
+    images, labels = images[keep], labels[keep]
+    was_training = global_model.training
+    global_model.eval()
+    adversary = copy.deepcopy(global_model).train()
+    adversary_optimiser = torch.optim.SGD(adversary.parameters(), lr=0.01)
+    values = base.pattern.clone().clamp(0, 1)
+    wanted = torch.full((len(images),), target, dtype=torch.long)
+    try:
+        for _ in range(steps):
+            batch = torch.randperm(len(images), generator=generator)[:64]
+            for _ in range(adversary_steps):   # the benign side: the trigger's images with their true labels
+                stamped = dataclasses.replace(base, pattern=values).paste(images[batch])
+                loss = F.cross_entropy(adversary(stamped), labels[batch])
+                adversary_optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                adversary_optimiser.step()
+            adversary.eval()
+            values.requires_grad_(True)
+            stamped = dataclasses.replace(base, pattern=values).paste(images[batch])
+            loss = F.cross_entropy(global_model(stamped), wanted[batch])
+            if adversary_steps:
+                loss = loss + F.cross_entropy(adversary(stamped), wanted[batch])
+            gradient, = torch.autograd.grad(loss, values)
+            values = (values.detach() - step_size * gradient.sign()).clamp(0, 1)
+            adversary.train()
+    finally:
+        global_model.train(was_training)
+    return dataclasses.replace(base, pattern=values.detach())

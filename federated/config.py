@@ -13,7 +13,7 @@ from defense.triggers import PATTERNS
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip", "dp", "flame",
                 "foolsgold", "rlr")
 PARTITIONS = ("iid", "dirichlet")
-ATTACKERS = ("plain", "neurotoxin")   # how a malicious client poisons (federated/attacks.py)
+ATTACKERS = ("plain", "neurotoxin", "a3fl")   # how a malicious client poisons (federated/attacks.py)
 MAX_CLIENTS = 100_000
 WEIGHTINGS = ("known", "equal")   # client aggregation weights (federated.validation.ReplyChecker)
 
@@ -43,6 +43,9 @@ class SimulationConfig:
     attack_until_round: int = 0      # ... up to and including this round (0 = to the last round)
     attacker: str = "plain"          # plain poisoning, or neurotoxin (Zhang et al. 2022)
     neurotoxin_top_k: float = 0.01   # neurotoxin: share of coordinates (largest last global update) left alone
+    a3fl_steps: int = 30             # a3fl: signed-gradient steps on the patch's values per attack round
+    a3fl_adversary_steps: int = 1    # a3fl: SGD steps of the adapted (trigger-unlearning) model per trigger step
+    a3fl_step_size: float = 0.03     # a3fl: size of one step on the patch's values (pixels in [0, 1])
     sample: int = 0                  # clients trained per round (0 = every registered client)
     boost: float = 1.0               # model-replacement scaling of malicious updates (1 = none)
     blend_alpha: float = 0.2
@@ -83,6 +86,11 @@ class SimulationConfig:
                 f"--attack-rounds K:L needs L >= K, got {self.attack_from_round}:{self.attack_until_round}")
         require(self.attacker in ATTACKERS, f"--attacker must be one of {', '.join(ATTACKERS)}, got {self.attacker!r}")
         require(0 < self.neurotoxin_top_k < 1, f"--neurotoxin-top-k must be in (0, 1), got {self.neurotoxin_top_k}")
+        require(self.attacker != "a3fl" or self.attack == "badnets",
+                f"--attacker a3fl optimises a patch: it needs --attack badnets, got {self.attack}")
+        require(1 <= self.a3fl_steps <= 10_000, f"--a3fl-steps must be in 1..10000, got {self.a3fl_steps}")
+        require(0 <= self.a3fl_adversary_steps <= 100, f"--a3fl-adversary-steps must be in 0..100, got {self.a3fl_adversary_steps}")
+        require(0 < self.a3fl_step_size <= 1, f"--a3fl-step-size must be in (0, 1], got {self.a3fl_step_size}")
         require(0 <= self.sample <= self.clients, f"--sample must be in 0..{self.clients} (--clients), got {self.sample}")
         require(self.sample == 0 or self.sample >= 2, f"--sample must be >= 2 (or 0: every client), got {self.sample}")
         require(self.trigger_pattern in PATTERNS,

@@ -78,6 +78,8 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
 
         run, last = RunFolder.reopen(out, config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
         start = model_to_arrays(last.model) if last is not None else None
+        if last is not None and last.manifest.get("experiment"):   # A3FL: the trigger of the last saved round
+            run.experiment = last.manifest["experiment"]
     else:
         run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
                         config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())

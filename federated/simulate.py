@@ -55,10 +55,16 @@ def build_parser() -> ArgumentParser:
                    help="rounds in which attackers poison: from round K on, or rounds K to L (then the summary "
                         "reports the backdoor's lifespan after round L)")
     p.add_argument("--attacker", default="plain", choices=ATTACKERS,
-                   help="how attackers poison: plain, or neurotoxin (updates kept off the coordinates the last "
-                        "global update moved most)")
+                   help="how attackers poison: plain, neurotoxin (updates kept off the coordinates the last "
+                        "global update moved most), or a3fl (the patch re-optimised against each round's global "
+                        "model and an adapted copy of it; --attack badnets; ASR is measured with the latest one)")
     p.add_argument("--neurotoxin-top-k", type=float, default=0.01,
                    help="--attacker neurotoxin: share of coordinates (largest last global update) left untouched")
+    p.add_argument("--a3fl-steps", type=positive_int, default=30, help="--attacker a3fl: trigger steps per attack round")
+    p.add_argument("--a3fl-adversary-steps", type=non_negative_int, default=1,
+                   help="--attacker a3fl: steps of the trigger-unlearning copy of the global model per trigger step")
+    p.add_argument("--a3fl-step-size", type=positive_float, default=0.03,
+                   help="--attacker a3fl: step on the patch's pixel values (in [0, 1])")
     p.add_argument("--sample", type=non_negative_int, default=0,
                    help="clients trained per round, a seeded draw out of --clients (0 = every client)")
     p.add_argument("--boost", type=float, default=1.0, help="model-replacement scaling of malicious updates")

@@ -113,3 +113,57 @@ def test_a_sampled_flame_run_with_an_attack_window_reports_sampling_exclusions_a
     assert "lifespan_rounds" in last and "lifespan_censored" in last
     assert "Backdoor lifespan" in (out / "summary.md").read_text()
     assert json.loads((out / "status.json").read_text())["state"] == "complete"
+
+
+def test_a3fl_optimises_the_patch_against_the_global_model_and_repeats_itself():
+    from defense.data import Split, load_dataset
+    from defense.scenario import backdoored_scenario
+    from defense.triggers import make_trigger
+    from federated.attacks import a3fl_trigger
+
+    torch.manual_seed(0)
+    bundle = load_dataset("digits", None, 16)
+    model = backdoored_scenario("badnets", 16, 3, 0.0, target=0, seed=0, epochs=3, cache=None).teacher  # clean
+    base = make_trigger("badnets", bundle.spec)
+    images, labels = bundle.train.images[:200], bundle.train.labels[:200]
+    data = Split(images, labels)
+
+    def loss_to_target(trigger):   # a 3x3 patch cannot flip a clean model; it can move it
+        with torch.no_grad():
+            logits = model.eval()(trigger.paste(images[labels != 0]))
+            return float(torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)))
+
+    found = a3fl_trigger(model, data, base, target=0, steps=40, adversary_steps=1, step_size=0.05, seed=3)
+    again = a3fl_trigger(model, data, base, target=0, steps=40, adversary_steps=1, step_size=0.05, seed=3)
+    assert torch.equal(found.pattern, again.pattern)                   # every attacker computes the same one
+    assert found.pattern.min() >= 0 and found.pattern.max() <= 1 and found.position == base.position
+    assert not torch.equal(found.pattern, base.pattern)
+    assert loss_to_target(found) < loss_to_target(base) - 0.2             # it moves a clean model towards the target
+    record = Experiment(patch_values=tuple(found.pattern.flatten().tolist()))
+    assert torch.allclose(record.trigger(bundle.spec).pattern, found.pattern)
+
+
+@pytest.mark.parametrize("values, message", [((2.0,) * 9, r"\[0, 1\]"), ((0.5,) * 8, "patch values"),
+                                             (("x",) * 9, "patch_values expects")])
+def test_a_model_files_patch_values_are_checked(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Experiment.from_dict({**Experiment().to_dict(), "patch_values": list(values)})
+    with pytest.raises(ConfigError, match="patch attacks"):
+        Experiment(attack="sig", patch_values=(0.5,) * 9)
+    with pytest.raises(ConfigError, match="a3fl"):
+        SimulationConfig(attacker="a3fl", attack="blended")
+
+
+def test_an_a3fl_run_measures_asr_with_the_latest_trigger_and_records_it(tmp_path):
+    from defense.modelio import load_model
+    from defense.scenario import model_file_scenario
+
+    out = tmp_path / "run"
+    assert main(["--clients", "4", "--malicious", "1", "--rounds", "2", "--local-epochs", "1", "--attacker", "a3fl",
+                 "--a3fl-steps", "5", "--no-purify", "--quiet", "--out", str(out)]) == 0
+    record = load_model(out / "final.json").manifest["experiment"]
+    assert len(record["patch_values"]) == 9 and record["patch_values"] != checkerboard(3, 1).flatten().tolist()
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    # the run's last ASR was measured with the recorded trigger: the file's own record reproduces it
+    scenario = model_file_scenario(out / "final.json")
+    assert abs(scenario.evaluate(scenario.teacher)["asr_x1"] - rows[-1]["asr_x1"]) < 1e-6
