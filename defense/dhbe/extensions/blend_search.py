@@ -25,6 +25,7 @@ from defense.generators import blend_patterns
 from defense.spec import require
 
 ANCHORS = ("teacher", "student")
+BANKS = ("suspects", "every-class")
 
 
 @extension
@@ -40,6 +41,7 @@ class BlendSearchConfig(ExtensionConfig):
     every: int = 5                    # > 0: every so many epochs, the kept classes re-found on S
     warmup_steps: int = 300           # prior-only steps of the G copy whose samples the search uses
     anchor: str = "teacher"
+    bank: str = "suspects"            # whose patterns the term blends in: the suspects', or every class's
 
     def __post_init__(self) -> None:
         require(self.weight > 0, f"blend_search.weight must be > 0, got {self.weight}")
@@ -51,6 +53,7 @@ class BlendSearchConfig(ExtensionConfig):
         require(self.every >= 0, f"blend_search.every must be >= 0, got {self.every}")
         require(self.warmup_steps >= 0, "blend_search.warmup_steps must be >= 0")
         require(self.anchor in ANCHORS, f"blend_search.anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+        require(self.bank in BANKS, f"blend_search.bank must be one of {', '.join(BANKS)}, got {self.bank!r}")
 
     def build(self, trainer: Any) -> Extension:
         return BlendSearch(self)
@@ -61,7 +64,8 @@ class BlendSearch(Extension):
         self.search_generator = copy.deepcopy(trainer.sample_generator)  # G itself stays as the recipe has it
         self.bank = torch.zeros(0, *trainer.spec.shape, device=trainer.device)
         self.found: Optional[ClassPatterns] = None   # the first search's evidence (every class, against T)
-        self.classes: list[int] = []                 # the classes kept
+        self.suspects: list[int] = []                # the classes whose anomaly index exceeds the threshold
+        self.classes: list[int] = []                 # the classes kept in the bank
 
     def probe(self, trainer) -> None:
         if self.found is None:
@@ -89,7 +93,8 @@ class BlendSearch(Extension):
             classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
         if first:
             self.found = found
-            self.classes = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
+            self.suspects = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
+            self.classes = classes if cfg.bank == "every-class" else self.suspects
         kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
         self.bank = torch.cat([self.bank, kept.to(self.bank)])
 
@@ -109,11 +114,12 @@ class BlendSearch(Extension):
         if self.found is None:
             return None
         return {"classes": self.found.classes, "losses": self.found.losses,
-                "anomaly_index": self.found.anomaly_index(), "kept": self.classes}
+                "anomaly_index": self.found.anomaly_index(), "suspects": self.suspects, "kept": self.classes}
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.clone(), "search_generator": copy.deepcopy(self.search_generator.state_dict()),
-                "found": asdict(self.found) if self.found is not None else None, "classes": list(self.classes)}
+                "found": asdict(self.found) if self.found is not None else None, "classes": list(self.classes),
+                "suspects": list(self.suspects)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -122,3 +128,4 @@ class BlendSearch(Extension):
         self.search_generator.load_state_dict(state["search_generator"])
         self.found = ClassPatterns(**state["found"]) if state.get("found") else None
         self.classes = list(state.get("classes", []))
+        self.suspects = list(state.get("suspects", self.classes))

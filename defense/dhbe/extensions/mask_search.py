@@ -74,7 +74,7 @@ class MaskSearch(Extension):
 
     def search(self, trainer) -> None:
         blend = trainer.extension("blend_search")
-        suspects = list(blend.classes)
+        suspects = list(blend.suspects)
         if not suspects:
             return
         first = not self.found

@@ -49,7 +49,7 @@ class Verdict(Extension):
         if trainer.epoch != 0 or self.suspects is not None:
             return
         search = trainer.extension("blend_search")
-        self.suspects = list(search.classes)
+        self.suspects = list(search.suspects)
         if not self.suspects and self.config.hand_back_clean:
             trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert "
                          f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
