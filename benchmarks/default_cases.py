@@ -4,7 +4,9 @@ own code paths: `defense.scenario.backdoored_scenario` (central) or `federated.e
 (FedAvg, IID or Dirichlet). Targets, places and seeds vary across cases.
 
 DEV is the development subset the default was iterated on (marked `tuned` in every table);
-HELD_OUT is run once, at the end; CLEAN are models no attacker touched."""
+HELD_OUT is run once, at the end. LATE (eleventh round) are the defence matrix's FedAvg cells, where
+the attack ends five rounds before the last (target 0), plus three more clean models: the set on
+which the verdict's false negatives were found, so a development set from then on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ class Case:
     poisoned: bool = True            # False: a clean model (no attacker, poison rate 0)
     malicious: int = 2
     boost: float = 1.0
+    matrix_attack: Optional[str] = None   # kind "matrix": the defence matrix's FedAvg cell of this attack
 
 
 def case(name: str, kind: str, poisoned: bool = True, malicious: int = 2, boost: float = 1.0, **attack) -> Case:
@@ -55,12 +58,30 @@ HELD_OUT = [
 ]
 
 
+def matrix_case(attack: str, seed: int = 0) -> Case:
+    """The defence matrix's FedAvg cell (benchmarks.defence_matrix.cell_config) as a case."""
+    fields = {"badnets": {}, "blended": {"attack": "blended"}, "sig": {"attack": "sig"},
+              "dba": {"attack": "dba"}, "neurotoxin": {}, "boosted-badnets": {}}[attack]
+    return Case(f"matrix-{attack}-fedavg-s{seed}", "matrix", Experiment(trigger_seed=seed, target=seed % 10, **fields),
+                matrix_attack=attack)
+
+
+LATE = [matrix_case(a) for a in ("badnets", "blended", "sig", "dba", "neurotoxin", "boosted-badnets")] + [
+    case("clean-central-s20", "central", poisoned=False, seed=20),
+    case("clean-central-s21", "central", poisoned=False, seed=21),
+    case("clean-fedavg-s22", "fedavg", poisoned=False, seed=22),
+]
+CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE}
+
+
 def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
     """The case's model file (planted on first use, then reused)."""
     stem = case.name.replace(".", "p")  # a dot would end the file's stem
     path = cache / f"{stem}{'-tiny' if tiny else ''}.json"
     if path.exists():
         return path
+    if case.kind == "matrix":
+        return plant_matrix_cell(case, path, tiny)
     trigger = case.attack
     if case.kind == "central":
         from defense.modelio import save_model
@@ -95,5 +116,24 @@ def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
     return path
 
 
+def plant_matrix_cell(case: Case, path: Path, tiny: bool) -> Path:
+    import tempfile
+
+    from benchmarks.defence_matrix import cell_config
+    from defense.data import load_dataset
+    from defense.modelio import load_model, save_model
+    from federated.engine import run_federated
+
+    config = cell_config(case.matrix_attack, "fedavg", case.attack.trigger_seed, tiny)
+    spec = load_dataset(config.dataset, None, config.image_size).spec
+    with tempfile.TemporaryDirectory() as folder:
+        run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
+        final = load_model(Path(folder) / "run" / "final.json")
+        save_model(final.model, path, final.model_name, final.spec,
+                   {"tool": "benchmarks.default_cases", "case": case.name, "via": "benchmarks.defence_matrix"},
+                   experiment=final.manifest["experiment"])
+    return path
+
+
 def by_name(name: str) -> Optional[Case]:
-    return next((c for c in DEV + HELD_OUT if c.name == name), None)
+    return next((c for c in DEV + HELD_OUT + LATE if c.name == name), None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_cases import DEV, HELD_OUT, plant
+from benchmarks.default_cases import CASE_SETS, DEV, plant
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.fileio import atomic_path, atomic_write_text
 from defense.report import markdown_table
@@ -70,7 +70,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", choices=("dev", "held-out"), default="dev")
+    parser.add_argument("--cases", choices=tuple(CASE_SETS), default="dev")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -81,7 +81,7 @@ def main() -> None:
     from defense.cli import field_pairs
 
     overrides = field_pairs(args.set, "--set")
-    cases = DEV if args.cases == "dev" else HELD_OUT
+    cases = CASE_SETS[args.cases]
     if args.only:
         cases = [c for c in cases if c.name in args.only]
     if args.tiny:

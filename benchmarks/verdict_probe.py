@@ -1,0 +1,131 @@
+"""Candidate verdict probes side by side (issue: one data-free default, eleventh round).
+
+The default's verdict is the blend search's anomaly index (blend ratio 0.1); on an unseen case (SIG,
+FedAvg, target 0, attack rounds 1-15 of 20) it found nothing (target index 0.00). This measures, on
+the same synthetic samples (a copy of G fitted to T's priors, as the verdict uses), per class k:
+a universal perturbation of a given form that makes T answer k, and its cross-entropy on a fresh
+batch. Forms: blend at a ratio, (1 - r) x + r p; additive within an L-inf budget, x + e tanh(q).
+The anomaly index per form (Neural Cleanse's, on log losses) is what a verdict would threshold;
+`worst_*` is the same per class on the hardest source class (T's clean answer) instead of the mean.
+(Run 1 of benchmarks/results/verdict_probe.md also had blend 0.05 and additive 0.1; they separated no
+better and were dropped.)
+The true attack is printed beside the evidence, never given to a probe.
+
+    python -m benchmarks.verdict_probe [--sets dev late clean] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.default_cases import DEV, LATE, plant
+from defense.blend_search import ClassPatterns
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
+from defense.generators import blend_patterns
+from defense.models import frozen
+from defense.modelio import load_model
+
+FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "blend0.1": lambda x, q: blend_patterns(x, torch.tanh(q), 0.1),
+    "add0.05": lambda x, q: (x + 0.05 * torch.tanh(q)).clamp(0, 1),
+}
+def invert(model, samples, k: int, form, steps: int, lr: float, like: torch.Tensor) -> torch.Tensor:
+    raw = torch.zeros_like(like, requires_grad=True)
+    optimiser = torch.optim.Adam([raw], lr=lr)
+    for _ in range(steps):
+        with torch.no_grad():
+            x = samples()
+        loss = F.cross_entropy(model(form(x, raw)), torch.full((len(x),), k, dtype=torch.long))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return raw.detach()
+
+
+def probe(path: Path, tiny: bool, steps: int) -> dict:
+    loaded = load_model(path)
+    recipe = recipe_config("default")
+    if tiny:
+        recipe = smoke_sized(recipe)
+    trainer = DHBETrainer(loaded.model.eval(), loaded.spec, recipe)
+    search = trainer.extension("blend_search")
+    started = time.perf_counter()
+    generator = search.search_generator
+    generator.load_state_dict(trainer.sample_generator.state_dict())
+    optimiser = torch.optim.Adam(generator.parameters(), lr=trainer.config.generator_lr)
+    for _ in range(search.config.warmup_steps):
+        trainer.generator_step(generator, optimiser)
+    generator.eval()
+    samples = lambda: trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+    with torch.no_grad():
+        held = torch.cat([samples() for _ in range(4)])   # fresh batches the losses are measured on
+        sources = trainer.teacher.eval()(held).argmax(1)  # T's answer on each clean sample
+    teacher = trainer.teacher.eval()
+    classes = list(range(trainer.spec.num_classes))
+    result = {"warmup_s": round(time.perf_counter() - started, 1)}
+    with frozen(teacher):
+        for name, form in FORMS.items():
+            began = time.perf_counter()
+            losses, flips, worst_losses, worst_flips = [], [], [], []
+            for k in classes:
+                raw = invert(teacher, samples, k, form, steps, search.config.lr, held[0])
+                with torch.no_grad():
+                    logits = teacher(form(held, raw))
+                    each = F.cross_entropy(logits, torch.full((len(held),), k), reduction="none")
+                    hit = (logits.argmax(1) == k).float()
+                    losses.append(float(each.mean()))
+                    flips.append(float(hit.mean()))
+                    # per source class (T's clean answer), the hardest one other than k itself
+                    groups = [c for c in classes if c != k and int((sources == c).sum()) >= 5]
+                    worst_losses.append(max((float(each[sources == c].mean()) for c in groups), default=losses[-1]))
+                    worst_flips.append(min((float(hit[sources == c].mean()) for c in groups), default=flips[-1]))
+            index = ClassPatterns(classes, torch.zeros(len(classes)), losses).anomaly_index()
+            worst_index = ClassPatterns(classes, torch.zeros(len(classes)), worst_losses).anomaly_index()
+            top = max(classes, key=lambda c: index[c])
+            worst_top = max(classes, key=lambda c: worst_index[c])
+            result[name] = {"top": top, "index": round(index[top], 2), "indices": [round(v, 2) for v in index],
+                            "losses": [round(v, 4) for v in losses], "flips": [round(v, 3) for v in flips],
+                            "worst_top": worst_top, "worst_index": round(worst_index[worst_top], 2),
+                            "worst_indices": [round(v, 2) for v in worst_index],
+                            "worst_losses": [round(v, 4) for v in worst_losses],
+                            "worst_flips": [round(v, 3) for v in worst_flips],
+                            "sources": torch.bincount(sources, minlength=len(classes)).tolist(),
+                            "s": round(time.perf_counter() - began, 1)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
+    parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    models: list[tuple[str, dict, Callable[[], Path]]] = []
+    if args.tiny:
+        models = [(DEV[2].name, {"attack": "badnets", "target": 0}, lambda: plant(DEV[2], tiny=True))]
+        args.steps = 2
+    else:
+        chosen = (DEV if "dev" in args.sets else []) + [
+            c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")]
+        models += [(c.name, {"attack": c.matrix_attack or (c.attack.attack if c.poisoned else "none"),
+                             "target": c.attack.target if c.poisoned else None}, lambda c=c: plant(c)) for c in chosen]
+    for name, truth, path in models:
+        row = {"case": name, "truth": truth, **probe(path(), args.tiny, args.steps)}
+        print(name, truth, {f: (row[f]["top"], row[f]["index"], row[f]["worst_top"], row[f]["worst_index"])
+                            for f in FORMS}, flush=True)
+        if not args.tiny:
+            with Path(args.out).open("a") as sink:
+                sink.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
