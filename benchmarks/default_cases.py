@@ -6,7 +6,8 @@ own code paths: `defense.scenario.backdoored_scenario` (central) or `federated.e
 DEV is the development subset the default was iterated on (marked `tuned` in every table);
 HELD_OUT is run once, at the end. LATE (eleventh round) are the defence matrix's FedAvg cells, where
 the attack ends five rounds before the last (target 0), plus three more clean models: the set on
-which the verdict's false negatives were found, so a development set from then on."""
+which the verdict's false negatives were found, so a development set from then on; LATE_HELD_OUT are
+the same kinds of model on another seed, run once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,7 +72,10 @@ LATE = [matrix_case(a) for a in ("badnets", "blended", "sig", "dba", "neurotoxin
     case("clean-central-s21", "central", poisoned=False, seed=21),
     case("clean-fedavg-s22", "fedavg", poisoned=False, seed=22),
 ]
-CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE}
+# run once, for the eleventh round's decision: late-window cells of another seed (target 1), one more clean model
+LATE_HELD_OUT = [matrix_case(a, seed=1) for a in ("sig", "badnets", "blended")] + [
+    case("clean-fedavg-s23", "fedavg", poisoned=False, seed=23)]
+CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT}
 
 
 def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
@@ -136,4 +140,4 @@ def plant_matrix_cell(case: Case, path: Path, tiny: bool) -> Path:
 
 
 def by_name(name: str) -> Optional[Case]:
-    return next((c for c in DEV + HELD_OUT + LATE if c.name == name), None)
+    return next((c for cases in CASE_SETS.values() for c in cases if c.name == name), None)

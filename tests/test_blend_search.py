@@ -80,13 +80,12 @@ def test_the_blend_term_enters_the_student_loss_only_with_patterns():
     assert search.student_terms(trainer, x, trainer.teacher(x), trainer.student(x)) is None
 
 
-def test_an_every_class_bank_holds_every_pattern_while_the_suspects_stay_the_anomalous_classes():
+def test_with_no_suspect_and_no_hand_back_the_game_runs_blind_on_every_class():
     teacher = build_model("small-cnn", SPEC).eval()
     recipe = recipe_config("default", {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16,
                                        "trigger_bank.warmup_steps": 2, "blend_search.steps": 3,
                                        "blend_search.warmup_steps": 2, "mask_search.steps": 2,
-                                       "blend_search.suspect_threshold": 50.0, "blend_search.bank": "every-class",
-                                       "verdict.hand_back_clean": False})
+                                       "blend_search.suspect_threshold": 50.0, "verdict.hand_back_clean": False})
     trainer = DHBETrainer(teacher, SPEC, recipe)
     trainer.run_epoch()
     search, masks = trainer.extension("blend_search"), trainer.extension("mask_search")
@@ -95,11 +94,12 @@ def test_an_every_class_bank_holds_every_pattern_while_the_suspects_stay_the_ano
     assert trainer.stop_reason is None                # no suspect, and the game still runs (no hand-back)
     x = torch.rand(4, *SPEC.shape)
     assert search.student_terms(trainer, x, trainer.teacher(x), trainer.student(x)) is not None
+    trainer.run_epoch()
+    assert trainer.evidence()["verdict"]["backdoor_suspected"] is False
 
 
 @pytest.mark.parametrize("field,value", [("ratio", 0.0), ("steps", 0), ("suspect_threshold", -1.0), ("every", -1),
-                                         ("warmup_steps", -1), ("anchor", "both"), ("alpha", 1.0), ("weight", 0.0),
-                                         ("bank", "some")])
+                                         ("warmup_steps", -1), ("anchor", "both"), ("alpha", 1.0), ("weight", 0.0)])
 def test_blend_search_config_is_validated(field, value):
     with pytest.raises(ConfigError, match=f"blend_search.{field}"):
         recipe_config("cpu-blend", {f"blend_search.{field}": value})

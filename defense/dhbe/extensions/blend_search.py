@@ -25,7 +25,6 @@ from defense.generators import blend_patterns
 from defense.spec import require
 
 ANCHORS = ("teacher", "student")
-BANKS = ("suspects", "every-class")
 
 
 @extension
@@ -41,7 +40,6 @@ class BlendSearchConfig(ExtensionConfig):
     every: int = 5                    # > 0: every so many epochs, the kept classes re-found on S
     warmup_steps: int = 300           # prior-only steps of the G copy whose samples the search uses
     anchor: str = "teacher"
-    bank: str = "suspects"            # whose patterns the term blends in: the suspects', or every class's
 
     def __post_init__(self) -> None:
         require(self.weight > 0, f"blend_search.weight must be > 0, got {self.weight}")
@@ -53,7 +51,6 @@ class BlendSearchConfig(ExtensionConfig):
         require(self.every >= 0, f"blend_search.every must be >= 0, got {self.every}")
         require(self.warmup_steps >= 0, "blend_search.warmup_steps must be >= 0")
         require(self.anchor in ANCHORS, f"blend_search.anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
-        require(self.bank in BANKS, f"blend_search.bank must be one of {', '.join(BANKS)}, got {self.bank!r}")
 
     def build(self, trainer: Any) -> Extension:
         return BlendSearch(self)
@@ -94,9 +91,15 @@ class BlendSearch(Extension):
         if first:
             self.found = found
             self.suspects = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
-            self.classes = classes if cfg.bank == "every-class" else self.suspects
+            self.classes = list(self.suspects)
         kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
         self.bank = torch.cat([self.bank, kept.to(self.bank)])
+
+    def keep_every_class(self) -> None:
+        """Blend every class's pattern in, not the suspects' only (the verdict's blind erasure)."""
+        if self.found is not None:
+            self.classes = list(self.found.classes)
+            self.bank = self.found.patterns.to(self.bank)
 
     def student_terms(self, trainer, x, teacher_logits, student_logits) -> Optional[torch.Tensor]:
         if not len(self.bank):

@@ -4,7 +4,9 @@ handed back (docs/dhbe.md, "one default").
 Before the game, the blend search inverts one blend pattern per class against T on G's samples; a
 backdoor of any kind measured so far (patch, DBA, blended, SIG; central and FedAvg) made its target's
 pattern anomalously easy to find (anomaly index >= 3.9 against <= 1.4 on clean models, dev cases).
-With no suspect class the game stops and T is handed back unchanged (a clean model keeps its ACC).
+With no suspect class the game stops and T is handed back unchanged (a clean model keeps its ACC),
+or, with `hand_back_clean` off, the game runs blind: every class's blend pattern in the bank (it
+erased two backdoors this verdict missed, at 1.4-5.9 ACC points on clean models; round eleven).
 With a suspect, the recipe's regularisers run as listed, and the guard checks every epoch's
 synthetic agreement of the output with T: if the last epoch's falls below `min_agreement`, the
 output of the last epoch that met it is handed back (or T if none did), and the report says so.
@@ -27,7 +29,8 @@ from defense.spec import require
 class VerdictConfig(ExtensionConfig):
     name = "verdict"
     requires = ("blend_search",)
-    hand_back_clean: bool = True     # no suspect class: stop and hand T back unchanged
+    hand_back_clean: bool = True     # no suspect class: stop and hand T back unchanged (False: erase blind,
+                                     # every class's blend pattern in the bank; eleventh round)
     min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
 
     def __post_init__(self) -> None:
@@ -53,7 +56,11 @@ class Verdict(Extension):
         if not self.suspects and self.config.hand_back_clean:
             trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert "
                          f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
-                         f"threshold {search.config.suspect_threshold}); the model is handed back unchanged")
+                         f"threshold {search.config.suspect_threshold}); the model is handed back unchanged "
+                         "(a weakened backdoor can hide here: 2 of 5 whose attack ended 5 rounds before the "
+                         "last, docs/dhbe.md round 11; verdict.hand_back_clean=false erases blind)")
+        elif not self.suspects:
+            search.keep_every_class()
 
     def epoch_end(self, trainer, record) -> None:
         if trainer.stop_reason is not None or not self.config.min_agreement:
