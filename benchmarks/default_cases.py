@@ -59,6 +59,32 @@ HELD_OUT = [
 ]
 
 
+# the defence matrix's attack rows: SimulationConfig fields of each (the trigger, how attackers poison,
+# how many, boost)
+MATRIX_ATTACKS = {
+    "badnets": {"attack": "badnets"},
+    "blended": {"attack": "blended"},
+    "sig": {"attack": "sig"},
+    "dba": {"attack": "dba", "malicious": 3},
+    "neurotoxin": {"attack": "badnets", "attacker": "neurotoxin"},
+    "a3fl": {"attack": "badnets", "attacker": "a3fl"},
+    "boosted-badnets": {"attack": "badnets", "malicious": 1, "boost": 5.0},
+}
+
+
+def cell_config(attack: str, aggregation: str, seed: int, tiny: bool):
+    """One matrix cell's simulation: 10 clients, 20 rounds, attackers in rounds 1-15, target seed % 10."""
+    from federated.config import SimulationConfig
+
+    rounds = 3 if tiny else 20
+    fields = {"clients": 4 if tiny else 10, "malicious": 2, "rounds": rounds, "local_epochs": 1 if tiny else 2,
+              "aggregation": aggregation, "seed": seed, "target": seed % 10,
+              "attack_from_round": 1, "attack_until_round": rounds - (1 if tiny else 5), **MATRIX_ATTACKS[attack]}
+    if tiny:
+        fields["malicious"] = min(fields["malicious"], 1)
+    return SimulationConfig(**fields)
+
+
 def matrix_case(attack: str, seed: int = 0) -> Case:
     """The defence matrix's FedAvg cell (benchmarks.defence_matrix.cell_config) as a case."""
     fields = {"badnets": {}, "blended": {"attack": "blended"}, "sig": {"attack": "sig"},
@@ -123,7 +149,6 @@ def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
 def plant_matrix_cell(case: Case, path: Path, tiny: bool) -> Path:
     import tempfile
 
-    from benchmarks.defence_matrix import cell_config
     from defense.data import load_dataset
     from defense.modelio import load_model, save_model
     from federated.engine import run_federated

@@ -98,8 +98,9 @@ def main() -> None:
         stem = args.out or f"default_table_{args.cases.replace('-', '_')}"
         with atomic_path(RESULTS / f"{stem}.parquet") as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
+        settings = f" --set {' '.join(args.set)}" if args.set else ""
         atomic_write_text(RESULTS / f"{stem}.md", f"# `{args.recipe}` purification, {args.cases} cases "
-                          f"(`python -m benchmarks.default_table --cases {args.cases}`)\n\n" + table + "\n")
+                          f"(`python -m benchmarks.default_table --cases {args.cases}{settings}`)\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

@@ -25,37 +25,16 @@ from typing import Optional
 
 import torch
 
+from benchmarks.default_cases import MATRIX_ATTACKS, cell_config
 from defense.fileio import atomic_path, atomic_write_text
 from defense.metrics import defence_effectiveness_rating
 from defense.report import figure, markdown_table
 
 RESULTS = Path("benchmarks/results")
 
-# attack rows: SimulationConfig fields of each (the trigger, how attackers poison, how many, boost)
-ATTACKS = {
-    "badnets": {"attack": "badnets"},
-    "blended": {"attack": "blended"},
-    "sig": {"attack": "sig"},
-    "dba": {"attack": "dba", "malicious": 3},
-    "neurotoxin": {"attack": "badnets", "attacker": "neurotoxin"},
-    "a3fl": {"attack": "badnets", "attacker": "a3fl"},
-    "boosted-badnets": {"attack": "badnets", "malicious": 1, "boost": 5.0},
-}
 AGGREGATIONS = ("fedavg", "multikrum", "median", "trimmed-mean", "clip", "flame", "foolsgold", "rlr")
 EXCLUDING = ("flame", "foolsgold")   # in-training defences that give some updates no weight
 ALIVE = 0.5   # a global model with ASR x1 below this carries no backdoor to purify
-
-
-def cell_config(attack: str, aggregation: str, seed: int, tiny: bool):
-    from federated.config import SimulationConfig
-
-    rounds = 3 if tiny else 20
-    fields = {"clients": 4 if tiny else 10, "malicious": 2, "rounds": rounds, "local_epochs": 1 if tiny else 2,
-              "aggregation": aggregation, "seed": seed, "target": seed % 10,
-              "attack_from_round": 1, "attack_until_round": rounds - (1 if tiny else 5), **ATTACKS[attack]}
-    if tiny:
-        fields["malicious"] = min(fields["malicious"], 1)
-    return SimulationConfig(**fields)
 
 
 def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool, recipe: str) -> list[dict]:
@@ -167,7 +146,7 @@ def redraw(stem: str = "defence_matrix") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", default=list(MATRIX_ATTACKS), choices=list(MATRIX_ATTACKS))
     parser.add_argument("--aggregations", nargs="+", default=list(AGGREGATIONS), choices=list(AGGREGATIONS))
     parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (seed s also sets target s mod 10)")
     parser.add_argument("--no-purify", action="store_true", help="only the trained models (no purified rows)")
