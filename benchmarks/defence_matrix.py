@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def main() -> None:
     with atomic_path(RESULTS / f"{args.out}.parquet") as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp, index=False)
     heatmap(rows, attacks, aggregations, RESULTS / f"{args.out}.png")
-    command = "python -m benchmarks.defence_matrix" + (" --no-purify" if args.no_purify else "")
+    command = " ".join(["python -m benchmarks.defence_matrix", *sys.argv[1:]])
     atomic_write_text(RESULTS / f"{args.out}.md", f"# Attack x defence x purification (`{command}`)\n\n"
                       f"{len(rows)} rows, {args.seeds} seed(s), wall time {total:.0f} s on this machine.\n\n"
                       f"![ASR x1 heatmaps]({args.out}.png)\n\n" + table + "\n")
