@@ -104,14 +104,26 @@ LATE_HELD_OUT = [matrix_case(a, seed=1) for a in ("sig", "badnets", "blended")] 
 CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT}
 
 
+def simulation_config(case: Case, tiny: bool = False):
+    """The simulation that plants a federated case (kinds fedavg, dirichlet, matrix)."""
+    from federated.config import SimulationConfig
+
+    if case.kind == "matrix":
+        return cell_config(case.matrix_attack, "fedavg", case.attack.trigger_seed, tiny)
+    trigger = case.attack
+    return SimulationConfig(malicious=case.malicious if case.poisoned else 0, seed=trigger.trigger_seed,
+                            attack=trigger.attack, trigger_size=trigger.trigger_size,
+                            trigger_place=trigger.place if trigger.place != "whole image" else "corner",
+                            target=trigger.target, blend_alpha=trigger.blend_alpha, boost=case.boost,
+                            rounds=2 if tiny else 20, partition="dirichlet" if case.kind == "dirichlet" else "iid")
+
+
 def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
     """The case's model file (planted on first use, then reused)."""
     stem = case.name.replace(".", "p")  # a dot would end the file's stem
     path = cache / f"{stem}{'-tiny' if tiny else ''}.json"
     if path.exists():
         return path
-    if case.kind == "matrix":
-        return plant_matrix_cell(case, path, tiny)
     trigger = case.attack
     if case.kind == "central":
         from defense.modelio import save_model
@@ -125,43 +137,36 @@ def plant(case: Case, cache: Path = CACHE, tiny: bool = False) -> Path:
         return path
     import tempfile
 
-    from defense.data import load_dataset
     from defense.modelio import load_model, save_model
-    from federated.config import SimulationConfig
-    from federated.engine import run_federated
 
-    config = SimulationConfig(malicious=case.malicious if case.poisoned else 0, seed=trigger.trigger_seed,
-                              attack=trigger.attack, trigger_size=trigger.trigger_size,
-                              trigger_place=trigger.place if trigger.place != "whole image" else "corner",
-                              target=trigger.target, blend_alpha=trigger.blend_alpha, boost=case.boost,
-                              rounds=2 if tiny else 20,
-                              partition="dirichlet" if case.kind == "dirichlet" else "iid")
-    spec = load_dataset(config.dataset, None, config.image_size).spec
     with tempfile.TemporaryDirectory() as folder:
-        run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
-        final = load_model(Path(folder) / "run" / "final.json")
+        final = load_model(run_simulation(case, Path(folder) / "run", tiny) / "final.json")
         save_model(final.model, path, final.model_name, final.spec,
                    {"tool": "benchmarks.default_cases", "case": case.name, "via": "federated.engine.run_federated"},
                    experiment=final.manifest["experiment"])
     return path
 
 
-def plant_matrix_cell(case: Case, path: Path, tiny: bool) -> Path:
-    import tempfile
-
+def run_simulation(case: Case, folder: Path, tiny: bool = False) -> Path:
     from defense.data import load_dataset
-    from defense.modelio import load_model, save_model
     from federated.engine import run_federated
 
-    config = cell_config(case.matrix_attack, "fedavg", case.attack.trigger_seed, tiny)
+    config = simulation_config(case, tiny)
     spec = load_dataset(config.dataset, None, config.image_size).spec
-    with tempfile.TemporaryDirectory() as folder:
-        run_federated(config, Path(folder) / "run", spec, purify=False, quiet=True)
-        final = load_model(Path(folder) / "run" / "final.json")
-        save_model(final.model, path, final.model_name, final.spec,
-                   {"tool": "benchmarks.default_cases", "case": case.name, "via": "benchmarks.defence_matrix"},
-                   experiment=final.manifest["experiment"])
-    return path
+    run_federated(config, folder, spec, purify=False, quiet=True)
+    return folder
+
+
+def plant_history(case: Case, cache: Path = CACHE.parent / "history") -> Path:
+    """A federated case's whole run folder (every round's global model under models/), kept."""
+    folder = cache / case.name.replace(".", "p")
+    if (folder / "final.json").exists():
+        return folder
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    return run_simulation(case, folder)
 
 
 def by_name(name: str) -> Optional[Case]:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import DEV, LATE, plant
+from benchmarks.default_cases import DEV, LATE, plant, plant_history
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
@@ -48,7 +48,7 @@ def invert(model, samples, k: int, form, steps: int, lr: float, like: torch.Tens
     return raw.detach()
 
 
-def probe(path: Path, tiny: bool, steps: int) -> dict:
+def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FORMS)) -> dict:
     loaded = load_model(path)
     recipe = recipe_config("default")
     if tiny:
@@ -70,7 +70,7 @@ def probe(path: Path, tiny: bool, steps: int) -> dict:
     classes = list(range(trainer.spec.num_classes))
     result = {"warmup_s": round(time.perf_counter() - started, 1)}
     with frozen(teacher):
-        for name, form in FORMS.items():
+        for name, form in ((n, FORMS[n]) for n in forms):
             began = time.perf_counter()
             losses, flips, worst_losses, worst_flips = [], [], [], []
             for k in classes:
@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
+    parser.add_argument("--only", nargs="*", default=None, help="case names")
+    parser.add_argument("--history", nargs="*", type=int, default=None, metavar="ROUND",
+                        help="probe these rounds' global models of each federated case's run (blend 0.1 only)")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -116,14 +119,35 @@ def main() -> None:
     else:
         chosen = (DEV if "dev" in args.sets else []) + [
             c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")]
+        chosen = [c for c in chosen if not args.only or c.name in args.only]
         models += [(c.name, {"attack": c.matrix_attack or (c.attack.attack if c.poisoned else "none"),
                              "target": c.attack.target if c.poisoned else None}, lambda c=c: plant(c)) for c in chosen]
+    if args.history is not None and not args.tiny:
+        history(chosen, args.history, args.steps, args.out)
+        return
     for name, truth, path in models:
         row = {"case": name, "truth": truth, **probe(path(), args.tiny, args.steps)}
         print(name, truth, {f: (row[f]["top"], row[f]["index"], row[f]["worst_top"], row[f]["worst_index"])
                             for f in FORMS}, flush=True)
         if not args.tiny:
             with Path(args.out).open("a") as sink:
+                sink.write(json.dumps(row) + "\n")
+
+
+def history(cases, rounds: list[int], steps: int, out: str) -> None:
+    """The verdict's probe on earlier global models of the same run (what a server keeps)."""
+    for case in cases:
+        if case.kind == "central":
+            continue
+        folder = plant_history(case)
+        truth = {"attack": case.matrix_attack or (case.attack.attack if case.poisoned else "none"),
+                 "target": case.attack.target if case.poisoned else None}
+        for number in rounds:
+            row = {"case": case.name, "truth": truth, "round": number,
+                   **probe(folder / "models" / f"round-{number:03d}.json", False, steps, ("blend0.1",))}
+            print(case.name, truth, number, row["blend0.1"]["top"], row["blend0.1"]["index"],
+                  row["blend0.1"]["indices"], flush=True)
+            with Path(out).open("a") as sink:
                 sink.write(json.dumps(row) + "\n")
 
 
