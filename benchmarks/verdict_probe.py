@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import DEV, LATE, plant, plant_history
+from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, plant, plant_history
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
@@ -102,7 +102,7 @@ def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FOR
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean"))
+    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -118,7 +118,8 @@ def main() -> None:
         args.steps = 2
     else:
         chosen = (DEV if "dev" in args.sets else []) + [
-            c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")]
+            c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
+            LATE_HELD_OUT if "late-held-out" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         models += [(c.name, {"attack": c.matrix_attack or (c.attack.attack if c.poisoned else "none"),
                              "target": c.attack.target if c.poisoned else None}, lambda c=c: plant(c)) for c in chosen]
