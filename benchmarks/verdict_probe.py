@@ -121,11 +121,10 @@ def main() -> None:
             c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
             LATE_HELD_OUT if "late-held-out" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
-        models += [(c.name, {"attack": c.matrix_attack or (c.attack.attack if c.poisoned else "none"),
-                             "target": c.attack.target if c.poisoned else None}, lambda c=c: plant(c)) for c in chosen]
-    if args.history is not None and not args.tiny:
-        history(chosen, args.history, args.steps, args.out)
-        return
+        if args.history is not None:
+            history(chosen, args.history, args.steps, args.out)
+            return
+        models += [(c.name, truth(c), lambda c=c: plant(c)) for c in chosen]
     for name, truth, path in models:
         row = {"case": name, "truth": truth, **probe(path(), args.tiny, args.steps)}
         print(name, truth, {f: (row[f]["top"], row[f]["index"], row[f]["worst_top"], row[f]["worst_index"])
@@ -135,18 +134,22 @@ def main() -> None:
                 sink.write(json.dumps(row) + "\n")
 
 
+def truth(case) -> dict:
+    """What the experimenter knows of a case, printed beside the evidence (never given to a probe)."""
+    return {"attack": case.matrix_attack or (case.attack.attack if case.poisoned else "none"),
+            "target": case.attack.target if case.poisoned else None}
+
+
 def history(cases, rounds: list[int], steps: int, out: str) -> None:
     """The verdict's probe on earlier global models of the same run (what a server keeps)."""
     for case in cases:
         if case.kind == "central":
             continue
         folder = plant_history(case)
-        truth = {"attack": case.matrix_attack or (case.attack.attack if case.poisoned else "none"),
-                 "target": case.attack.target if case.poisoned else None}
         for number in rounds:
-            row = {"case": case.name, "truth": truth, "round": number,
+            row = {"case": case.name, "truth": truth(case), "round": number,
                    **probe(folder / "models" / f"round-{number:03d}.json", False, steps, ("blend0.1",))}
-            print(case.name, truth, number, row["blend0.1"]["top"], row["blend0.1"]["index"],
+            print(case.name, row["truth"], number, row["blend0.1"]["top"], row["blend0.1"]["index"],
                   row["blend0.1"]["indices"], flush=True)
             with Path(out).open("a") as sink:
                 sink.write(json.dumps(row) + "\n")

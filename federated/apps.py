@@ -15,11 +15,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from defense.data import DataBundle, Split, load_dataset
+from defense.experiment import Experiment
 from defense.metrics import evaluate_backdoor
 from defense.models import build_model
 from defense.training import TrainConfig, train_classifier
-from defense.experiment import Experiment
-from defense.triggers import PatchTrigger, Trigger, poison
+from defense.triggers import PatchTrigger, Trigger
 from federated.attacks import a3fl_trigger, boost_update, global_trigger, neurotoxin_mask, poison_partition, projection
 from federated.config import SimulationConfig
 from federated.partition import partition
@@ -84,8 +84,8 @@ def train_client(config: SimulationConfig, msg: Message, context: Context) -> Me
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if attacking and config.attacker == "a3fl":   # this round's trigger, optimised on the model received
         trigger = round_trigger(config, model, spec, server_round)
-        data = poison(client_data(config, client_id, False), trigger, config.poison_rate, config.target,
-                      seed=config.seed * 1000 + client_id)[0]
+        data = poison_partition(client_data(config, client_id, False), config, spec,
+                                config.malicious_clients().index(client_id), client_id, trigger)
     else:
         data = client_data(config, client_id, attacking)
     seed = config.seed * 1_000_003 + server_round * 1_009 + client_id
@@ -168,7 +168,7 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
         global_trigger(config, bundle.spec)
     torch.manual_seed(config.seed)
     model = build_model(config.model, bundle.spec)
-    sent = start if start is not None else None   # the global model sent in the round being evaluated
+    sent = start   # the global model sent in the round being evaluated (set by each evaluation)
     observed = ObservedStrategy(build_strategy(config), reply_checker(config, bundle), config.attackers_in_round,
                                 node_wait_s=config.node_wait_s, sample=config.sample, seed=config.seed)
     strategy = wrap_strategy(observed)
@@ -184,7 +184,7 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
                 observed.rounds.get(server_round, {}).get("malicious_clients"):
             trigger = round_trigger(config, arrays_to_model(model, sent), bundle.spec, server_round)
             run.experiment = {**(run.experiment or config.experiment().to_dict()),
-                              "patch_values": [round(float(v), 6) for v in trigger.pattern.flatten()]}
+                              "patch_values": trigger.pattern.flatten().tolist()}
         sent = arrays
         arrays_to_model(model, arrays)
         metrics = evaluate_backdoor(model, bundle.test, trigger, config.target)

@@ -31,8 +31,10 @@ def attacker_trigger(config: SimulationConfig, spec: InputSpec, attacker_rank: i
 
 
 def poison_partition(data: Split, config: SimulationConfig, spec: InputSpec, attacker_rank: int,
-                     client_id: int) -> Split:
-    trigger = attacker_trigger(config, spec, attacker_rank)
+                     client_id: int, trigger: Optional[Trigger] = None) -> Split:
+    """The attacker's partition with its trigger pasted on a share of it; `trigger`: this round's
+    (A3FL's optimised patch) in place of the attacker's fixed one."""
+    trigger = attacker_trigger(config, spec, attacker_rank) if trigger is None else trigger
     return poison(data, trigger, config.poison_rate, config.target, seed=config.seed * 1000 + client_id)[0]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from defense.dhbe import Recipe
+from defense.experiment import Experiment
 from defense.spec import InputSpec
 from deploy.ray_job import SERVER_JOB_RESOURCE, protect_local_ray, quiet_ray_environment
 from federated.config import SimulationConfig
@@ -79,7 +80,8 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
         run, last = RunFolder.reopen(out, config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())
         start = model_to_arrays(last.model) if last is not None else None
         if last is not None and last.manifest.get("experiment"):   # A3FL: the trigger of the last saved round
-            run.experiment = last.manifest["experiment"]
+            record = Experiment.from_dict(last.manifest["experiment"], f"{out}'s last saved model")  # checked here
+            run.experiment = record.to_dict()
     else:
         run = RunFolder(out, {"simulation": config.to_dict(), "purify": purify, "purify_every": purify_every},
                         config.model, spec, quiet=quiet, experiment=config.experiment().to_dict())

@@ -41,6 +41,14 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
         [(r["acc"], r["asr_x1"], r["malicious_clients"]) for r in b]
     with pytest.raises(ConfigError, match="nothing to resume"):
         main(["--resume", str(resumed), "--no-purify", "--quiet"])
+    hostile = tmp_path / "hostile"            # the last saved model's experiment record is read: checked
+    shutil.copytree(whole, hostile)
+    interrupt_after(hostile, 1)
+    manifest = json.loads((hostile / "models" / "round-001.json").read_text())
+    manifest["experiment"]["patch_values"] = [7.0] * 9
+    (hostile / "models" / "round-001.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        main(["--resume", str(hostile), "--no-purify", "--quiet"])
 
 
 def test_resume_refuses_what_is_not_an_interrupted_run_folder(tmp_path):

@@ -6,7 +6,7 @@ backdoor of any kind measured so far (patch, DBA, blended, SIG; central and FedA
 pattern anomalously easy to find (anomaly index >= 3.9 against <= 1.4 on clean models, dev cases).
 With no suspect class the game stops and T is handed back unchanged (a clean model keeps its ACC),
 or, with `hand_back_clean` off, the game runs blind: every class's blend pattern in the bank (it
-erased two backdoors this verdict missed, at 1.4-5.9 ACC points on clean models; round eleven).
+erased the three backdoors this verdict missed, at 1.4-5.9 ACC points on clean models; round eleven).
 With a suspect, the recipe's regularisers run as listed, and the guard checks every epoch's
 synthetic agreement of the output with T: if the last epoch's falls below `min_agreement`, the
 output of the last epoch that met it is handed back (or T if none did), and the report says so.
@@ -57,8 +57,8 @@ class Verdict(Extension):
             trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert "
                          f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
                          f"threshold {search.config.suspect_threshold}); the model is handed back unchanged "
-                         "(a weakened backdoor can hide here: 2 of 5 whose attack ended 5 rounds before the "
-                         "last, docs/dhbe.md round 11; verdict.hand_back_clean=false erases blind)")
+                         "(a weakened backdoor can hide here: 3 of 8 measured whose attack ended 5 rounds "
+                         "before the last, docs/dhbe.md round 11; verdict.hand_back_clean=false erases blind)")
         elif not self.suspects:
             search.keep_every_class()
 
