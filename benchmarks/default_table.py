@@ -15,33 +15,48 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_cases import CASE_SETS, DEV, plant
+from benchmarks.default_cases import CASE_SETS, DEV, plant, plant_history
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.fileio import atomic_path, atomic_write_text
+from defense.modelio import load_model
 from defense.report import markdown_table
 from defense.scenario import model_file_scenario
+from federated.purification import earlier_rounds
 
 RESULTS = Path("benchmarks/results")
 
 
-def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict) -> dict:
+def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict, earlier: tuple[Path, ...] = ()) -> dict:
     """One purification of a model file in-process (DHBE's own time), measured by the experimenter with
-    the file's experiment record: before, after, the trainer's evidence and DHBE's wall time."""
+    the file's experiment record: before, after, the trainer's evidence and DHBE's wall time.
+    `earlier`: model files of earlier versions (a federated run's earlier global models)."""
     scenario = model_file_scenario(path)
     before = scenario.evaluate(scenario.teacher)
     recipe = recipe_config(recipe_name, overrides)
     if tiny:
         recipe = smoke_sized(recipe)
+    versions = [load_model(p).model.eval() for p in earlier]
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe)
+    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
     train_epochs(trainer)
     wall = time.perf_counter() - started
     after = scenario.evaluate(trainer.output_model().eval())
     return {"before": before, "after": after, "evidence": trainer.evidence(), "wall_s": wall, "epochs": trainer.epoch}
 
 
-def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
-    result = purify_model_file(plant(case, tiny=tiny), recipe_name, tiny, overrides)
+def case_model(case, tiny: bool, history: bool) -> tuple[Path, tuple[Path, ...]]:
+    """The case's model file, and with `history` a federated case's earlier global models as the
+    simulation's purification hook picks them (rounds 5, 10, 15 of 20)."""
+    if not history or case.kind == "central" or tiny:
+        return plant(case, tiny=tiny), ()
+    folder = plant_history(case)
+    rounds = earlier_rounds(20, range(1, 20))
+    return folder / "final.json", tuple(folder / "models" / f"round-{r:03d}.json" for r in rounds)
+
+
+def run_case(case, recipe_name: str, tiny: bool, overrides: dict, history: bool = True) -> dict:
+    model, earlier = case_model(case, tiny, history)
+    result = purify_model_file(model, recipe_name, tiny, overrides, earlier)
     before, after, evidence, wall = result["before"], result["after"], result["evidence"], result["wall_s"]
     verdict = evidence.get("verdict", {})
     pct = lambda v: None if v is None else round(100 * v, 1)
@@ -51,8 +66,10 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
             "acc_drop": round(100 * (before["acc"] - after["acc"]), 2),
             **{f"{k}_before": pct(before.get(k)) for k in ("asr_x1", "asr_x9")},
             **{f"{k}_after": pct(after.get(k)) for k in ("asr_x1", "asr_x4", "asr_x9", "ra")},
+            "versions": 1 + len(earlier),
             "suspected": ",".join(map(str, verdict.get("suspected_targets", []))) or "none",
             "max_anomaly": round(max(verdict.get("anomaly_index") or [0.0]), 2),
+            "earlier_max_anomaly": ",".join(f"{max(i):.2f}" for i in verdict.get("earlier_anomaly_index", [])),
             "stopped": bool(evidence.get("stopped")), "guard": verdict.get("guard", ""),
             "epochs": result["epochs"], "wall_s": round(wall, 1)}
 
@@ -60,8 +77,8 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict) -> dict:
 COLUMNS = [("case", "case"), ("attack", "attack"), ("kind", "model"), ("target", "target"),
            ("acc_before", "ACC before"), ("acc_after", "ACC after"), ("acc_drop", "drop"),
            ("asr_x1_before", "ASR x1 before"), ("asr_x1_after", "ASR x1"), ("asr_x4_after", "x4"),
-           ("asr_x9_after", "x9"), ("ra_after", "RA"), ("suspected", "suspected target"),
-           ("max_anomaly", "max anomaly"), ("wall_s", "wall s")]
+           ("asr_x9_after", "x9"), ("ra_after", "RA"), ("versions", "versions"), ("suspected", "suspected target"),
+           ("max_anomaly", "max anomaly"), ("earlier_max_anomaly", "earlier versions' max anomaly"), ("wall_s", "wall s")]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -76,6 +93,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="case names")
     parser.add_argument("--out", default=None, help="file stem under benchmarks/results")
     parser.add_argument("--tiny", action="store_true", help="two cases at smoke size (CI)")
+    parser.add_argument("--no-history", action="store_true",
+                        help="purify federated cases without their earlier global models (the eleventh round's verdict)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from defense.cli import field_pairs
@@ -88,7 +107,7 @@ def main() -> None:
         cases = [DEV[0], DEV[2]]
     rows = []
     for case in cases:
-        rows.append(run_case(case, args.recipe, args.tiny, overrides))
+        rows.append(run_case(case, args.recipe, args.tiny, overrides, not args.no_history))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
@@ -98,7 +117,7 @@ def main() -> None:
         stem = args.out or f"default_table_{args.cases.replace('-', '_')}"
         with atomic_path(RESULTS / f"{stem}.parquet") as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
-        settings = f" --set {' '.join(args.set)}" if args.set else ""
+        settings = (f" --set {' '.join(args.set)}" if args.set else "") + (" --no-history" if args.no_history else "")
         atomic_write_text(RESULTS / f"{stem}.md", f"# `{args.recipe}` purification, {args.cases} cases "
                           f"(`python -m benchmarks.default_table --cases {args.cases}{settings}`)\n\n" + table + "\n")
 

@@ -12,12 +12,18 @@ from defense.cli import (ArgumentParser, bounded_int, json_line, positive_float,
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.errors import ConfigError
 
+MAX_EARLIER = 32   # earlier versions the verdict probes (each costs one blend search)
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m deploy.purify", description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="model file to purify (.json manifest, .safetensors, or weights-only .pt)")
     p.add_argument("--out", required=True, help="output model path (writes OUT.safetensors and OUT.json)")
+    p.add_argument("--earlier", nargs="+", default=[], metavar="MODEL",
+                   help="earlier versions of the same model, oldest first (e.g. a federated run's global models "
+                        "models/round-005.json ... of earlier rounds): the verdict counts in how many versions a "
+                        "class stands out (docs/dhbe.md, twelfth round)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=1, help="Ray Train workers (data-parallel when > 1)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="force GPU workers")
@@ -56,12 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "(or a cluster: --address / RAY_ADDRESS)")
     teacher = load_model(args.model)
     recipe.validate_for(teacher.spec)
+    if len(args.earlier) > MAX_EARLIER:
+        raise ConfigError(f"--earlier: at most {MAX_EARLIER} earlier versions, got {len(args.earlier)}")
+    earlier = [load_model(path) for path in args.earlier]
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
     job = PurifyJobConfig(recipe=recipe, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
                           storage_path=args.storage, keep_checkpoints=args.keep_checkpoints, name=args.name, max_failures=args.max_failures,
                           budget_s=args.budget)
-    result = run_purify_job(teacher, job, out)
+    result = run_purify_job(teacher, job, out, earlier=earlier)
     last = result.history[-1] if result.history else {}
     print(json_line({"purified": str(result.manifest_path), "device": result.device, "wall_s": round(result.wall_s, 1),
                       "epochs": len(result.history),

@@ -15,7 +15,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -118,9 +118,13 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
     spec = InputSpec.from_dict(loop_config["spec"])
     teacher = build_model(loop_config["model_name"], spec)
     teacher.load_state_dict(loop_config["teacher_state"])
+    earlier = []
+    for state in loop_config.get("earlier_states", []):
+        earlier.append(build_model(loop_config["model_name"], spec))
+        earlier[-1].load_state_dict(state)
     recipe = Recipe.from_dict(loop_config["recipe"])
     recipe = recipe.replace(seed=recipe.dhbe.seed + 1000 * rank)
-    trainer = DHBETrainer(teacher, spec, recipe, device)
+    trainer = DHBETrainer(teacher, spec, recipe, device, earlier)
     if world > 1:
         trainer.sync_student_gradients = _average_gradients
 
@@ -156,11 +160,13 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
 
 
 def job_loop_config(teacher: LoadedModel, recipe: Recipe, threads: int, storage: Path, name: str,
-                    budget_s: Optional[float] = None, produced_by: Optional[dict] = None) -> dict[str, Any]:
+                    budget_s: Optional[float] = None, produced_by: Optional[dict] = None,
+                    earlier: Sequence[LoadedModel] = ()) -> dict[str, Any]:
     """Everything the job body needs, as plain data Ray can ship to workers."""
     return {
         "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
         "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
+        "earlier_states": [{k: v.cpu() for k, v in model.model.state_dict().items()} for model in earlier],
         "recipe": recipe.to_dict(), "threads": threads, "budget_s": budget_s,
         "storage": str(storage), "run_name": name, "produced_by": produced_by or {},
     }
@@ -218,10 +224,24 @@ class PurifyResult:
     evidence: dict = field(default_factory=dict)   # what the data-free probes found (also in the manifest)
 
 
+def check_earlier_versions(teacher: LoadedModel, earlier: Sequence[LoadedModel]) -> None:
+    """Earlier versions must be the same network on the same input spec as the model purified."""
+    for model in earlier:
+        require(model.model_name == teacher.model_name and model.spec == teacher.spec,
+                f"an earlier version ({model.model_name}, {model.spec.channels}x{model.spec.height}x{model.spec.width}, "
+                f"{model.spec.num_classes} classes) is not the same network and input spec as the model purified "
+                f"({teacher.model_name}, {teacher.spec.channels}x{teacher.spec.height}x{teacher.spec.width}, "
+                f"{teacher.spec.num_classes} classes)")
+
+
 def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
-                   train_loop: Callable[[dict], None] = train_loop_per_worker) -> PurifyResult:
+                   train_loop: Callable[[dict], None] = train_loop_per_worker,
+                   earlier: Sequence[LoadedModel] = ()) -> PurifyResult:
     """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically.
-    `train_loop` is the worker body (tests pass one that plants a fault inside the worker)."""
+    `earlier`: earlier versions of the model, oldest first (a federated run's earlier global models),
+    which the verdict weighs; `train_loop` is the worker body (tests pass one that plants a fault
+    inside the worker)."""
+    check_earlier_versions(teacher, earlier)
     if job.address is None:
         protect_local_ray()
     import ray
@@ -250,7 +270,8 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
         teacher, job.recipe, max(1, int(share)), storage, name, job.budget_s,
         {"tool": "deploy.purify", "defence": "dhbe", "input_model": teacher.model_name,
          "input_weights_sha256": teacher.weights_sha256, "recipe": job.recipe.to_dict(),
-         "workers": job.workers, "gpu": bool(use_gpu)})
+         "earlier_weights_sha256": [model.weights_sha256 for model in earlier],
+         "workers": job.workers, "gpu": bool(use_gpu)}, earlier)
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,

@@ -32,11 +32,53 @@ from federated.apps import arrays_to_model, model_to_arrays
 from federated.run_folder import evidence_line
 from federated.strategies import DelegatingStrategy
 
+EARLIER_VERSIONS = 3   # earlier global models the verdict weighs: at 1/4, 1/2 and 3/4 of the rounds so far
+
+
+def earlier_rounds(last_round: int, available: Iterable[int], count: int = EARLIER_VERSIONS) -> list[int]:
+    """The kept rounds before `last_round` nearest to 1/(count+1), 2/(count+1), ... of the way from the
+    first kept one to it (oldest first, no repeats): a 20-round run's verdict probes rounds 5, 10, 15."""
+    kept = sorted(r for r in set(available) if 1 <= r < last_round)
+    if not kept:
+        return []
+    start = kept[0] - 1
+    picked: list[int] = []
+    for k in range(1, count + 1):
+        nearest = min(kept, key=lambda r: (abs(r - start - (last_round - start) * k / (count + 1)), r))
+        if nearest not in picked:
+            picked.append(nearest)
+    return sorted(picked)
+
+
+class GlobalModelHistory:
+    """The aggregated global models of the rounds since the last purification, at most `keep` of them:
+    when full, every other one is dropped and from then on only every other round is kept (so any
+    number of rounds fits, evenly spaced)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep, self.stride = keep, 1
+        self.models: dict[int, ArrayRecord] = {}
+
+    def add(self, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round % self.stride:
+            return
+        self.models[server_round] = ArrayRecord(arrays.to_torch_state_dict())   # a copy, not a view
+        while len(self.models) > self.keep:
+            self.stride *= 2
+            self.models = {r: a for r, a in self.models.items() if r % self.stride == 0}
+
+    def earlier(self, server_round: int) -> list[ArrayRecord]:
+        return [self.models[r] for r in earlier_rounds(server_round, self.models)]
+
+    def clear(self) -> None:
+        self.models, self.stride = {}, 1
+
+
 def purify_arrays(arrays: ArrayRecord, model_name: str, spec: InputSpec, job: PurifyJobConfig,
-                  out: Path) -> tuple[ArrayRecord, PurifyResult]:
-    model = arrays_to_model(build_model(model_name, spec), arrays).eval()
-    teacher = LoadedModel(model, model_name, spec, {}, weights_sha256="in-memory global model")
-    result = run_purify_job(teacher, job, out)
+                  out: Path, earlier: Iterable[ArrayRecord] = ()) -> tuple[ArrayRecord, PurifyResult]:
+    loaded = [LoadedModel(arrays_to_model(build_model(model_name, spec), a).eval(), model_name, spec, {},
+                          weights_sha256="in-memory global model") for a in (*earlier, arrays)]
+    result = run_purify_job(loaded[-1], job, out, earlier=loaded[:-1])
     return model_to_arrays(result.model), result
 
 
@@ -53,18 +95,24 @@ class PurifyingStrategy(DelegatingStrategy):
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
+        self.history = GlobalModelHistory()   # earlier global models, for the verdict
 
     def due(self, server_round: int) -> bool:
         return (self.every > 0 and server_round % self.every == 0) or server_round == self.final_round
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not self.due(server_round):
+        if arrays is None:
+            return arrays, metrics
+        if not self.due(server_round):
+            self.history.add(server_round, arrays)
             return arrays, metrics
         started = time.perf_counter()
         job = PurifyJobConfig(recipe=self.recipe, share_running_ray=self.share_running_ray)
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
-                                       self.out_dir / f"purified-round-{server_round:03d}")
+                                       self.out_dir / f"purified-round-{server_round:03d}",
+                                       self.history.earlier(server_round))
+        self.history.clear()   # the purified model starts a new line of global models
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
                                    "wall_s": time.perf_counter() - started, "evidence": result.evidence})
         return arrays, metrics
@@ -89,10 +137,11 @@ class FederatedPurification:
         from defense.scenario import model_file_scenario
 
         backdoored = load_model(self.run.root / "final.json")
+        earlier = self.earlier_global_models()
         print(f"purifying the global model with DHBE on Ray Train ({self.recipe.dhbe.iterations} iterations; "
-              f"{self.recipe.describe()}) ...", flush=True)
+              f"{self.recipe.describe()}; {len(earlier)} earlier global models as evidence) ...", flush=True)
         job = PurifyJobConfig(recipe=self.recipe, budget_s=self.budget_s, share_running_ray=True)
-        result = run_purify_job(backdoored, job, self.run.root / "purified")
+        result = run_purify_job(backdoored, job, self.run.root / "purified", earlier=earlier)
         # the experimenter's measuring stick: the global model's experiment record (its trigger and target)
         scenario = model_file_scenario(self.run.root / "final.json", data_dir=self.config.data_dir)
         before, after = scenario.evaluate(backdoored.model), scenario.evaluate(result.model)
@@ -106,6 +155,18 @@ class FederatedPurification:
 
         print("\n".join(comparison_table(rows)))
         return rows
+
+
+    def earlier_global_models(self) -> list[LoadedModel]:
+        """The run's global models at 1/4, 1/2 and 3/4 of its rounds (from its models/ folder) when the
+        recipe has a verdict to weigh them; with in-run purification, of the rounds since the last one."""
+        if "verdict" not in self.recipe:
+            return []
+        last = len(self.run.rows)
+        since = ((last - 1) // self.every) * self.every if self.every > 0 else 0
+        saved = {int(p.stem.split("-", 1)[1]) for p in (self.run.root / "models").glob("round-*.json")
+                 if p.stem.split("-", 1)[1].isdigit() and int(p.stem.split("-", 1)[1]) > since}
+        return [load_model(self.run.root / "models" / f"round-{r:03d}.json") for r in earlier_rounds(last, saved)]
 
 
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,9 @@ class DHBETrainer:
     included) so a job resumes exactly."""
 
     def __init__(self, teacher: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", earlier: Sequence[nn.Module] = ()) -> None:
+        """`earlier`: earlier versions of the teacher, oldest first (a federated run's global models of
+        earlier rounds): evidence only, read by extensions (the verdict), never distilled."""
         recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
         recipe.validate_for(spec)
         config = recipe.dhbe
@@ -95,6 +97,7 @@ class DHBETrainer:
             p.requires_grad_(False)
         self.student = copy.deepcopy(teacher).to(self.device)
         self.student.requires_grad_(True)
+        self.earlier_teachers = [copy.deepcopy(model).cpu().eval().requires_grad_(False) for model in earlier]
         self.sample_generator = SampleGenerator(spec, config.latent_dim, config.generator_width).to(self.device)
         if config.channels_last:
             for module in (self.teacher, self.student, self.sample_generator):
@@ -308,7 +311,8 @@ class DHBETrainer:
         with self.searches_in_fp32():   # the evidence and the trigger searches: full precision
             if self.epoch == 0:
                 for ext in self.extensions:
-                    ext.probe(self)
+                    if self.stop_reason is None:   # a verdict of nothing to erase ends the probes too
+                        ext.probe(self)
             for ext in self.extensions:
                 ext.epoch_start(self)
         if self.stop_reason is not None:

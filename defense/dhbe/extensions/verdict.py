@@ -4,6 +4,10 @@ handed back (docs/dhbe.md, "one default").
 Before the game, the blend search inverts one blend pattern per class against T on G's samples; a
 backdoor of any kind measured so far (patch, DBA, blended, SIG; central and FedAvg) made its target's
 pattern anomalously easy to find (anomaly index >= 3.9 against <= 1.4 on clean models, dev cases).
+Given earlier versions of the model (a federated server's global models of earlier rounds, the
+trainer's `earlier`), the same search runs on each, and a class is a suspect only when it stands out
+in at least `votes` of the versions (the model included): a backdoor shows while the attack runs and
+can fade from the last model once it stops, where a naturally easy class flickers (twelfth round).
 With no suspect class the game stops and T is handed back unchanged (a clean model keeps its ACC),
 or, with `hand_back_clean` off, the game runs blind: every class's blend pattern in the bank (it
 erased the three backdoors this verdict missed, at 1.4-5.9 ACC points on clean models; round eleven).
@@ -17,6 +21,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from defense.dhbe.config import ExtensionConfig, extension
@@ -32,9 +37,12 @@ class VerdictConfig(ExtensionConfig):
     hand_back_clean: bool = True     # no suspect class: stop and hand T back unchanged (False: erase blind,
                                      # every class's blend pattern in the bank; eleventh round)
     min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
+    votes: int = 2                   # with earlier versions: a suspect stands out in at least this many of
+                                     # the versions probed, the model included (in all of them, if fewer)
 
     def __post_init__(self) -> None:
         require(0 <= self.min_agreement < 1, f"verdict.min_agreement must be in [0, 1), got {self.min_agreement}")
+        require(1 <= self.votes <= 1000, f"verdict.votes must be in 1..1000, got {self.votes}")
 
     def build(self, trainer: Any) -> Extension:
         return Verdict(self)
@@ -47,18 +55,29 @@ class Verdict(Extension):
         self.last_good: Optional[dict] = None       # the output model's state after the last epoch that met the floor
         self.fallback: Optional[str] = None          # what the guard did, if anything
         self.fallback_model: Optional[nn.Module] = None
+        self.earlier_index: list[list[float]] = []  # the blend search's anomaly index on each earlier version
 
-    def epoch_start(self, trainer) -> None:
-        if trainer.epoch != 0 or self.suspects is not None:
+    def probe(self, trainer) -> None:
+        """Before the game: the blend search on the model and on each earlier version; the suspects."""
+        if self.suspects is not None:
             return
         search = trainer.extension("blend_search")
-        self.suspects = list(search.suspects)
+        search.probe(trainer)
+        threshold = search.config.suspect_threshold
+        if trainer.earlier_teachers and threshold > 0:
+            self.earlier_index = [earlier_anomaly_index(trainer, model) for model in trainer.earlier_teachers]
+            self.suspects = voted_suspects([*self.earlier_index, search.found.anomaly_index()], threshold,
+                                           self.config.votes)
+            search.set_suspects(self.suspects)
+        else:
+            self.suspects = list(search.suspects)
         if not self.suspects and self.config.hand_back_clean:
-            trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert "
-                         f"(largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
-                         f"threshold {search.config.suspect_threshold}); the model is handed back unchanged "
-                         "(a weakened backdoor can hide here: 3 of 8 measured whose attack ended 5 rounds "
-                         "before the last, docs/dhbe.md round 11; verdict.hand_back_clean=false erases blind)")
+            versions = f" in {len(self.earlier_index) + 1} versions of the model" if self.earlier_index else ""
+            trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert"
+                         f"{versions} (largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
+                         f"threshold {threshold}); the model is handed back unchanged (a weakened backdoor "
+                         "can hide here: docs/dhbe.md rounds 11-12; give the run's earlier global models, "
+                         "or set verdict.hand_back_clean=false to erase blind)")
         elif not self.suspects:
             search.keep_every_class()
 
@@ -91,6 +110,8 @@ class Verdict(Extension):
         bank = trainer.extension("trigger_bank")
         found = {"backdoor_suspected": bool(self.suspects), "suspected_targets": self.suspects or [],
                  "anomaly_index": [round(v, 3) for v in search.get("anomaly_index", [])]}
+        if self.earlier_index:
+            found["earlier_anomaly_index"] = [[round(v, 3) for v in index] for index in self.earlier_index]
         if bank is not None and len(bank.bank):
             found["patch_probe"] = bank.measure(trainer)
         if trainer.history:
@@ -101,8 +122,27 @@ class Verdict(Extension):
         return found
 
     def state_dict(self) -> dict[str, Any]:
-        return {"suspects": self.suspects, "last_good": self.last_good}
+        return {"suspects": self.suspects, "last_good": self.last_good, "earlier_index": self.earlier_index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.suspects, self.last_good = state.get("suspects"), state.get("last_good")
+            self.earlier_index = list(state.get("earlier_index", []))
+
+
+def voted_suspects(indices: list[list[float]], threshold: float, votes: int) -> list[int]:
+    """Classes whose anomaly index exceeds `threshold` in at least `votes` of the versions' index
+    vectors (in all of them when there are fewer)."""
+    needed = min(votes, len(indices))
+    return [k for k in range(len(indices[0])) if sum(index[k] > threshold for index in indices) >= needed]
+
+
+def earlier_anomaly_index(trainer, model: nn.Module) -> list[float]:
+    """The blend search's anomaly index on an earlier version of the model: the same search, seed and
+    fitted copy of G as on the model itself, in a throw-away game on that version."""
+    rng_state = torch.get_rng_state()
+    probe = type(trainer)(model, trainer.spec, trainer.recipe.without("verdict", "mask_search"), trainer.device)
+    search = probe.extension("blend_search")
+    search.probe(probe)
+    torch.set_rng_state(rng_state)   # the throw-away game seeds torch; the real one goes on as it would have
+    return search.found.anomaly_index()
