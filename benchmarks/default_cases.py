@@ -101,7 +101,13 @@ LATE = [matrix_case(a) for a in ("badnets", "blended", "sig", "dba", "neurotoxin
 # run once, for the eleventh round's decision: late-window cells of another seed (target 1), one more clean model
 LATE_HELD_OUT = [matrix_case(a, seed=1) for a in ("sig", "badnets", "blended")] + [
     case("clean-fedavg-s23", "fedavg", poisoned=False, seed=23)]
-CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT}
+# run once, for the twelfth round (the verdict over earlier global models): late-window cells of a third
+# seed (target 2), DBA among them, and two more clean FedAvg runs; fixed before any of them was planted
+TEMPORAL_HELD_OUT = [matrix_case(a, seed=2) for a in ("sig", "badnets", "blended", "dba")] + [
+    case("clean-fedavg-s24", "fedavg", poisoned=False, seed=24),
+    case("clean-fedavg-s25", "fedavg", poisoned=False, seed=25)]
+CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT,
+             "temporal-held-out": TEMPORAL_HELD_OUT}
 
 
 def simulation_config(case: Case, tiny: bool = False):

@@ -12,6 +12,7 @@ better and were dropped.)
 The true attack is printed beside the evidence, never given to a probe.
 
     python -m benchmarks.verdict_probe [--sets dev late clean] [--out FILE]
+    python -m benchmarks.verdict_probe --sets dev temporal-held-out --default-verdict --out FILE
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, plant, plant_history
+from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, TEMPORAL_HELD_OUT, plant, plant_history
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
@@ -102,12 +103,14 @@ def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FOR
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out"))
+    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
     parser.add_argument("--history", nargs="*", type=int, default=None, metavar="ROUND",
                         help="probe these rounds' global models of each federated case's run (blend 0.1 only)")
+    parser.add_argument("--default-verdict", action="store_true",
+                        help="the default's own verdict on each federated case with its earlier global models")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -119,8 +122,12 @@ def main() -> None:
     else:
         chosen = (DEV if "dev" in args.sets else []) + [
             c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
-            LATE_HELD_OUT if "late-held-out" in args.sets else [])
+            LATE_HELD_OUT if "late-held-out" in args.sets else []) + (
+            TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
+        if args.default_verdict:
+            default_verdict(chosen, args.out)
+            return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
             return
@@ -138,6 +145,39 @@ def truth(case) -> dict:
     """What the experimenter knows of a case, printed beside the evidence (never given to a probe)."""
     return {"attack": case.matrix_attack or (case.attack.attack if case.poisoned else "none"),
             "target": case.attack.target if case.poisoned else None}
+
+
+def default_verdict(cases, out: str) -> None:
+    """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
+    search), on each federated case's final global model with the earlier ones the simulation's hook
+    hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said."""
+    from defense.dhbe.extensions.verdict import voted_suspects
+    from federated.purification import earlier_rounds
+
+    for case in cases:
+        if case.kind == "central":
+            continue
+        folder = plant_history(case)
+        final = load_model(folder / "final.json")
+        earlier = [load_model(folder / "models" / f"round-{r:03d}.json").model.eval()
+                   for r in earlier_rounds(20, range(1, 20))]
+        started = time.perf_counter()
+        trainer = DHBETrainer(final.model.eval(), final.spec, recipe_config("default"), earlier=earlier)
+        with trainer.searches_in_fp32():
+            for ext in trainer.extensions:
+                ext.probe(trainer)
+                if ext.name == "blend_search":
+                    break
+        search, verdict = trainer.extension("blend_search"), trainer.extension("verdict")
+        index = search.found.anomaly_index()
+        row = {"case": case.name, "truth": truth(case), "suspects": search.suspects,
+               "alone": voted_suspects([index], search.config.suspect_threshold, 1),
+               "index": [round(v, 2) for v in index],
+               "earlier_index": [[round(v, 2) for v in i] for i in verdict.earlier_index],
+               "s": round(time.perf_counter() - started, 1)}
+        print(json.dumps(row), flush=True)
+        with Path(out).open("a") as sink:
+            sink.write(json.dumps(row) + "\n")
 
 
 def history(cases, rounds: list[int], steps: int, out: str) -> None:

@@ -260,7 +260,11 @@ def evidence_line(evidence: dict) -> str:
         return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
     if evidence.get("stopped"):
         return f"evidence: {evidence['stopped']}"
-    line = (f"evidence: backdoor suspected, target class {verdict['suspected_targets']} (anomaly index "
-            f"{max(verdict['anomaly_index']):.2f}); final synthetic agreement with the input "
+    earlier = verdict.get("earlier_anomaly_index") or []
+    targets = verdict["suspected_targets"]
+    over = (f"; in the earlier global models: {', '.join(f'{max(i[k] for k in targets):.2f}' for i in earlier)}"
+            if earlier and targets else "")
+    line = (f"evidence: backdoor suspected, target class {targets} (anomaly index "
+            f"{max(verdict['anomaly_index']):.2f}{over}); final synthetic agreement with the input "
             f"{100 * verdict.get('final_synthetic_agreement', 0):.0f}%")
     return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

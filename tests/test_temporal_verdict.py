@@ -16,9 +16,9 @@ from defense.models import build_model
 from defense.spec import InputSpec
 from federated.purification import GlobalModelHistory, earlier_rounds
 
-# the verdict's probe at its real size (the blend search's defaults), the game itself one short epoch
+# the verdict's probe at half its real size, the game itself one short epoch
 PROBE_ONLY = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 64, "trigger_bank.warmup_steps": 2,
-              "mask_search.steps": 2}
+              "mask_search.steps": 2, "blend_search.steps": 50, "blend_search.warmup_steps": 150}
 
 
 def test_a_class_is_a_suspect_only_where_enough_versions_agree():
@@ -31,15 +31,11 @@ def test_a_class_is_a_suspect_only_where_enough_versions_agree():
 
 
 def test_a_backdoor_that_left_the_last_model_is_found_in_the_earlier_ones(blended_scenario, clean_scenario):
-    """The model purified is clean-looking (here: a clean model); two earlier versions carry a blended
-    backdoor towards class 0. Alone the verdict hands the model back; with the earlier versions it
+    """The model purified is clean-looking (here: a clean model, which the verdict alone hands back:
+    tests/test_dhbe.py); two earlier versions carry a blended backdoor towards class 0: the verdict
     names class 0 and the game runs."""
     spec = clean_scenario.bundle.spec
     recipe = recipe_config("default", PROBE_ONLY)
-    alone = DHBETrainer(clean_scenario.teacher, spec, recipe)
-    alone.run_epoch()
-    assert alone.stop_reason is not None and alone.evidence()["verdict"]["suspected_targets"] == []
-
     backdoored = blended_scenario.teacher
     trainer = DHBETrainer(clean_scenario.teacher, spec, recipe, earlier=[backdoored, backdoored])
     trainer.run_epoch()
@@ -61,10 +57,10 @@ def test_earlier_versions_do_not_change_the_games_random_stream(clean_scenario, 
     recipe = recipe_config("default", {**PROBE_ONLY, "blend_search.suspect_threshold": 0.5,
                                        "blend_search.steps": 3, "blend_search.warmup_steps": 2})
     plain = DHBETrainer(blended_scenario.teacher, spec, recipe)
-    plain.extension("verdict").probe(plain)
+    plain.extension("blend_search").probe(plain)
     after_plain = torch.rand(3)
     weighed = DHBETrainer(blended_scenario.teacher, spec, recipe, earlier=[clean_scenario.teacher])
-    weighed.extension("verdict").probe(weighed)
+    weighed.extension("blend_search").probe(weighed)
     assert torch.equal(torch.rand(3), after_plain)
 
 
@@ -94,3 +90,12 @@ def test_an_earlier_version_of_another_network_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "earlier version" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_run_report_says_what_the_earlier_global_models_showed():
+    from federated.run_folder import evidence_line
+
+    line = evidence_line({"verdict": {"suspected_targets": [1], "anomaly_index": [0.0, 1.5],
+                                      "earlier_anomaly_index": [[0.0, 3.0], [0.1, 2.5]],
+                                      "final_synthetic_agreement": 0.9}})
+    assert "target class [1]" in line and "earlier global models: 3.00, 2.50" in line

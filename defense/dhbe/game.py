@@ -154,7 +154,7 @@ class DHBETrainer:
     def extension(self, name: str) -> Optional[Extension]:
         return next((e for e in self.extensions if e.name == name), None)
 
-    def _first(self, point: str, *args: Any) -> Any:
+    def first_answer(self, point: str, *args: Any) -> Any:
         """The first extension's answer at `point`, or None (the official behaviour)."""
         for ext in self.extensions:
             answer = getattr(ext, point)(self, *args)
@@ -176,7 +176,7 @@ class DHBETrainer:
         if for_student:
             for ext in self.extensions:
                 patches = ext.student_patches(self, patches)
-        pasted = self._first("paste", pixels, patches)
+        pasted = self.first_answer("paste", pixels, patches)
         return pasted if pasted is not None else paste_patches(pixels, patches, per_sample=False, generator=self.rng)
 
     def current_lambda(self) -> float:
@@ -192,7 +192,7 @@ class DHBETrainer:
     @torch.no_grad()
     def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x and T(x) for a student step: fresh from G (official), or what an extension supplies."""
-        supplied = self._first("sample_batch")
+        supplied = self.first_answer("sample_batch")
         if supplied is not None:
             return supplied
         x = self.synthesise(self.latent(self.config.latent_dim))
@@ -239,7 +239,7 @@ class DHBETrainer:
             ext.watch_teacher(self, False)
         with frozen(self.student) as student:
             s_logits = student(pixels)
-        weight = self._first("generator_adversarial_weight")
+        weight = self.first_answer("generator_adversarial_weight")
         weight = 1.0 if weight is None else weight
         loss = -weight * distillation_loss(s_logits, t_logits) + cfg.image_prior_weight * total_variation_l2(normalised)
         for ext in self.extensions:
@@ -311,8 +311,7 @@ class DHBETrainer:
         with self.searches_in_fp32():   # the evidence and the trigger searches: full precision
             if self.epoch == 0:
                 for ext in self.extensions:
-                    if self.stop_reason is None:   # a verdict of nothing to erase ends the probes too
-                        ext.probe(self)
+                    ext.probe(self)
             for ext in self.extensions:
                 ext.epoch_start(self)
         if self.stop_reason is not None:
@@ -334,7 +333,7 @@ class DHBETrainer:
 
     def output_model(self) -> nn.Module:
         """The purified model: S, or what an extension hands back instead (e.g. S's moving average)."""
-        model = self._first("output_model")
+        model = self.first_answer("output_model")
         return model if model is not None else self.student
 
     def _weights_finite(self) -> bool:

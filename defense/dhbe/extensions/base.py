@@ -6,6 +6,8 @@ order a run meets them:
 
 - `setup`                 after T, S, G, Gp and their optimisers are built
 - `probe`                 before the game (first epoch): gather data-free evidence
+- `name_suspects`         the classes the blend search's first search names suspects, from its anomaly
+                          index (first answer wins; official: those over its threshold)
 - `epoch_start`           before every epoch's iterations
 - `sample_batch`          a student step's (x, T(x)) instead of a fresh G sample
 - `samples_seen`          every fresh G sample (with T's logits where the step has them)
@@ -48,6 +50,9 @@ class Extension:
     def setup(self, trainer: DHBETrainer) -> None: ...
 
     def probe(self, trainer: DHBETrainer) -> None: ...
+
+    def name_suspects(self, trainer: DHBETrainer, anomaly_index: list[float], threshold: float) -> Optional[list[int]]:
+        return None
 
     def epoch_start(self, trainer: DHBETrainer) -> None: ...
 

@@ -90,17 +90,12 @@ class BlendSearch(Extension):
             classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
         if first:
             self.found = found
-            self.suspects = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
+            named = trainer.first_answer("name_suspects", found.anomaly_index(), cfg.suspect_threshold)
+            self.suspects = list(named) if named is not None else (
+                found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes)
             self.classes = list(self.suspects)
         kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
         self.bank = torch.cat([self.bank, kept.to(self.bank)])
-
-    def set_suspects(self, suspects: list[int]) -> None:
-        """The verdict's suspects replace the first search's own (it also weighs earlier versions of
-        the model); their patterns, found against T, are the bank."""
-        self.suspects, self.classes = list(suspects), list(suspects)
-        rows = [self.found.classes.index(k) for k in self.classes]
-        self.bank = self.found.patterns[rows].to(self.bank)
 
     def keep_every_class(self) -> None:
         """Blend every class's pattern in, not the suspects' only (the verdict's blind erasure)."""

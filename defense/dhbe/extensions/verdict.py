@@ -57,27 +57,26 @@ class Verdict(Extension):
         self.fallback_model: Optional[nn.Module] = None
         self.earlier_index: list[list[float]] = []  # the blend search's anomaly index on each earlier version
 
-    def probe(self, trainer) -> None:
-        """Before the game: the blend search on the model and on each earlier version; the suspects."""
-        if self.suspects is not None:
+    def name_suspects(self, trainer, anomaly_index: list[float], threshold: float) -> Optional[list[int]]:
+        """With earlier versions of the model: the blend search on each, and the classes over the
+        threshold in at least `votes` of all the versions (the model's own `anomaly_index` included)."""
+        if not trainer.earlier_teachers or threshold == 0:
+            return None
+        self.earlier_index = [earlier_anomaly_index(trainer, model) for model in trainer.earlier_teachers]
+        return voted_suspects([*self.earlier_index, anomaly_index], threshold, self.config.votes)
+
+    def epoch_start(self, trainer) -> None:
+        if trainer.epoch != 0 or self.suspects is not None:
             return
         search = trainer.extension("blend_search")
-        search.probe(trainer)
-        threshold = search.config.suspect_threshold
-        if trainer.earlier_teachers and threshold > 0:
-            self.earlier_index = [earlier_anomaly_index(trainer, model) for model in trainer.earlier_teachers]
-            self.suspects = voted_suspects([*self.earlier_index, search.found.anomaly_index()], threshold,
-                                           self.config.votes)
-            search.set_suspects(self.suspects)
-        else:
-            self.suspects = list(search.suspects)
+        self.suspects = list(search.suspects)
         if not self.suspects and self.config.hand_back_clean:
             versions = f" in {len(self.earlier_index) + 1} versions of the model" if self.earlier_index else ""
             trainer.stop("no backdoor found: no class's blend pattern was anomalously easy to invert"
                          f"{versions} (largest anomaly index {max(search.evidence()['anomaly_index']):.2f}, "
-                         f"threshold {threshold}); the model is handed back unchanged (a weakened backdoor "
-                         "can hide here: docs/dhbe.md rounds 11-12; give the run's earlier global models, "
-                         "or set verdict.hand_back_clean=false to erase blind)")
+                         f"threshold {search.config.suspect_threshold}); the model is handed back unchanged "
+                         "(a weakened backdoor can hide here: docs/dhbe.md rounds 11-12; give the run's earlier "
+                         "global models, or set verdict.hand_back_clean=false to erase blind)")
         elif not self.suspects:
             search.keep_every_class()
 
@@ -140,9 +139,10 @@ def voted_suspects(indices: list[list[float]], threshold: float, votes: int) -> 
 def earlier_anomaly_index(trainer, model: nn.Module) -> list[float]:
     """The blend search's anomaly index on an earlier version of the model: the same search, seed and
     fitted copy of G as on the model itself, in a throw-away game on that version."""
-    rng_state = torch.get_rng_state()
-    probe = type(trainer)(model, trainer.spec, trainer.recipe.without("verdict", "mask_search"), trainer.device)
-    search = probe.extension("blend_search")
-    search.probe(probe)
-    torch.set_rng_state(rng_state)   # the throw-away game seeds torch; the real one goes on as it would have
+    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):   # the throw-away game seeds torch; the real one goes on as it would
+        probe = type(trainer)(model, trainer.spec, trainer.recipe.without("verdict", "mask_search"), trainer.device)
+        search = probe.extension("blend_search")
+        with probe.searches_in_fp32():
+            search.probe(probe)
     return search.found.anomaly_index()
