@@ -175,5 +175,16 @@ def plant_history(case: Case, cache: Path = CACHE.parent / "history") -> Path:
     return run_simulation(case, folder)
 
 
+def history_models(case: Case) -> tuple[Path, list[Path]]:
+    """A federated case's final global model and the earlier ones the simulation's purification hands
+    the verdict (federated.purification.earlier_rounds: rounds 5, 10, 15 of 20)."""
+    from federated.purification import earlier_rounds
+
+    folder = plant_history(case)
+    last = simulation_config(case).rounds
+    return folder / "final.json", [folder / "models" / f"round-{r:03d}.json"
+                                   for r in earlier_rounds(last, range(1, last))]
+
+
 def by_name(name: str) -> Optional[Case]:
     return next((c for cases in CASE_SETS.values() for c in cases if c.name == name), None)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_cases import CASE_SETS, DEV, plant, plant_history
+from benchmarks.default_cases import CASE_SETS, DEV, history_models, plant
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.fileio import atomic_path, atomic_write_text
 from defense.modelio import load_model
 from defense.report import markdown_table
 from defense.scenario import model_file_scenario
-from federated.purification import earlier_rounds
 
 RESULTS = Path("benchmarks/results")
 
@@ -49,9 +48,8 @@ def case_model(case, tiny: bool, history: bool) -> tuple[Path, tuple[Path, ...]]
     simulation's purification hook picks them (rounds 5, 10, 15 of 20)."""
     if not history or case.kind == "central" or tiny:
         return plant(case, tiny=tiny), ()
-    folder = plant_history(case)
-    rounds = earlier_rounds(20, range(1, 20))
-    return folder / "final.json", tuple(folder / "models" / f"round-{r:03d}.json" for r in rounds)
+    final, earlier = history_models(case)
+    return final, tuple(earlier)
 
 
 def run_case(case, recipe_name: str, tiny: bool, overrides: dict, history: bool = True) -> dict:

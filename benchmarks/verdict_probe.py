@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, TEMPORAL_HELD_OUT, plant, plant_history
+from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, TEMPORAL_HELD_OUT, history_models, plant, plant_history
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
@@ -152,15 +152,13 @@ def default_verdict(cases, out: str) -> None:
     search), on each federated case's final global model with the earlier ones the simulation's hook
     hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said."""
     from defense.dhbe.extensions.verdict import voted_suspects
-    from federated.purification import earlier_rounds
 
     for case in cases:
         if case.kind == "central":
             continue
-        folder = plant_history(case)
-        final = load_model(folder / "final.json")
-        earlier = [load_model(folder / "models" / f"round-{r:03d}.json").model.eval()
-                   for r in earlier_rounds(20, range(1, 20))]
+        final_path, earlier_paths = history_models(case)
+        final = load_model(final_path)
+        earlier = [load_model(path).model.eval() for path in earlier_paths]
         started = time.perf_counter()
         trainer = DHBETrainer(final.model.eval(), final.spec, recipe_config("default"), earlier=earlier)
         with trainer.searches_in_fp32():

@@ -105,7 +105,8 @@ class PurifyingStrategy(DelegatingStrategy):
         if arrays is None:
             return arrays, metrics
         if not self.due(server_round):
-            self.history.add(server_round, arrays)
+            if "verdict" in self.recipe:   # only the verdict reads earlier global models
+                self.history.add(server_round, arrays)
             return arrays, metrics
         started = time.perf_counter()
         job = PurifyJobConfig(recipe=self.recipe, share_running_ray=self.share_running_ray)
@@ -156,17 +157,15 @@ class FederatedPurification:
         print("\n".join(comparison_table(rows)))
         return rows
 
-
     def earlier_global_models(self) -> list[LoadedModel]:
         """The run's global models at 1/4, 1/2 and 3/4 of its rounds (from its models/ folder) when the
         recipe has a verdict to weigh them; with in-run purification, of the rounds since the last one."""
         if "verdict" not in self.recipe:
             return []
-        last = len(self.run.rows)
+        last = len(self.run.rows)   # every recorded round has its model file (RunFolder.record_round)
         since = ((last - 1) // self.every) * self.every if self.every > 0 else 0
-        saved = {int(p.stem.split("-", 1)[1]) for p in (self.run.root / "models").glob("round-*.json")
-                 if p.stem.split("-", 1)[1].isdigit() and int(p.stem.split("-", 1)[1]) > since}
-        return [load_model(self.run.root / "models" / f"round-{r:03d}.json") for r in earlier_rounds(last, saved)]
+        return [load_model(self.run.root / "models" / f"round-{r:03d}.json")
+                for r in earlier_rounds(last, range(since + 1, last))]
 
 
 def federated_purification(config, run, spec: InputSpec, every: int = 0, budget_s: Optional[float] = None,
