@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from defense.dhbe import DHBETrainer, EpochRecord, Recipe, train_epochs
+from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
 from defense.spec import InputSpec, require
@@ -74,21 +75,12 @@ class PurifyJobConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.recipe, Recipe), "the purification job needs a DHBE Recipe")
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        require(self.recipe.dhbe.batch_size % self.workers == 0,   # each worker plays an equal slice
+                f"batch_size ({self.recipe.dhbe.batch_size}) must be a multiple of the number of workers "
+                f"({self.workers}): each worker plays an equal slice of the batch")
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
         require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")
-
-
-def _average_gradients(student: torch.nn.Module) -> None:
-    """All-reduce student gradients (what DDP does; done by hand because a DHBE step runs the
-    student forward twice, clean and patched, before one backward)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    for p in student.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world
 
 
 AfterEpoch = Callable[[EpochRecord, DHBETrainer, dict], None]
@@ -123,21 +115,16 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
         earlier.append(build_model(loop_config["model_name"], spec))
         earlier[-1].load_state_dict(state)
     recipe = Recipe.from_dict(loop_config["recipe"])
-    recipe = recipe.replace(seed=recipe.dhbe.seed + 1000 * rank)
-    trainer = DHBETrainer(teacher, spec, recipe, device, earlier)
-    if world > 1:
-        trainer.sync_student_gradients = _average_gradients
+    # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
+    trainer = DHBETrainer(teacher, spec, recipe, device, earlier, DataParallel() if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
     resumed_from_epoch = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state)   # rank 0's state, random streams included: every worker's own
         resumed_from_epoch = trainer.epoch
-        if world > 1:  # every worker restarts from rank 0's state, then draws its own batches
-            trainer.rng.manual_seed(recipe.dhbe.seed + 1 + trainer.epoch)
-            torch.manual_seed(recipe.dhbe.seed + trainer.epoch)
 
     def report_epoch(record: EpochRecord, trainer: DHBETrainer, last: bool) -> None:
         metrics = {**record.as_row(), "final_epoch": last, "rank": rank}

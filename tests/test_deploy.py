@@ -27,9 +27,9 @@ def teacher_file(tmp_path, badnets_scenario):
 
 
 def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local, tmp_path, teacher_file):
-    """Each worker draws its own batches (seed + 1000 * rank); the all-reduce must make their
-    students identical after every step. The test reads both workers' students after each epoch,
-    inside the worker processes."""
+    """The two workers play one game, each on its slice of the batch (defense/dhbe/parallel.py): their
+    students, batch-norm statistics included, are the same after every epoch. The test reads both
+    workers' students after each epoch, inside the worker processes."""
     from deploy.ray_job import PurifyJobConfig, run_purify_job
 
     record_dir = tmp_path / "students"
@@ -60,11 +60,8 @@ def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local
     for epoch in (1, 2):
         first = torch.load(record_dir / f"epoch{epoch}-rank0.pt", weights_only=True)
         second = torch.load(record_dir / f"epoch{epoch}-rank1.pt", weights_only=True)
-        parameters = [k for k in first if "running" not in k and "num_batches" not in k]
-        for key in parameters:  # gradients averaged: the same parameters on both workers
-            assert torch.allclose(first[key], second[key], atol=1e-6), key
-        # ...though each worker saw other samples: its batch-norm running statistics differ
-        assert any(not torch.equal(first[k], second[k]) for k in first if "running_mean" in k)
+        for key in first:  # gradients averaged, statistics of the whole batch: the same student
+            assert torch.equal(first[key], second[key]), key
 
 
 def test_a_worker_process_killed_with_sigkill_resumes_from_its_checkpoint(ray_local, tmp_path, teacher_file):

@@ -27,6 +27,7 @@ from torch import nn
 from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.extensions.base import Extension
 from defense.dhbe.losses import backdoor_regulariser, distillation_loss, l1, total_variation_l2
+from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
 from defense.errors import DivergenceError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import frozen
@@ -84,12 +85,17 @@ class DHBETrainer:
     included) so a job resumes exactly."""
 
     def __init__(self, teacher: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
-                 device: torch.device | str = "cpu", earlier: Sequence[nn.Module] = ()) -> None:
+                 device: torch.device | str = "cpu", earlier: Sequence[nn.Module] = (),
+                 parallel: SingleProcess = SINGLE_PROCESS) -> None:
         """`earlier`: earlier versions of the teacher, oldest first (a federated run's global models of
-        earlier rounds): evidence only, read by extensions (the verdict), never distilled."""
+        earlier rounds): evidence only, read by extensions (the verdict), never distilled.
+        `parallel`: this process's part in a data-parallel game (defense/dhbe/parallel.py); every
+        process is built with the same recipe and seed."""
         recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
         recipe.validate_for(spec)
         config = recipe.dhbe
+        parallel.check_batch(config.batch_size)
+        self.parallel = parallel
         self.recipe, self.config, self.spec, self.device = recipe, config, spec, torch.device(device)
         torch.manual_seed(config.seed)
         self.teacher = copy.deepcopy(teacher).to(self.device).eval()
@@ -121,12 +127,12 @@ class DHBETrainer:
         self.epoch = 0
         self.rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)  # patch placement, other draws
         self.history: list[EpochRecord] = []
-        # Data-parallel runs (deploy/) average student gradients across workers here.
-        self.sync_student_gradients = lambda student: None
         self.stop_reason: Optional[str] = None   # set by `stop`: the game ends before the next iterations
         self.extensions: list[Extension] = [ext.build(self) for ext in recipe.extensions]
         for ext in self.extensions:
             ext.setup(self)
+        # after the extensions' copies (S's average, the search's G): those run replicated, unsynchronised
+        parallel.synchronise_batch_norm(self.student, self.sample_generator)
 
     def precision(self):
         """The autocast context of the game's forward passes (bf16), or none (fp32)."""
@@ -191,25 +197,28 @@ class DHBETrainer:
 
     @torch.no_grad()
     def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x and T(x) for a student step: fresh from G (official), or what an extension supplies."""
+        """x and T(x) for a student step, the whole batch: fresh from G (official; G and T run on this
+        process's slice), or what an extension supplies."""
         supplied = self.first_answer("sample_batch")
         if supplied is not None:
             return supplied
-        x = self.synthesise(self.latent(self.config.latent_dim))
+        x = self.synthesise(self.parallel.shard(self.latent(self.config.latent_dim)))
         t_logits = self.teacher(x)
+        x, t_logits = self.parallel.gather(x), self.parallel.gather(t_logits)
         self.seen(x, t_logits)
         return x, t_logits
 
     def student_step(self) -> tuple[float, float, float]:
-        """min over S: L1(S(x), T(x)) + lambda * L1(S(x + delta), S(x)), x and delta detached."""
-        cfg = self.config
+        """min over S: L1(S(x), T(x)) + lambda * L1(S(x + delta), S(x)), x and delta detached.
+        x, T(x) and the patches are the whole batch; S runs on this process's slice of them."""
+        cfg, own = self.config, self.parallel.shard
         with torch.no_grad():
             x, t_logits = self.student_batch()
             x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim), for_student=True)
-        s_logits = self.student(x)
-        distill = distillation_loss(s_logits, t_logits)
+        s_logits = self.student(own(x))
+        distill = distillation_loss(s_logits, own(t_logits))
         lam = self.current_lambda()
-        regulariser = (backdoor_regulariser(self.student(x_patched), s_logits.detach()) if lam > 0
+        regulariser = (backdoor_regulariser(self.student(own(x_patched)), s_logits.detach()) if lam > 0
                        else torch.zeros((), device=self.device))
         loss = distill + lam * regulariser
         for ext in self.extensions:
@@ -218,19 +227,26 @@ class DHBETrainer:
                 loss = loss + term
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
-        self.sync_student_gradients(self.student)
+        self.parallel.average_gradients(self.student)
         self.opt_student.step()
         for ext in self.extensions:
             ext.after_student_step(self)
-        return float(loss.detach()), float(distill.detach()), float(regulariser.detach())
+        return self.parallel.average([float(loss.detach()), float(distill.detach()), float(regulariser.detach())])
 
     def generator_step(self, generator: Optional[nn.Module] = None,
                        optimiser: Optional[torch.optim.Optimizer] = None) -> float:
         """max over G: L1(S(G(z)), T(G(z))) with the image prior (and the extensions' priors).
-        `generator` and `optimiser`: another sample generator than G (an extension's own copy)."""
-        cfg = self.config
+        `generator` and `optimiser`: another sample generator than G (an extension's own copy, run
+        replicated in every process). G, T and S run on this process's slice; the priors see it too
+        and take their batch means with `parallel.mean`."""
+        own_copy = generator is not None and generator is not self.sample_generator
         generator, optimiser = generator or self.sample_generator, optimiser or self.opt_generator
-        normalised = generator(self.latent(cfg.latent_dim))
+        with self.parallel.replicated() if own_copy else contextlib.nullcontext():
+            return self._generator_step(generator, optimiser)
+
+    def _generator_step(self, generator: nn.Module, optimiser: torch.optim.Optimizer) -> float:
+        cfg = self.config
+        normalised = generator(self.parallel.shard(self.latent(cfg.latent_dim)))
         pixels = self.spec.denormalise(normalised)
         for ext in self.extensions:
             ext.watch_teacher(self, True)
@@ -248,24 +264,27 @@ class DHBETrainer:
                 loss = loss + prior
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        self.parallel.average_gradients(generator)
         optimiser.step()
         if generator is self.sample_generator:
-            self.seen(pixels, t_logits)
+            self.seen(self.parallel.gather(pixels), self.parallel.gather(t_logits))
         return float(loss.detach())
 
     def trigger_step(self) -> float:
-        """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached."""
-        cfg = self.config
+        """max over Gp: L1(S(x + pad(Gp(z'))), S(x)), x detached. Gp and the paste: the whole batch
+        (Gp is small); S: this process's slice."""
+        cfg, own = self.config, self.parallel.shard
         with torch.no_grad():
-            x = self.synthesise(self.latent(cfg.latent_dim))
+            x = self.parallel.gather(self.synthesise(own(self.latent(cfg.latent_dim))))
             self.seen(x)
         with frozen(self.student) as student:
-            patched_logits = student(self.patch(x, self.latent(cfg.trigger_latent_dim)))
+            patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
             with torch.no_grad():
-                clean_logits = student(x)
+                clean_logits = student(own(x))
             loss = -backdoor_regulariser(patched_logits, clean_logits)
         self.opt_trigger.zero_grad(set_to_none=True)
         loss.backward()
+        self.parallel.average_gradients(self.trigger_generator)
         self.opt_trigger.step()
         return float(loss.detach())
 
@@ -292,7 +311,7 @@ class DHBETrainer:
                 schedule.step()
         self.epoch += 1
         loss, distill, regulariser = totals
-        with self.precision():
+        with self.precision(), self.parallel.replicated():
             diagnostics = self.diagnostics()
         record = EpochRecord(
             epoch=self.epoch, iteration=self.epoch * self.config.iters_per_epoch,
@@ -308,7 +327,8 @@ class DHBETrainer:
 
     def _train_iterations(self) -> tuple[float, float, float]:
         cfg = self.config
-        with self.searches_in_fp32():   # the evidence and the trigger searches: full precision
+        # the evidence and the trigger searches: full precision, replicated in every process
+        with self.searches_in_fp32(), self.parallel.replicated():
             if self.epoch == 0:
                 for ext in self.extensions:
                     ext.probe(self)

@@ -17,7 +17,8 @@ order a run meets them:
 - `generator_adversarial_weight`  G's weight on -L1(S, T) (first answer wins; official 1)
 - `watch_teacher`         T's forward in the G step is being observed (priors on T's activations)
 - `generator_prior`       extra terms of G's loss
-- `student_terms`         extra terms of S's loss
+- `student_terms`         extra terms of S's loss (given x and T(x) for the whole batch and S(x) on this
+                          process's slice: a data-parallel term runs S on `trainer.parallel.shard(...)`)
 - `after_student_step`    once S's optimiser has stepped
 - `epoch_end`             after every epoch, with its data-free record
 - `output_model`          the model handed back (first answer wins; official: S)

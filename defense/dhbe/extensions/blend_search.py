@@ -111,8 +111,9 @@ class BlendSearch(Extension):
             patterns = self.bank[picks]
             ratios = self.config.alpha * torch.rand(len(x), generator=trainer.rng, device=trainer.device, dtype=x.dtype)
             x_blended = blend_patterns(x, patterns, ratios)
-        anchor = teacher_logits if self.config.anchor == "teacher" else student_logits.detach()
-        return self.config.weight * l1(trainer.student(x_blended), anchor)
+        own = trainer.parallel.shard   # x and T(x): the whole batch; S(x): this process's slice
+        anchor = own(teacher_logits) if self.config.anchor == "teacher" else student_logits.detach()
+        return self.config.weight * l1(trainer.student(own(x_blended)), anchor)
 
     def evidence(self) -> Optional[dict[str, Any]]:
         """The data-free evidence of the first search, for a defender's report."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from defense.dhbe.config import ExtensionConfig, extension
 from defense.dhbe.extensions.base import Extension
+from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
 from defense.spec import require
 
 
@@ -26,7 +27,8 @@ class BatchNormStatistics:
     """|batch mean - running mean|_2 + |batch var - running var|_2 at T's BN layers (all of them, or
     the first `first_layers`), collected while `enabled`."""
 
-    def __init__(self, teacher: nn.Module, first_layers: int = 0) -> None:
+    def __init__(self, teacher: nn.Module, first_layers: int = 0, parallel: SingleProcess = SINGLE_PROCESS) -> None:
+        self.parallel = parallel   # a data-parallel game: the statistics of the whole batch
         self.losses: list[torch.Tensor] = []
         layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         self.layers = layers[:first_layers or len(layers)]
@@ -38,8 +40,7 @@ class BatchNormStatistics:
         if not self.enabled:
             return
         x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
+        mean, var = self.parallel.mean_and_variance(x, (0, 2, 3))
         self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
 
     def collect(self) -> torch.Tensor:
@@ -69,7 +70,7 @@ class BatchNormPriorConfig(ExtensionConfig):
 
 class BatchNormPrior(Extension):
     def setup(self, trainer) -> None:
-        self.statistics = BatchNormStatistics(trainer.teacher, self.config.layers)
+        self.statistics = BatchNormStatistics(trainer.teacher, self.config.layers, trainer.parallel)
 
     def watch_teacher(self, trainer, on: bool) -> None:
         self.statistics.enabled = on
@@ -78,9 +79,10 @@ class BatchNormPrior(Extension):
         return self.config.weight * self.statistics.collect()
 
 
-def class_imbalance(logits: torch.Tensor) -> torch.Tensor:
-    """log K - H(mean softmax): zero when a batch's samples spread evenly over the K classes."""
-    mean_probability = F.softmax(logits, dim=1).mean(dim=0)
+def class_imbalance(logits: torch.Tensor, parallel: SingleProcess = SINGLE_PROCESS) -> torch.Tensor:
+    """log K - H(mean softmax): zero when a batch's samples spread evenly over the K classes (in a
+    data-parallel game, the whole batch's)."""
+    mean_probability = parallel.mean(F.softmax(logits, dim=1), (0,))
     entropy = -(mean_probability * torch.log(mean_probability.clamp_min(1e-12))).sum()
     return math.log(logits.shape[1]) - entropy
 
@@ -100,7 +102,7 @@ class ClassBalanceConfig(ExtensionConfig):
 
 class ClassBalance(Extension):
     def generator_prior(self, trainer, normalised, teacher_logits) -> Optional[torch.Tensor]:
-        return self.config.weight * class_imbalance(teacher_logits)
+        return self.config.weight * class_imbalance(teacher_logits, trainer.parallel)
 
 
 @extension
