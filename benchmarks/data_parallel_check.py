@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,14 +60,19 @@ def teacher_state(seed: int = 0) -> dict[str, torch.Tensor]:
 # float32 figure is reported beside it.
 def play(recipe: Recipe, teacher: dict[str, torch.Tensor], parallel=SINGLE_PROCESS,
          dtype: torch.dtype = torch.float64) -> dict[str, Any]:
-    """One epoch in `dtype`; the trained players' states (S, G, Gp) and the epoch's losses."""
+    """The recipe's epochs in `dtype`; the trained players' states (S, G, Gp), the last epoch's losses
+    and every epoch's seconds."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         model = build_model(MODEL, SPEC)
         model.load_state_dict(teacher)
         trainer = DHBETrainer(model, SPEC, recipe, "cpu", parallel=parallel)
-        record = trainer.run_epoch()
+        seconds = []
+        while trainer.epoch < recipe.dhbe.epochs:
+            started = time.perf_counter()
+            record = trainer.run_epoch()
+            seconds.append(time.perf_counter() - started)
     finally:
         torch.set_default_dtype(default)
     states = {f"{name}.{key}": value.detach().clone().double() for name, module in
@@ -73,7 +80,7 @@ def play(recipe: Recipe, teacher: dict[str, torch.Tensor], parallel=SINGLE_PROCE
                ("trigger_generator", trainer.trigger_generator)) for key, value in module.state_dict().items()}
     losses = {"loss_student": record.loss_student, "loss_distill": record.loss_distill,
               "loss_regulariser": record.loss_regulariser}
-    return {"states": states, "losses": losses, "stopped": trainer.stop_reason}
+    return {"states": states, "losses": losses, "stopped": trainer.stop_reason, "seconds": seconds}
 
 
 # The parts of the split, each of which the agreement needs (`--leave-out`: the check must then fail)
@@ -81,8 +88,8 @@ PARTS = ("batch_norm_sync", "gradient_average")
 
 
 def _worker(rank: int, world: int, recipe: dict, teacher: dict, rendezvous: str, out: str, dtype: torch.dtype,
-            leave_out: Optional[str]) -> None:
-    torch.set_num_threads(1)
+            leave_out: Optional[str], threads: int = 1) -> None:
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         parallel = DataParallel()
@@ -117,12 +124,35 @@ def compare(recipe: Recipe, workers: int = 2, dtype: torch.dtype = torch.float64
             "max_weight_difference": weights, "max_loss_difference": losses, "student_moved_by": moved, "stopped": [alone["stopped"]] + [r["stopped"] for r in results]}
 
 
+def timing(recipe: Recipe, workers: int) -> dict[str, Any]:
+    """Seconds per epoch of `recipe` (float32) in one process with every core, and in `workers`
+    processes sharing the cores; the first epoch (with the probes) apart from the others."""
+    teacher, cores = teacher_state(), os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    alone = play(recipe, teacher, dtype=torch.float32)["seconds"]
+    with tempfile.TemporaryDirectory(prefix="dhbe-dp-") as folder:
+        mp.spawn(_worker, args=(workers, recipe.to_dict(), teacher, str(Path(folder) / "rendezvous"), folder,
+                                torch.float32, None, max(1, cores // workers)), nprocs=workers, join=True)
+        split = torch.load(Path(folder) / "rank0.pt", weights_only=True)["seconds"]
+    later = lambda s: round(sum(s[1:]) / max(len(s) - 1, 1), 2)
+    return {"recipe_epochs": recipe.dhbe.epochs, "cores": cores, "workers": workers,
+            "one_process_first_epoch_s": round(alone[0], 1), "one_process_later_epochs_s": later(alone),
+            "split_first_epoch_s": round(split[0], 1), "split_later_epochs_s": later(split)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, choices=range(2, 9), metavar="2..8")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="official")
     parser.add_argument("--leave-out", choices=PARTS, help="switch one part of the split off (the check must fail)")
+    parser.add_argument("--timing", choices=("cpu", "official-tiny"), default=None,
+                        help="instead: seconds per epoch, one process against the split (3 epochs of this recipe)")
     args = parser.parse_args(argv)
+    if args.timing:
+        recipe = (recipe_config("cpu", {"epochs": 3}) if args.timing == "cpu"
+                  else official_tiny().replace(epochs=3))
+        print(json.dumps({"timing": args.timing, **timing(recipe, args.workers)}))
+        return 0
     for dtype in (torch.float64, torch.float32):
         print(json.dumps({"recipe": args.recipe, **compare(RECIPES[args.recipe](), args.workers, dtype, args.leave_out)}))
     return 0

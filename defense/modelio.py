@@ -47,11 +47,9 @@ def library_versions() -> dict[str, str]:
 def _paths(path: str | Path) -> tuple[Path, Path]:
     """(weights, manifest) paths for a base path, a .safetensors path or a .json path."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".json", ".pt", ".pth"):
-        base = path.with_suffix("")
-    else:
-        base = path
-    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+    base = path.with_suffix("") if path.suffix in (".safetensors", ".json", ".pt", ".pth") else path
+    # appended, not `with_suffix`: a base name with a dot in it ("...-r0.1-t0") keeps all of it
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
 def save_model(model: nn.Module, path: str | Path, model_name: str, spec: InputSpec,

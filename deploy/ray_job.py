@@ -116,7 +116,7 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
         earlier[-1].load_state_dict(state)
     recipe = Recipe.from_dict(loop_config["recipe"])
     # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
-    trainer = DHBETrainer(teacher, spec, recipe, device, earlier, DataParallel() if world > 1 else SINGLE_PROCESS)
+    trainer = DHBETrainer(teacher, spec, recipe, device, earlier, DataParallel(device) if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
     resumed_from_epoch = 0

@@ -40,6 +40,17 @@ def test_save_load_roundtrip_is_exact(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_base_name_with_a_dot_keeps_all_of_it(tmp_path):
+    """`...-r0.1-t0-s0` used to be written as `...-r0.json` (Path.with_suffix): two scenarios that
+    differ after the dot overwrote each other's file, and a cache never found its own."""
+    spec = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
+    model = build_model("small-cnn", spec).eval()
+    manifest = save_model(model, tmp_path / "badnets3-r0.1-t0-s0", "small-cnn", spec, {"tool": "test"})
+    assert manifest.name == "badnets3-r0.1-t0-s0.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["badnets3-r0.1-t0-s0.json", "badnets3-r0.1-t0-s0.safetensors"]
+    assert load_model(tmp_path / "badnets3-r0.1-t0-s0.json").spec == spec
+
+
 def _saved(tmp_path):
     spec = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
     save_model(build_model("small-cnn", spec), tmp_path / "m", "small-cnn", spec, {"tool": "test"})

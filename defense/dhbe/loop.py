@@ -31,8 +31,9 @@ def train_epochs(trainer: DHBETrainer, evaluator: Optional[Evaluator] = None,
         record = trainer.run_epoch()
         if evaluator is not None:
             record.evaluation = evaluator(trainer.output_model())
-        last = trainer.epoch == trainer.config.epochs or trainer.stop_reason is not None or (
-            budget_s is not None and time.perf_counter() - started >= budget_s)
+        # over budget in any data-parallel process: all stop (clocks differ; they must agree)
+        over_budget = budget_s is not None and trainer.parallel.any(time.perf_counter() - started >= budget_s)
+        last = trainer.epoch == trainer.config.epochs or trainer.stop_reason is not None or over_budget
         if on_epoch is not None:
             on_epoch(record, trainer, last)
         if last:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed
@@ -59,6 +59,10 @@ class SingleProcess:
     def average(self, values: Sequence[float]) -> tuple[float, ...]:
         return tuple(values)
 
+    def any(self, flag: bool) -> bool:
+        """True in every process when it is true in one (a decision taken on a process's own clock)."""
+        return flag
+
     @contextlib.contextmanager
     def replicated(self) -> Iterator[None]:
         yield
@@ -72,11 +76,12 @@ SINGLE_PROCESS = SingleProcess()
 class DataParallel(SingleProcess):
     """This process's part in a torch.distributed group (already initialised, e.g. by Ray Train)."""
 
-    def __init__(self, group=None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", group=None) -> None:
+        """`device`: where this process's models live (nccl reduces CUDA tensors only)."""
         import torch.distributed as dist
 
         require(dist.is_available() and dist.is_initialized(), "data-parallel DHBE needs an initialised process group")
-        self.group = group
+        self.group, self.device = group, torch.device(device)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self._replicated = False
 
@@ -116,31 +121,51 @@ class DataParallel(SingleProcess):
         count = math.prod(values.shape[d] for d in dims) * self.world   # the slices are equal
         return self.sum(values.sum(dim=tuple(dims))) / count
 
-    def mean_and_variance(self, values: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two passes, each an all-reduce of per-channel sums: the mean, then the variance around it."""
+    def mean_and_variance(self, values: torch.Tensor, dims: Sequence[int],
+                          shift: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One all-reduce of the per-channel sums of (x - c) and (x - c)^2. `shift` c (the same in every
+        process, e.g. the layer's running mean; none: 0) keeps E[(x-c)^2] - E[x-c]^2 from cancelling
+        when the mean is far from 0 (float32 loses ~7 digits of mean^2 / variance)."""
         if not self.active:
             return super().mean_and_variance(values, dims)
-        mean = self.mean(values, dims)
         shape = [values.shape[d] if d not in dims else 1 for d in range(values.dim())]
-        return mean, self.mean((values - mean.view(shape)).pow(2), dims)
+        centred = values if shift is None else values - shift.detach().view(shape)
+        count = math.prod(values.shape[d] for d in dims) * self.world
+        sums = self.sum(torch.stack([centred.sum(dim=tuple(dims)), centred.pow(2).sum(dim=tuple(dims))])) / count
+        mean_centred, second_moment = sums[0], sums[1]
+        mean = mean_centred if shift is None else mean_centred + shift.detach()
+        return mean, (second_moment - mean_centred.pow(2)).clamp_min(0)
 
     def average_gradients(self, module: nn.Module) -> None:
         """All-reduce a module's gradients, as DDP does (by hand: a DHBE step runs S twice, clean and
         patched, before one backward, and G and Gp step in the same iteration)."""
         if not self.active:
             return
-        for p in module.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, group=self.group)
-                p.grad /= self.world
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])   # one all-reduce per module, as DDP's buckets
+        torch.distributed.all_reduce(flat, group=self.group)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def average(self, values: Sequence[float]) -> tuple[float, ...]:
         """The mean over processes of per-process means (the whole batch's mean; the slices are equal)."""
         if not self.active:
             return tuple(values)
-        tensor = torch.tensor(list(values), dtype=torch.float64)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor, group=self.group)
         return tuple(float(v) / self.world for v in tensor)
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(tensor.item())
 
     @contextlib.contextmanager
     def replicated(self) -> Iterator[None]:
@@ -181,10 +206,10 @@ class _SumOverProcesses(torch.autograd.Function):
 
 
 class SynchronisedBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose training-mode statistics are taken over every process's slice: the mean, then
-    the biased variance around it (two all-reduces of per-channel sums, exact as one process's
-    two-pass statistics); running statistics updated as torch's BatchNorm does, with the whole
-    batch's count. In eval mode, or replicated, it is plain batch norm."""
+    """Batch norm whose training-mode statistics are taken over every process's slice (one
+    differentiable all-reduce of per-channel sums, shifted by the running mean); running statistics
+    updated as torch's BatchNorm does, with the whole batch's count. In eval mode, or replicated, it
+    is plain batch norm."""
 
     def __init__(self, *args, parallel: SingleProcess = SINGLE_PROCESS, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -210,7 +235,7 @@ class SynchronisedBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        mean, var = self.parallel.mean_and_variance(x, dims)
+        mean, var = self.parallel.mean_and_variance(x, dims, self.running_mean)
         if self.training and self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
