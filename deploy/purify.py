@@ -24,7 +24,7 @@ def build_parser() -> ArgumentParser:
                    help="earlier versions of the same model, oldest first (e.g. a federated run's global models "
                         "models/round-005.json ... of earlier rounds): the verdict counts in how many versions a "
                         "class stands out (docs/dhbe.md, twelfth round)")
-    p.add_argument("--workers", type=bounded_int(1, 1024), default=1, help="Ray Train workers (data-parallel when > 1)")
+    p.add_argument("--workers", type=bounded_int(1, 1024), default=1, help="Ray Train workers: one game split over them, each on an equal slice of the batch (batch_size must divide evenly); on a CPU one worker is faster")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="force GPU workers")
     device.add_argument("--cpu", dest="use_gpu", action="store_false", help="force CPU workers")
