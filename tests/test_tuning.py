@@ -120,7 +120,12 @@ def test_a_signed_sweep_folder_that_was_changed_is_refused(tmp_path):
         verify_folder(folder)
 
 
-def test_sigint_to_a_real_sweep_driver_exits_non_zero_and_says_how_to_resume(tmp_path, model_file):
+def test_sigint_to_a_real_sweep_driver_then_resume_reaches_the_uninterrupted_result(tmp_path, model_file):
+    """A real driver process gets SIGINT while its third trial runs: it exits 130 and says how to
+    resume; the resumed sweep ends exactly as an uninterrupted one with the same seed (ASHA, trials one
+    at a time so that its decisions do not depend on timing): the same epochs per trial, the same
+    scores. Without the scheduler's kept state, the resumed ASHA ran the last two trials of this very
+    sweep to the end (docs/reliability.md)."""
     import os
     import signal
     import subprocess
@@ -128,26 +133,68 @@ def test_sigint_to_a_real_sweep_driver_exits_non_zero_and_says_how_to_resume(tmp
     import time
     from pathlib import Path
 
-    out = tmp_path / "sweep"
+    import pandas as pd
+
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
            "BACKDOOR_PURIFY_CONFIG_DIR": str(tmp_path / "config")}
-    argv = [sys.executable, "-m", "tuning.sweep", str(model_file), "--preset", "lambda", "--scheduler", "none",
-            "--quiet", "--out", str(out), "--recipe", "cpu", "--set", "epochs=30", "iters_per_epoch=2",
-            "batch_size=16"]
-    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not list((out / "sweep").glob("*/progress.csv")):
+
+    def sweep(out, *extra):
+        return [sys.executable, "-m", "tuning.sweep", str(model_file), "--out", str(out), "--quiet", *extra]
+
+    settings = ["--preset", "lr", "--scheduler", "asha", "--max-concurrent", "1", "--recipe", "cpu", "--set",
+                "epochs=6", "iters_per_epoch=2", "batch_size=16"]
+    whole = subprocess.run(sweep(tmp_path / "whole", *settings), env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "interrupted"
+    driver = subprocess.Popen(sweep(out, *settings), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
         assert driver.poll() is None, driver.communicate()
-        time.sleep(0.5)
+        progress = sorted((out / "sweep").glob("*/progress.csv"), key=lambda p: p.stat().st_ctime)
+        if len(progress) >= 3 and len(progress[-1].read_text().splitlines()) >= 4:   # trial 3 past epoch 2
+            break
+        time.sleep(0.2)
     driver.send_signal(signal.SIGINT)
-    _, stderr = driver.communicate(timeout=180)
+    _, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "--resume" in stderr and not (out / "final.csv").exists()
     assert (out / "sweep.signature.json").exists()    # signed: this project's own folder can be resumed
-    resumed = subprocess.run([sys.executable, "-m", "tuning.sweep", str(model_file), "--resume", "--quiet",
-                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(sweep(out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    import pandas as pd
 
-    final = pd.read_csv(out / "final.csv")
-    assert len(final) == 7 and (final["epochs_run"] == 30).all()   # every lambda of the preset, to the end
+    columns = ["config_student_lr", "epochs_run", "stopped_early", "defender_score"]
+    expected = pd.read_csv(tmp_path / "whole" / "final.csv")[columns].sort_values("config_student_lr")
+    got = pd.read_csv(out / "final.csv")[columns].sort_values("config_student_lr")
+    assert expected["stopped_early"].any() and not expected["stopped_early"].all()   # ASHA did cut some
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True))
+
+
+def test_the_kept_scheduler_state_makes_a_fresh_asha_decide_as_the_first():
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tuning.scheduler_state import KeepSchedulerState
+
+    class Trial:   # what ASHA reads of a trial
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    def asha():
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=6, grace_period=2, reduction_factor=2)
+        scheduler.set_search_properties("score", "max")
+        return scheduler
+
+    first = asha()
+    for name, scores in (("a", [0.9, 0.9, 0.9, 0.9]), ("b", [0.5, 0.5, 0.5, 0.5])):
+        first.on_trial_add(None, Trial(name))
+        for epoch, score in enumerate(scores, 1):
+            first.on_trial_result(None, Trial(name), {"epoch": epoch, "score": score})
+    state = KeepSchedulerState(first).get_state()
+    fresh, kept = asha(), asha()
+    KeepSchedulerState(kept).set_state(state)
+    for scheduler in (first, fresh, kept):
+        scheduler.on_trial_add(None, Trial("c"))
+    late = {"epoch": 2, "score": 0.1}     # worse than what the rung at epoch 2 recorded
+    assert first.on_trial_result(None, Trial("c"), late) == "STOP"
+    assert kept.on_trial_result(None, Trial("c"), late) == "STOP"
+    assert fresh.on_trial_result(None, Trial("c"), late) == "CONTINUE"   # an empty rung cuts nothing

@@ -26,6 +26,8 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
     import ray
     from ray import tune
 
+    from tuning.scheduler_state import KeepSchedulerState   # imports Ray: after connect_ray
+
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if trainable_fn is None:
         from tuning.trial import trial as trainable_fn
@@ -49,7 +51,8 @@ def run_sweep(setup: dict, space: dict[str, list], samples: int, scheduler: str,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", scheduler=sched,
                                         max_concurrent_trials=max_concurrent or cpus),
             # Tune's own progress table while trials run (off with --quiet)
-            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0 if quiet else 1),
+            run_config=tune.RunConfig(name="sweep", storage_path=str(out), verbose=0 if quiet else 1,
+                                      callbacks=[KeepSchedulerState(sched)] if sched is not None else None),
         )
     watch = InterruptWatch()
     tune_log = logging.getLogger("ray.tune.tune")   # Ray's own level (ERROR) would drop the warning
