@@ -168,6 +168,9 @@ def test_sigint_to_a_real_sweep_driver_then_resume_reaches_the_uninterrupted_res
     got = pd.read_csv(out / "final.csv")[columns].sort_values("config_student_lr")
     assert expected["stopped_early"].any() and not expected["stopped_early"].all()   # ASHA did cut some
     pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True))
+    for progress in (out / "sweep").glob("*/progress.csv"):   # continued from checkpoints, not rerun
+        epochs = pd.read_csv(progress)["epoch"].tolist()
+        assert epochs == list(range(1, len(epochs) + 1)), (progress.parent.name, epochs)
 
 
 def test_the_kept_scheduler_state_makes_a_fresh_asha_decide_as_the_first():
