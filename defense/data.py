@@ -190,6 +190,20 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write unsigned bytes as an IDX file (`read_idx`'s inverse; `compress`: PATH.gz), atomically."""
+    from defense.fileio import atomic_path
+
+    array = np.asarray(array)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    target = Path(str(path) + ".gz") if compress else Path(path)
+    data = header + array.astype(np.uint8).tobytes()
+    with atomic_path(target) as tmp:
+        with (gzip.open(tmp, "wb") if compress else open(tmp, "wb")) as handle:
+            handle.write(data)
+    return target
+
+
 def _idx_dataset(name: str, data_dir: Optional[Path], image_size: Optional[int]) -> DataBundle:
     folder = _find_folder(data_dir, name if name != "fashion-mnist" else "FashionMNIST/raw", _IDX_FILES, name)
     arrays = [read_idx(_existing(folder / f)) for f in _IDX_FILES]  # type: ignore[arg-type]

@@ -1,6 +1,4 @@
-import gzip
 import pickle
-import struct
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from defense.data import DATASETS, load_dataset
+from defense.data import DATASETS, load_dataset, write_idx
 from defense.errors import ConfigError
 
 
@@ -63,9 +61,7 @@ def test_cifar_loader_refuses_a_pickle_that_would_run_code(tmp_path):
 
 
 def _idx(path, array, compress):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    (gzip.open(str(path) + ".gz", "wb") if compress else open(path, "wb")).write(data)
+    write_idx(path, array, compress)
 
 
 @pytest.mark.parametrize("name,compress", [("mnist", False), ("fashion-mnist", True)])
