@@ -106,8 +106,13 @@ LATE_HELD_OUT = [matrix_case(a, seed=1) for a in ("sig", "badnets", "blended")] 
 TEMPORAL_HELD_OUT = [matrix_case(a, seed=2) for a in ("sig", "badnets", "blended", "dba")] + [
     case("clean-fedavg-s24", "fedavg", poisoned=False, seed=24),
     case("clean-fedavg-s25", "fedavg", poisoned=False, seed=25)]
+# run once, for the thirteenth round (earlier versions searched on the model's fitted copy of G): a fourth
+# seed's late-window cells (target 3) and two more clean FedAvg runs; fixed before any of them was planted
+SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", "blended", "dba")] + [
+    case("clean-fedavg-s26", "fedavg", poisoned=False, seed=26),
+    case("clean-fedavg-s27", "fedavg", poisoned=False, seed=27)]
 CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT,
-             "temporal-held-out": TEMPORAL_HELD_OUT}
+             "temporal-held-out": TEMPORAL_HELD_OUT, "shared-generator-held-out": SHARED_GENERATOR_HELD_OUT}
 
 
 def simulation_config(case: Case, tiny: bool = False):

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import DEV, LATE, LATE_HELD_OUT, TEMPORAL_HELD_OUT, history_models, plant, plant_history
+from benchmarks.default_cases import (DEV, LATE, LATE_HELD_OUT, SHARED_GENERATOR_HELD_OUT, TEMPORAL_HELD_OUT,
+                                      history_models, plant, plant_history)
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
@@ -103,7 +104,8 @@ def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FOR
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out"))
+    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out",
+                                                                               "shared-generator-held-out"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -111,6 +113,8 @@ def main() -> None:
                         help="probe these rounds' global models of each federated case's run (blend 0.1 only)")
     parser.add_argument("--default-verdict", action="store_true",
                         help="the default's own verdict on each federated case with its earlier global models")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="with --default-verdict: overrides of the default recipe (e.g. verdict.votes=3)")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -123,10 +127,11 @@ def main() -> None:
         chosen = (DEV if "dev" in args.sets else []) + [
             c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
             LATE_HELD_OUT if "late-held-out" in args.sets else []) + (
-            TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else [])
+            TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else []) + (
+            SHARED_GENERATOR_HELD_OUT if "shared-generator-held-out" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
-            default_verdict(chosen, args.out)
+            default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set))
             return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
@@ -147,7 +152,7 @@ def truth(case) -> dict:
             "target": case.attack.target if case.poisoned else None}
 
 
-def default_verdict(cases, out: str) -> None:
+def default_verdict(cases, out: str, overrides: dict | None = None) -> None:
     """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
     search), on each federated case's final global model with the earlier ones the simulation's hook
     hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said."""
@@ -160,7 +165,7 @@ def default_verdict(cases, out: str) -> None:
         final = load_model(final_path)
         earlier = [load_model(path).model.eval() for path in earlier_paths]
         started = time.perf_counter()
-        trainer = DHBETrainer(final.model.eval(), final.spec, recipe_config("default"), earlier=earlier)
+        trainer = DHBETrainer(final.model.eval(), final.spec, recipe_config("default", overrides), earlier=earlier)
         with trainer.searches_in_fp32():
             for ext in trainer.extensions:
                 ext.probe(trainer)
@@ -172,7 +177,7 @@ def default_verdict(cases, out: str) -> None:
                "alone": voted_suspects([index], search.config.suspect_threshold, 1),
                "index": [round(v, 2) for v in index],
                "earlier_index": [[round(v, 2) for v in i] for i in verdict.earlier_index],
-               "s": round(time.perf_counter() - started, 1)}
+               "s": round(time.perf_counter() - started, 1), "overrides": overrides or {}}
         print(json.dumps(row), flush=True)
         with Path(out).open("a") as sink:
             sink.write(json.dumps(row) + "\n")

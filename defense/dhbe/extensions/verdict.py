@@ -39,6 +39,8 @@ class VerdictConfig(ExtensionConfig):
     min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
     votes: int = 2                   # with earlier versions: a suspect stands out in at least this many of
                                      # the versions probed, the model included (in all of them, if fewer)
+    shared_search_generator: bool = False  # earlier versions searched on the samples of the copy of G fitted
+                                     # to the model's priors (no warm-up of their own; thirteenth round)
 
     def __post_init__(self) -> None:
         require(0 <= self.min_agreement < 1, f"verdict.min_agreement must be in [0, 1), got {self.min_agreement}")
@@ -62,7 +64,9 @@ class Verdict(Extension):
         threshold in at least `votes` of all the versions (the model's own `anomaly_index` included)."""
         if not trainer.earlier_teachers or threshold == 0:
             return None
-        self.earlier_index = [earlier_anomaly_index(trainer, model) for model in trainer.earlier_teachers]
+        fitted = (trainer.extension("blend_search").search_generator.state_dict()
+                  if self.config.shared_search_generator else None)
+        self.earlier_index = [earlier_anomaly_index(trainer, model, fitted) for model in trainer.earlier_teachers]
         return voted_suspects([*self.earlier_index, anomaly_index], threshold, self.config.votes)
 
     def epoch_start(self, trainer) -> None:
@@ -136,12 +140,18 @@ def voted_suspects(indices: list[list[float]], threshold: float, votes: int) -> 
     return [k for k in range(len(indices[0])) if sum(index[k] > threshold for index in indices) >= needed]
 
 
-def earlier_anomaly_index(trainer, model: nn.Module) -> list[float]:
-    """The blend search's anomaly index on an earlier version of the model: the same search, seed and
-    fitted copy of G as on the model itself, in a throw-away game on that version."""
+def earlier_anomaly_index(trainer, model: nn.Module, fitted_generator: Optional[dict] = None) -> list[float]:
+    """The blend search's anomaly index on an earlier version of the model: the same search and seed as
+    on the model itself, in a throw-away game on that version, with its own copy of G fitted to that
+    version's priors, or (`fitted_generator`, a state) the model's fitted copy and no warm-up."""
     devices = [trainer.device] if trainer.device.type == "cuda" else []
+    recipe = trainer.recipe.without("verdict", "mask_search")
+    if fitted_generator is not None:
+        recipe = recipe.with_overrides({"blend_search.warmup_steps": 0})
     with torch.random.fork_rng(devices=devices):   # the throw-away game seeds torch; the real one goes on as it would
-        probe = type(trainer)(model, trainer.spec, trainer.recipe.without("verdict", "mask_search"), trainer.device)
+        probe = type(trainer)(model, trainer.spec, recipe, trainer.device)
+        if fitted_generator is not None:   # the search copies G, then warms up for 0 steps
+            probe.sample_generator.load_state_dict(fitted_generator)
         search = probe.extension("blend_search")
         with probe.searches_in_fp32():
             search.probe(probe)
