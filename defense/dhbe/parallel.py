@@ -6,7 +6,7 @@ batch (G, T, S) run on this process's slice (`shard`); cheap whole-batch work (G
 pastes and blends, the extensions' random draws) runs on the whole batch in every process, so every
 extension sees what one process would see. After each backward, S's, G's and Gp's gradients are
 averaged over the processes; S's and G's batch-norm layers take their statistics over the whole
-batch (`SynchronisedBatchNorm`: all-reduces of per-channel sums, differentiable, because torch's
+batch (`SynchronisedBatchNorm`: an all-reduce of per-channel sums, differentiable, because torch's
 SyncBatchNorm refuses CPU tensors); priors over the batch (G's class balance, its statistics at T's
 batch-norm layers) use `mean`. With equal slices and losses that are means over samples, the
 averaged gradient is the one-process gradient: tests/test_data_parallel.py runs 2 CPU processes
@@ -47,11 +47,12 @@ class SingleProcess:
         return batch
 
     def mean(self, values: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-        """Mean over the sample dimension (and `dims`' others) of the whole batch."""
+        """Mean over `dims` (the sample dimension 0 among them) of the whole batch."""
         return values.mean(dim=tuple(dims))
 
-    def mean_and_variance(self, values: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and biased variance over the whole batch (and `dims`' others)."""
+    def mean_and_variance(self, values: torch.Tensor, dims: Sequence[int],
+                          shift: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and biased variance over `dims` of the whole batch (`shift`: see DataParallel)."""
         return values.mean(dim=tuple(dims)), values.var(dim=tuple(dims), unbiased=False)
 
     def average_gradients(self, module: nn.Module) -> None: ...
