@@ -114,6 +114,14 @@ def time_dhbe(image_size: int, iterations: int, batch_size: int) -> dict:
                                              + recipe.get("trigger_bank").warmup_steps / (3 * it_per_s), 0)}
 
 
+def sampling_table(rows: list[dict]) -> list[str]:
+    """The client-sampling rows (time_sampled's) as Markdown table lines."""
+    return ["| registered | sampled per round | wall s | s per round | trained per round | server peak RSS MB | "
+            "workers peak RSS MB |", "|---|---|---|---|---|---|---|"] + [
+        f"| {r['registered']} | {r['sampled']} | {r['wall_s']} | {r['s_per_round']} | {r['trained_per_round']} | "
+        f"{r['server_peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |" for r in rows]
+
+
 def write_mnist_standin(folder: Path, train: int = 60_000, test: int = 10_000, seed: int = 0) -> Path:
     """MNIST's four IDX files, of MNIST's size and format (28x28 unsigned bytes, 60,000 + 10,000),
     drawn from scikit-learn's 8x8 digits (no MNIST can be downloaded here): each image a digit scaled
@@ -161,10 +169,7 @@ def mnist_sampling(data_dir: Path, tiny: bool) -> None:
              "by `--write-mnist-standin` (scikit-learn's digits drawn into MNIST's format and size: no MNIST can be "
              "downloaded on this machine), so the figures are the engine's cost on a data set of MNIST's size, not "
              "accuracy. Memory as in scaling.md.", "",
-             "| registered | sampled per round | wall s | s per round | trained per round | server peak RSS MB | "
-             "workers peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['registered']} | {r['sampled']} | {r['wall_s']} | {r['s_per_round']} | {r['trained_per_round']} | "
-              f"{r['server_peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |" for r in rows]
+             ] + sampling_table(rows)
     print("\n".join(lines))
     if not tiny:
         results = Path(__file__).parent / "results"
@@ -205,10 +210,7 @@ def main() -> None:
               "whose partition is one image takes no step (batch norm needs two samples per batch) and returns the "
               "global model, so the point is the engine's cost, not accuracy. The same rows on MNIST read from local "
               "files (60 images per client at 1,000): scaling_mnist.md.", "",
-              "| registered | sampled per round | wall s | s per round | trained per round | server peak RSS MB | "
-              "workers peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['registered']} | {r['sampled']} | {r['wall_s']} | {r['s_per_round']} | {r['trained_per_round']} | "
-              f"{r['server_peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |" for r in sampled]
+              ] + sampling_table(sampled)
     lines += ["", "DHBE, CPU recipe (batch 128, 5 student steps per iteration), small CNN, against image size:", "",
               "| image | iterations/s | recipe iterations | recipe estimate s (incl. Gp warm-up) |", "|---|---|---|---|"]
     lines += [f"| {r['image_size']}x{r['image_size']} | {r['it_per_s']} | {r['recipe_iterations']} | "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from defense.dhbe import DHBETrainer, EpochRecord, Recipe, train_epochs
-from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel
+from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel, require_even_split
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
 from defense.spec import InputSpec, require
@@ -75,9 +75,7 @@ class PurifyJobConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.recipe, Recipe), "the purification job needs a DHBE Recipe")
         require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
-        require(self.recipe.dhbe.batch_size % self.workers == 0,   # each worker plays an equal slice
-                f"batch_size ({self.recipe.dhbe.batch_size}) must be a multiple of the number of workers "
-                f"({self.workers}): each worker plays an equal slice of the batch")
+        require_even_split(self.recipe.dhbe.batch_size, self.workers)   # before Ray starts
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
         require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")

@@ -29,6 +29,12 @@ from torch import nn
 from defense.spec import require
 
 
+def require_even_split(batch_size: int, workers: int) -> None:
+    """Each of `workers` processes plays an equal slice of the batch (the averaged gradients assume it)."""
+    require(batch_size % workers == 0, f"batch_size ({batch_size}) must be a multiple of the number of workers "
+                                       f"({workers}): each worker plays an equal slice of the batch")
+
+
 class SingleProcess:
     """One process with the whole batch: every operation is the identity (the official game)."""
 
@@ -94,8 +100,7 @@ class DataParallel(SingleProcess):
         return self.world > 1 and not self._replicated
 
     def check_batch(self, batch_size: int) -> None:
-        require(batch_size % self.world == 0,
-                f"batch_size ({batch_size}) must be a multiple of the number of workers ({self.world})")
+        require_even_split(batch_size, self.world)
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         if not self.active:
