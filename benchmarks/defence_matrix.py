@@ -6,7 +6,8 @@ Each cell is one federated run through the project's engine (Flower's simulation
 clients, 20 rounds, attackers poison in rounds 1..15 so the backdoor's lifespan after the attack is
 measured in the last 5), then, unless --no-purify, the default data-free purification of the final
 global model, in-process (DHBE's own time), measured by the experimenter with the run's experiment
-record. A cell whose global model carries no backdoor (ASR x1 < 50%) is not purified; its purified row
+record; as in the simulation's purification hook, the verdict also weighs the run's global models of
+rounds 5, 10 and 15. A cell whose global model carries no backdoor (ASR x1 < 50%) is not purified; its purified row
 says `skipped: no backdoor`, it is not dropped.
 
 Writes benchmarks/results/defence_matrix.parquet (one row per attack, aggregation, seed and
@@ -63,12 +64,18 @@ def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool,
         rows = [trained]
         if not purify:
             return rows
-        if last["asr_x1"] is None or last["asr_x1"] < ALIVE:
+        # at smoke size (CI) no backdoor takes hold, so the FedAvg cells are purified anyway: the path is run
+        alive = 0.0 if tiny and aggregation == "fedavg" else ALIVE
+        if last["asr_x1"] is None or last["asr_x1"] < alive:
             rows.append({**key, "purified": True, "status": "skipped: no backdoor (ASR x1 < 50%)", "wall_s": 0.0})
             return rows
         from benchmarks.default_table import purify_model_file
+        from federated.purification import earlier_rounds
 
-        result = purify_model_file(Path(folder) / "run" / "final.json", recipe, tiny, {})
+        # as the simulation's purification hook does: the verdict also weighs the run's earlier global models
+        models = Path(folder) / "run" / "models"
+        earlier = tuple(models / f"round-{r:03d}.json" for r in earlier_rounds(config.rounds, range(1, config.rounds)))
+        result = purify_model_file(Path(folder) / "run" / "final.json", recipe, tiny, {}, earlier)
         before, after = result["before"], result["after"]
         verdict = result["evidence"].get("verdict", {})
         rows.append({**key, "purified": True, "status": "purified" if verdict.get("backdoor_suspected", True)
