@@ -111,8 +111,13 @@ TEMPORAL_HELD_OUT = [matrix_case(a, seed=2) for a in ("sig", "badnets", "blended
 SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", "blended", "dba")] + [
     case("clean-fedavg-s26", "fedavg", poisoned=False, seed=26),
     case("clean-fedavg-s27", "fedavg", poisoned=False, seed=27)]
+# run once, for the fourteenth round (the verdict's false alarms on clean federations): a fifth seed's
+# late-window cells (target 4) and four more clean FedAvg runs; fixed before any of them was planted
+FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blended", "dba")] + [
+    case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
 CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT,
-             "temporal-held-out": TEMPORAL_HELD_OUT, "shared-generator-held-out": SHARED_GENERATOR_HELD_OUT}
+             "temporal-held-out": TEMPORAL_HELD_OUT, "shared-generator-held-out": SHARED_GENERATOR_HELD_OUT,
+             "false-alarm-held-out": FALSE_ALARM_HELD_OUT}
 
 
 def simulation_config(case: Case, tiny: bool = False):

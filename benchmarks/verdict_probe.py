@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import (DEV, LATE, LATE_HELD_OUT, SHARED_GENERATOR_HELD_OUT, TEMPORAL_HELD_OUT,
+from benchmarks.default_cases import (CASE_SETS, DEV, LATE, LATE_HELD_OUT, SHARED_GENERATOR_HELD_OUT, TEMPORAL_HELD_OUT,
                                       history_models, plant, plant_history)
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
@@ -105,7 +105,8 @@ def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FOR
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out",
-                                                                               "shared-generator-held-out"))
+                                                                               "shared-generator-held-out",
+                                                                               "false-alarm-held-out"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -115,6 +116,10 @@ def main() -> None:
                         help="the default's own verdict on each federated case with its earlier global models")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="with --default-verdict: overrides of the default recipe (e.g. verdict.votes=3)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="with --default-verdict: beside the verdict, the fourteenth round's candidate "
+                             "statistics per version and class (held-out losses, ratio 0.05, the final "
+                             "model's patterns on earlier versions, pattern similarity)")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -128,10 +133,11 @@ def main() -> None:
             c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
             LATE_HELD_OUT if "late-held-out" in args.sets else []) + (
             TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else []) + (
-            SHARED_GENERATOR_HELD_OUT if "shared-generator-held-out" in args.sets else [])
+            SHARED_GENERATOR_HELD_OUT if "shared-generator-held-out" in args.sets else []) + (
+            CASE_SETS["false-alarm-held-out"] if "false-alarm-held-out" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
-            default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set))
+            default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set), args.candidates)
             return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
@@ -152,7 +158,7 @@ def truth(case) -> dict:
             "target": case.attack.target if case.poisoned else None}
 
 
-def default_verdict(cases, out: str, overrides: dict | None = None) -> None:
+def default_verdict(cases, out: str, overrides: dict | None = None, candidates: bool = False) -> None:
     """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
     search), on each federated case's final global model with the earlier ones the simulation's hook
     hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said."""
@@ -178,9 +184,50 @@ def default_verdict(cases, out: str, overrides: dict | None = None) -> None:
                "index": [round(v, 2) for v in index],
                "earlier_index": [[round(v, 2) for v in i] for i in verdict.earlier_index],
                "s": round(time.perf_counter() - started, 1), "overrides": overrides or {}}
+        if candidates:
+            row["candidates"] = candidate_statistics(trainer, [*earlier, final.model.eval()])
         print(json.dumps(row), flush=True)
         with Path(out).open("a") as sink:
             sink.write(json.dumps(row) + "\n")
+
+
+def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
+    """Fourteenth round: per version (oldest first, the model last) and class k, on `batches` fresh
+    batches of the fitted search G (the same for every version): the cross-entropy towards k of the
+    version's own pattern p_k at ratio 0.1 (`held`) and 0.05 (`half`), of the final model's pattern
+    (`cross`), the share of samples not already k that p_k flips to k (`flip`), and the cosine of p_k
+    with the final model's (`cos`, patterns centred); with each loss list's anomaly index."""
+    search, verdict = trainer.extension("blend_search"), trainer.extension("verdict")
+    founds = [*verdict.earlier_found, search.found]
+    generator = search.search_generator.eval()
+    final = founds[-1].patterns
+    out: dict = {key: [] for key in ("held", "half", "cross", "flip", "cos")}
+    with torch.no_grad(), trainer.searches_in_fp32():
+        x = torch.cat([trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+                       for _ in range(batches)])
+        for model, found in zip(versions, founds):
+            model.eval()
+            clean = model(x).argmax(1)
+            rows = {key: [] for key in out}
+            for k in found.classes:
+                target = torch.full((len(x),), k, dtype=torch.long)
+                def loss(pattern, ratio):
+                    return float(F.cross_entropy(model(blend_patterns(x, pattern.expand_as(x), ratio)), target))
+                rows["held"].append(loss(found.patterns[k], 0.1))
+                rows["half"].append(loss(found.patterns[k], 0.05))
+                rows["cross"].append(loss(final[k], 0.1))
+                others = clean != k
+                hit = model(blend_patterns(x, found.patterns[k].expand_as(x), 0.1)).argmax(1) == k
+                rows["flip"].append(float(hit[others].float().mean()) if others.any() else 1.0)
+                a, b = found.patterns[k].flatten(), final[k].flatten()
+                rows["cos"].append(float(F.cosine_similarity(a - a.mean(), b - b.mean(), dim=0)))
+            for key in out:
+                out[key].append([round(v, 4) for v in rows[key]])
+    for key in ("held", "half", "cross"):
+        out[f"{key}_index"] = [[round(v, 2) for v in ClassPatterns(list(range(len(losses))), torch.zeros(0),
+                                                                     losses).anomaly_index()]
+                               for losses in out[key]]
+    return out
 
 
 def history(cases, rounds: list[int], steps: int, out: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from defense.blend_search import ClassPatterns
 from defense.dhbe.config import ExtensionConfig, extension
 from defense.dhbe.extensions.base import Extension
 from defense.spec import require
@@ -57,6 +58,7 @@ class Verdict(Extension):
         self.fallback: Optional[str] = None          # what the guard did, if anything
         self.fallback_model: Optional[nn.Module] = None
         self.earlier_index: list[list[float]] = []  # the blend search's anomaly index on each earlier version
+        self.earlier_found: list[ClassPatterns] = []  # and its patterns and losses (this process only, not kept)
 
     def name_suspects(self, trainer, anomaly_index: list[float], threshold: float) -> Optional[list[int]]:
         """With earlier versions of the model: the blend search on each, and the classes over the
@@ -64,7 +66,8 @@ class Verdict(Extension):
         if not trainer.earlier_teachers or threshold == 0:
             return None
         fitted = trainer.extension("blend_search").search_generator.state_dict()   # fitted to the model's priors
-        self.earlier_index = [earlier_anomaly_index(trainer, model, fitted) for model in trainer.earlier_teachers]
+        self.earlier_found = [earlier_search(trainer, model, fitted) for model in trainer.earlier_teachers]
+        self.earlier_index = [found.anomaly_index() for found in self.earlier_found]
         return voted_suspects([*self.earlier_index, anomaly_index], threshold, self.config.votes)
 
     def epoch_start(self, trainer) -> None:
@@ -138,8 +141,8 @@ def voted_suspects(indices: list[list[float]], threshold: float, votes: int) -> 
     return [k for k in range(len(indices[0])) if sum(index[k] > threshold for index in indices) >= needed]
 
 
-def earlier_anomaly_index(trainer, model: nn.Module, fitted_generator: dict) -> list[float]:
-    """The blend search's anomaly index on an earlier version of the model: the same search and seed as
+def earlier_search(trainer, model: nn.Module, fitted_generator: dict) -> ClassPatterns:
+    """The blend search's per-class patterns on an earlier version of the model: the same search and seed as
     on the model itself, in a throw-away game on that version, on the samples of the copy of G fitted
     to the model's own priors (`fitted_generator`, its state; no warm-up per version: thirteenth round,
     the same suspects on 11 of 12 runs, the twelfth now right, about 25 s less for three versions)."""
@@ -151,4 +154,4 @@ def earlier_anomaly_index(trainer, model: nn.Module, fitted_generator: dict) -> 
         search = probe.extension("blend_search")
         with probe.searches_in_fp32():
             search.probe(probe)
-    return search.found.anomaly_index()
+    return search.found
