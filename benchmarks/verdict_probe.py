@@ -120,8 +120,14 @@ def main() -> None:
                         help="with --default-verdict: beside the verdict, the fourteenth round's candidate "
                              "statistics per version and class (held-out losses, ratio 0.05, the final "
                              "model's patterns on earlier versions, pattern similarity)")
+    parser.add_argument("--report", default=None, metavar="JSONL",
+                        help="read a --candidates file and print, per run, each statistic's suspects (index > 2 "
+                             "in at least 2 versions) and its values at the true target and at the suspects")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size (CI)")
     args = parser.parse_args()
+    if args.report:
+        candidate_report(Path(args.report))
+        return
     torch.set_num_threads(2)
     torch.manual_seed(0)
     models: list[tuple[str, dict, Callable[[], Path]]] = []
@@ -228,6 +234,22 @@ def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
                                                                      losses).anomaly_index()]
                                for losses in out[key]]
     return out
+
+
+def candidate_report(path: Path) -> None:
+    """Per run of a --candidates file: the true target (read by the experimenter only), the verdict's
+    suspects, and per statistic the classes over 2 in at least 2 of the versions with the values."""
+    from defense.dhbe.extensions.verdict import voted_suspects
+
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        c, target = row["candidates"], row["truth"]["target"]
+        shown = sorted({*row["suspects"], *([target] if target is not None else [])})
+        print(f"{row['case']:32s} target {target}  verdict {row['suspects']}")
+        for key in ("held_index", "half_index", "cross_index", "flip", "cos"):
+            named = voted_suspects(c[key], 2.0, 2) if key.endswith("index") else []
+            values = "  ".join(f"{k}: " + "/".join(f"{v[k]:.2f}" for v in c[key]) for k in shown)
+            print(f"    {key:12s} {str(named):10s} {values}")
 
 
 def history(cases, rounds: list[int], steps: int, out: str) -> None:
