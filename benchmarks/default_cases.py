@@ -27,7 +27,8 @@ class Case:
     poisoned: bool = True            # False: a clean model (no attacker, poison rate 0)
     malicious: int = 2
     boost: float = 1.0
-    matrix_attack: Optional[str] = None   # kind "matrix": the defence matrix's FedAvg cell of this attack
+    matrix_attack: Optional[str] = None   # kind "matrix": the defence matrix's cell of this attack
+    matrix_aggregation: str = "fedavg"    # and of this in-training defence
 
 
 def case(name: str, kind: str, poisoned: bool = True, malicious: int = 2, boost: float = 1.0, **attack) -> Case:
@@ -85,12 +86,13 @@ def cell_config(attack: str, aggregation: str, seed: int, tiny: bool):
     return SimulationConfig(**fields)
 
 
-def matrix_case(attack: str, seed: int = 0) -> Case:
-    """The defence matrix's FedAvg cell (benchmarks.defence_matrix.cell_config) as a case."""
+def matrix_case(attack: str, seed: int = 0, aggregation: str = "fedavg") -> Case:
+    """The defence matrix's cell (benchmarks.defence_matrix.cell_config) as a case."""
     fields = {"badnets": {}, "blended": {"attack": "blended"}, "sig": {"attack": "sig"},
               "dba": {"attack": "dba"}, "neurotoxin": {}, "boosted-badnets": {}}[attack]
-    return Case(f"matrix-{attack}-fedavg-s{seed}", "matrix", Experiment(trigger_seed=seed, target=seed % 10, **fields),
-                matrix_attack=attack)
+    return Case(f"matrix-{attack}-{aggregation}-s{seed}", "matrix",
+                Experiment(trigger_seed=seed, target=seed % 10, **fields), matrix_attack=attack,
+                matrix_aggregation=aggregation)
 
 
 LATE = [matrix_case(a) for a in ("badnets", "blended", "sig", "dba", "neurotoxin", "boosted-badnets")] + [
@@ -115,9 +117,14 @@ SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", 
 # late-window cells (target 4) and four more clean FedAvg runs; fixed before any of them was planted
 FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blended", "dba")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
+# the defence matrix's cells (seed 0, target 0) where a robust aggregation left a live backdoor (ASR x1 >=
+# 50%; benchmarks/results/defence_matrix.md): the purified column, run once, handed some of them back
+# or left them unerased (fourteenth round); development cases from then on
+ROBUST_AGGREGATION = [matrix_case("blended", 0, a) for a in ("median", "trimmed-mean", "clip", "rlr")] + [
+    matrix_case("sig", 0, a) for a in ("median", "trimmed-mean", "rlr")]
 CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT,
              "temporal-held-out": TEMPORAL_HELD_OUT, "shared-generator-held-out": SHARED_GENERATOR_HELD_OUT,
-             "false-alarm-held-out": FALSE_ALARM_HELD_OUT}
+             "false-alarm-held-out": FALSE_ALARM_HELD_OUT, "robust-aggregation": ROBUST_AGGREGATION}
 
 
 def simulation_config(case: Case, tiny: bool = False):
@@ -125,7 +132,7 @@ def simulation_config(case: Case, tiny: bool = False):
     from federated.config import SimulationConfig
 
     if case.kind == "matrix":
-        return cell_config(case.matrix_attack, "fedavg", case.attack.trigger_seed, tiny)
+        return cell_config(case.matrix_attack, case.matrix_aggregation, case.attack.trigger_seed, tiny)
     trigger = case.attack
     return SimulationConfig(malicious=case.malicious if case.poisoned else 0, seed=trigger.trigger_seed,
                             attack=trigger.attack, trigger_size=trigger.trigger_size,

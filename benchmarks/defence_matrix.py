@@ -78,8 +78,10 @@ def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool,
         result = purify_model_file(Path(folder) / "run" / "final.json", recipe, tiny, {}, earlier)
         before, after = result["before"], result["after"]
         verdict = result["evidence"].get("verdict", {})
-        rows.append({**key, "purified": True, "status": "purified" if verdict.get("backdoor_suspected", True)
-                     else "handed back: no backdoor found", "acc": after["acc"], "asr_x1": after["asr_x1"],
+        suspects = ",".join(map(str, verdict.get("suspected_targets", []))) or "none"
+        rows.append({**key, "purified": True, "status": f"purified (suspects {suspects})"
+                     if verdict.get("backdoor_suspected", True) else "handed back: no backdoor found",
+                     "suspects": suspects, "acc": after["acc"], "asr_x1": after["asr_x1"],
                      "asr_x9": after.get("asr_x9"), "asr_all_x1": after.get("asr_all_x1"),
                      "der": defence_effectiveness_rating(before, after),
                      "der_all": defence_effectiveness_rating(before, after, "asr_all_x1"),
@@ -87,7 +89,7 @@ def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool,
         return rows
 
 
-COLUMNS = ["attack", "aggregation", "seed", "purified", "status", "acc", "asr_x1", "asr_x9", "asr_all_x1",
+COLUMNS = ["attack", "aggregation", "seed", "purified", "status", "suspects", "acc", "asr_x1", "asr_x9", "asr_all_x1",
            "lifespan", "lifespan_censored", "malicious_excluded_share", "der", "der_all", "wall_s"]
 
 

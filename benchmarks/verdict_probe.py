@@ -106,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out",
                                                                                "shared-generator-held-out",
-                                                                               "false-alarm-held-out"))
+                                                                               "false-alarm-held-out",
+                                                                               "robust-aggregation"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -140,7 +141,8 @@ def main() -> None:
             LATE_HELD_OUT if "late-held-out" in args.sets else []) + (
             TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else []) + (
             SHARED_GENERATOR_HELD_OUT if "shared-generator-held-out" in args.sets else []) + (
-            CASE_SETS["false-alarm-held-out"] if "false-alarm-held-out" in args.sets else [])
+            CASE_SETS["false-alarm-held-out"] if "false-alarm-held-out" in args.sets else []) + (
+            CASE_SETS["robust-aggregation"] if "robust-aggregation" in args.sets else [])
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
             default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set), args.candidates)
