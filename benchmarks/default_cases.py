@@ -113,9 +113,11 @@ TEMPORAL_HELD_OUT = [matrix_case(a, seed=2) for a in ("sig", "badnets", "blended
 SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", "blended", "dba")] + [
     case("clean-fedavg-s26", "fedavg", poisoned=False, seed=26),
     case("clean-fedavg-s27", "fedavg", poisoned=False, seed=27)]
-# run once, for the fourteenth round (the verdict's false alarms on clean federations): a fifth seed's
-# late-window cells (target 4) and four more clean FedAvg runs; fixed before any of them was planted
+# run once, for the fourteenth round (the verdict's false alarms on clean federations, and its misses
+# under robust aggregation): a fifth seed's late-window cells (target 4), two of them under trimmed mean
+# and median, and four more clean FedAvg runs; fixed before any of them was planted
 FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blended", "dba")] + [
+    matrix_case("blended", 4, "trimmed-mean"), matrix_case("sig", 4, "median")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
 # the defence matrix's cells (seed 0, target 0) where a robust aggregation left a live backdoor (ASR x1 >=
 # 50%; benchmarks/results/defence_matrix.md): the purified column, run once, handed some of them back
