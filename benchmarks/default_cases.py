@@ -194,15 +194,19 @@ def plant_history(case: Case, cache: Path = CACHE.parent / "history") -> Path:
     return run_simulation(case, folder)
 
 
-def history_models(case: Case) -> tuple[Path, list[Path]]:
-    """A federated case's final global model and the earlier ones the simulation's purification hands
-    the verdict (federated.purification.earlier_rounds: rounds 5, 10, 15 of 20)."""
+def earlier_model_files(folder: Path, last_round: int) -> list[Path]:
+    """The earlier global models of a run folder that the simulation's purification hands the verdict
+    (federated.purification.earlier_rounds: rounds 5, 10, 15 of 20)."""
     from federated.purification import earlier_rounds
+    from federated.run_folder import round_model_file
 
+    return [round_model_file(folder, r) for r in earlier_rounds(last_round, range(1, last_round))]
+
+
+def history_models(case: Case) -> tuple[Path, list[Path]]:
+    """A federated case's final global model and the earlier ones the verdict weighs."""
     folder = plant_history(case)
-    last = simulation_config(case).rounds
-    return folder / "final.json", [folder / "models" / f"round-{r:03d}.json"
-                                   for r in earlier_rounds(last, range(1, last))]
+    return folder / "final.json", earlier_model_files(folder, simulation_config(case).rounds)
 
 
 def by_name(name: str) -> Optional[Case]:

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.default_cases import MATRIX_ATTACKS, cell_config
+from benchmarks.default_cases import MATRIX_ATTACKS, cell_config, earlier_model_files
 from defense.fileio import atomic_path, atomic_write_text
 from defense.metrics import defence_effectiveness_rating
 from defense.report import figure, markdown_table
@@ -70,11 +70,9 @@ def run_cell(attack: str, aggregation: str, seed: int, purify: bool, tiny: bool,
             rows.append({**key, "purified": True, "status": "skipped: no backdoor (ASR x1 < 50%)", "wall_s": 0.0})
             return rows
         from benchmarks.default_table import purify_model_file
-        from federated.purification import earlier_rounds
 
         # as the simulation's purification hook does: the verdict also weighs the run's earlier global models
-        models = Path(folder) / "run" / "models"
-        earlier = tuple(models / f"round-{r:03d}.json" for r in earlier_rounds(config.rounds, range(1, config.rounds)))
+        earlier = tuple(earlier_model_files(Path(folder) / "run", config.rounds))
         result = purify_model_file(Path(folder) / "run" / "final.json", recipe, tiny, {}, earlier)
         before, after = result["before"], result["after"]
         verdict = result["evidence"].get("verdict", {})

@@ -25,18 +25,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.default_cases import (CASE_SETS, DEV, LATE, LATE_HELD_OUT, SHARED_GENERATOR_HELD_OUT, TEMPORAL_HELD_OUT,
-                                      history_models, plant, plant_history)
+from benchmarks.default_cases import CASE_SETS, DEV, LATE, history_models, plant, plant_history
 from defense.blend_search import ClassPatterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
 from defense.models import frozen
 from defense.modelio import load_model
+from federated.run_folder import round_model_file
 
 FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "blend0.1": lambda x, q: blend_patterns(x, torch.tanh(q), 0.1),
     "add0.05": lambda x, q: (x + 0.05 * torch.tanh(q)).clamp(0, 1),
 }
+# case sets probed whole, in this order, after dev and LATE's backdoored ("late") and clean ("clean") parts
+WHOLE_SETS = ("late-held-out", "temporal-held-out", "shared-generator-held-out", "false-alarm-held-out",
+              "robust-aggregation")
+
+
 def invert(model, samples, k: int, form, steps: int, lr: float, like: torch.Tensor) -> torch.Tensor:
     raw = torch.zeros_like(like, requires_grad=True)
     optimiser = torch.optim.Adam([raw], lr=lr)
@@ -104,10 +109,8 @@ def probe(path: Path, tiny: bool, steps: int, forms: tuple[str, ...] = tuple(FOR
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"], choices=("dev", "late", "clean", "late-held-out", "temporal-held-out",
-                                                                               "shared-generator-held-out",
-                                                                               "false-alarm-held-out",
-                                                                               "robust-aggregation"))
+    parser.add_argument("--sets", nargs="*", default=["dev", "late", "clean"],
+                        choices=("dev", "late", "clean", *WHOLE_SETS))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/verdict_probe.jsonl")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
@@ -137,12 +140,8 @@ def main() -> None:
         args.steps = 2
     else:
         chosen = (DEV if "dev" in args.sets else []) + [
-            c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + (
-            LATE_HELD_OUT if "late-held-out" in args.sets else []) + (
-            TEMPORAL_HELD_OUT if "temporal-held-out" in args.sets else []) + (
-            SHARED_GENERATOR_HELD_OUT if "shared-generator-held-out" in args.sets else []) + (
-            CASE_SETS["false-alarm-held-out"] if "false-alarm-held-out" in args.sets else []) + (
-            CASE_SETS["robust-aggregation"] if "robust-aggregation" in args.sets else [])
+            c for c in LATE if ("late" in args.sets and c.kind == "matrix") or ("clean" in args.sets and c.kind != "matrix")] + [
+            c for name in WHOLE_SETS if name in args.sets for c in CASE_SETS[name]]
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
             default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set), args.candidates)
@@ -219,13 +218,12 @@ def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
             rows = {key: [] for key in out}
             for k in found.classes:
                 target = torch.full((len(x),), k, dtype=torch.long)
-                def loss(pattern, ratio):
-                    return float(F.cross_entropy(model(blend_patterns(x, pattern.expand_as(x), ratio)), target))
-                rows["held"].append(loss(found.patterns[k], 0.1))
-                rows["half"].append(loss(found.patterns[k], 0.05))
-                rows["cross"].append(loss(final[k], 0.1))
-                others = clean != k
-                hit = model(blend_patterns(x, found.patterns[k].expand_as(x), 0.1)).argmax(1) == k
+                logits = lambda pattern, ratio: model(blend_patterns(x, pattern.expand_as(x), ratio))
+                held = logits(found.patterns[k], 0.1)
+                rows["held"].append(float(F.cross_entropy(held, target)))
+                rows["half"].append(float(F.cross_entropy(logits(found.patterns[k], 0.05), target)))
+                rows["cross"].append(float(F.cross_entropy(logits(final[k], 0.1), target)))
+                others, hit = clean != k, held.argmax(1) == k
                 rows["flip"].append(float(hit[others].float().mean()) if others.any() else 1.0)
                 a, b = found.patterns[k].flatten(), final[k].flatten()
                 rows["cos"].append(float(F.cosine_similarity(a - a.mean(), b - b.mean(), dim=0)))
@@ -262,7 +260,7 @@ def history(cases, rounds: list[int], steps: int, out: str) -> None:
         folder = plant_history(case)
         for number in rounds:
             row = {"case": case.name, "truth": truth(case), "round": number,
-                   **probe(folder / "models" / f"round-{number:03d}.json", False, steps, ("blend0.1",))}
+                   **probe(round_model_file(folder, number), False, steps, ("blend0.1",))}
             print(case.name, row["truth"], number, row["blend0.1"]["top"], row["blend0.1"]["index"],
                   row["blend0.1"]["indices"], flush=True)
             with Path(out).open("a") as sink:

@@ -29,7 +29,7 @@ from defense.models import build_model
 from defense.spec import InputSpec
 from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
 from federated.apps import arrays_to_model, model_to_arrays
-from federated.run_folder import evidence_line
+from federated.run_folder import evidence_line, round_model_file
 from federated.strategies import DelegatingStrategy
 
 EARLIER_VERSIONS = 3   # earlier global models the verdict weighs: at 1/4, 1/2 and 3/4 of the rounds so far
@@ -164,7 +164,7 @@ class FederatedPurification:
             return []
         last = len(self.run.rows)   # every recorded round has its model file (RunFolder.record_round)
         since = ((last - 1) // self.every) * self.every if self.every > 0 else 0
-        return [load_model(self.run.root / "models" / f"round-{r:03d}.json")
+        return [load_model(round_model_file(self.run.root, r))
                 for r in earlier_rounds(last, range(since + 1, last))]
 
 

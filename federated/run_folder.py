@@ -56,6 +56,11 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
         pq.write_table(table, tmp)
 
 
+
+def round_model_file(root: Path, number: int) -> Path:
+    """The manifest of round `number`'s global model in a run folder (written by RunFolder.record_round)."""
+    return root / "models" / f"round-{number:03d}.json"
+
 class RunFolder:
     def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,
                  experiment: Optional[dict] = None, fresh: bool = True) -> None:
@@ -98,7 +103,7 @@ class RunFolder:
             number = row.get("round")
             if number != index + 1:
                 raise ConfigError(f"{root / 'metrics.parquet'}: rounds are not 1, 2, ... (row {index} says {number!r})")
-            path = root / "models" / f"round-{number:03d}.json"
+            path = round_model_file(root, number)
             try:
                 loaded = load_model(path)
             except ConfigError:
@@ -129,7 +134,7 @@ class RunFolder:
 
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
         self.rows.append(row)
-        save_model(model, self.root / "models" / f"round-{row['round']:03d}", self.model_name, self.spec,
+        save_model(model, round_model_file(self.root, row["round"]).with_suffix(""), self.model_name, self.spec,
                    {"tool": "federated.simulate", "round": row["round"]}, experiment=self.experiment)
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
         self.set_status("running")
