@@ -352,9 +352,13 @@ class DHBETrainer:
         return sums[0] / count, sums[1] / count, sums[2] / count
 
     def output_model(self) -> nn.Module:
-        """The purified model: S, or what an extension hands back instead (e.g. S's moving average)."""
+        """The purified model: S, or what an extension hands back instead (e.g. S's moving average),
+        as the extensions finish it (e.g. its batch-norm statistics re-estimated)."""
         model = self.first_answer("output_model")
-        return model if model is not None else self.student
+        model = model if model is not None else self.student
+        for ext in self.extensions:
+            model = ext.finish_output(self, model)
+        return model
 
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.student.parameters())

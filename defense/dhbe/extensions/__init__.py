@@ -9,9 +9,9 @@ from defense.dhbe.extensions.generator_priors import (BatchNormPriorConfig, Clas
 from defense.dhbe.extensions.mask_search import MaskSearchConfig
 from defense.dhbe.extensions.patches import StampedPatchesConfig, TriggerBankConfig
 from defense.dhbe.extensions.sample_pool import SamplePoolConfig
-from defense.dhbe.extensions.schedule import LambdaStepConfig, StudentEMAConfig
+from defense.dhbe.extensions.schedule import BatchNormRefitConfig, LambdaStepConfig, StudentEMAConfig
 from defense.dhbe.extensions.verdict import VerdictConfig
 
-__all__ = ["Extension", "BatchNormPriorConfig", "BlendSearchConfig", "ClassBalanceConfig", "LambdaStepConfig", "MaskSearchConfig",
+__all__ = ["Extension", "BatchNormPriorConfig", "BatchNormRefitConfig", "BlendSearchConfig", "ClassBalanceConfig", "LambdaStepConfig", "MaskSearchConfig",
            "PriorOnlyGeneratorConfig", "SamplePoolConfig", "StampedPatchesConfig", "StudentEMAConfig",
            "TriggerBankConfig", "VerdictConfig"]

@@ -22,6 +22,8 @@ order a run meets them:
 - `after_student_step`    once S's optimiser has stepped
 - `epoch_end`             after every epoch, with its data-free record
 - `output_model`          the model handed back (first answer wins; official: S)
+- `finish_output`         that model, changed before it is handed back (each extension in turn;
+                          official: unchanged)
 - `report`                the data-free evidence it gathered (the purified manifest and the run report)
 
 `DHBETrainer.stop(reason)` ends the game at the next epoch start (a verdict of "nothing to erase").
@@ -91,6 +93,9 @@ class Extension:
 
     def output_model(self, trainer: DHBETrainer) -> Optional[nn.Module]:
         return None
+
+    def finish_output(self, trainer: DHBETrainer, model: nn.Module) -> nn.Module:
+        return model
 
     def report(self, trainer: DHBETrainer) -> Optional[dict[str, Any]]:
         return None
