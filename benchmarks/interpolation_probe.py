@@ -7,7 +7,11 @@ batch-norm statistics) is a path from the purified model to the input. For each 
 what a defender can compute (agreement with T on G's samples; how often the triggers the run
 inverted against T, its blend and mask patterns and its patch bank, send M(a)'s samples to the
 suspect class; the suspect's blend pattern re-inverted on M(a)) and, for the log only, the
-experimenter's test ACC and ASR. Nothing here is read by the defence."""
+experimenter's test ACC and ASR. Nothing here is read by the defence.
+
+`--recalibrate` re-estimates every point's batch-norm statistics on G's samples; `--refit-check`
+measures S with its statistics re-estimated on G's samples and on the clean training images (what a
+user's AdaBN would do), and T likewise."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_cases import by_name
+from benchmarks.default_cases import DEV, by_name
 from benchmarks.default_table import case_model
 from defense.blend_search import invert_class_patterns
-from defense.dhbe import DHBETrainer, recipe_config, train_epochs
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.generators import blend_patterns, paste_patches
 from defense.mask_search import apply_mask_trigger
 from defense.modelio import load_model
@@ -30,16 +34,13 @@ from defense.scenario import model_file_scenario
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 
-def interpolate(student: torch.nn.Module, teacher: torch.nn.Module, a: float, samples=None,
-                statistics_only: bool = False) -> torch.nn.Module:
+def interpolate(student: torch.nn.Module, teacher: torch.nn.Module, a: float, samples=None) -> torch.nn.Module:
     """(1 - a) S + a T on every floating tensor of the state (parameters and batch-norm statistics);
     with `samples` (a list of batches), the batch-norm statistics are then re-estimated on them (the
     cumulative average over the batches, as REPAIR/`reset BN` do after interpolating weights)."""
     model = copy.deepcopy(student)
     s, t = student.state_dict(), teacher.state_dict()
-    buffers = {name for name, _ in student.named_buffers()}
-    moved = lambda k: not statistics_only or k in buffers   # statistics_only: S's weights, the statistics moved
-    model.load_state_dict({k: (1 - a) * v + a * t[k] if v.is_floating_point() and moved(k) else v for k, v in s.items()})
+    model.load_state_dict({k: (1 - a) * v + a * t[k] if v.is_floating_point() else v for k, v in s.items()})
     if samples is not None:
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         for m in norms:
@@ -90,19 +91,23 @@ def reinverted_loss(trainer: DHBETrainer, model, k: int) -> float:
         return invert_class_patterns(model, samples, [k], cfg.ratio, cfg.steps, cfg.lr).losses[0]
 
 
-def probe_case(name: str, keep: str | None = None, recalibrate: bool = False) -> dict:
+def probe_case(name: str, keep: str | None = None, recalibrate: bool = False, alphas=ALPHAS,
+               refit_check: bool = False, tiny: bool = False, overrides: dict | None = None) -> dict:
     case = by_name(name)
-    model_file, earlier = case_model(case, tiny=False, history=True)
+    model_file, earlier = case_model(case, tiny=tiny, history=True)
     scenario = model_file_scenario(model_file)
+    recipe = recipe_config("default", overrides)
+    if tiny:   # every class a suspect, so that the game runs and the path is walked
+        recipe = smoke_sized(recipe).with_overrides({"blend_search.suspect_threshold": 0.0, "verdict.votes": 1})
     torch.manual_seed(0)
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe_config("default"),
+    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe,
                           earlier=[load_model(p).model.eval() for p in earlier])
     train_epochs(trainer)
     wall = time.perf_counter() - started
     suspects = list(trainer.extension("blend_search").suspects)
     row = {"case": name, "target": case.attack.target if case.poisoned else None, "suspects": suspects,
-           "recalibrated": recalibrate,
+           "recalibrated": recalibrate, "overrides": overrides or {},
            "wall_s": round(wall, 1), "points": []}
     if not suspects or trainer.stop_reason is not None:
         return row
@@ -119,11 +124,23 @@ def probe_case(name: str, keep: str | None = None, recalibrate: bool = False) ->
         with torch.no_grad():
             recalibration = [trainer.spec.denormalise(blend.search_generator(
                 torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)]
-    paths = [(a, False) for a in ALPHAS] + [(a, True) for a in (0.5, 1.0)]
-    for a, statistics_only in paths:
-        model = interpolate(student, trainer.teacher, a, recalibration, statistics_only)
+    if refit_check:
+        real = scenario.bundle.train.images
+        real_batches = [real[i:i + 256] for i in range(0, len(real), 256)]
+        synthetic = recalibration or [trainer.spec.denormalise(blend.search_generator(
+            torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)]
+        for label, model in (("handed back", student), ("statistics on G's samples", interpolate(student, trainer.teacher, 0.0, synthetic)),
+                             ("statistics on clean training images", interpolate(student, trainer.teacher, 0.0, real_batches)),
+                             ("T, statistics on clean training images", interpolate(student, trainer.teacher, 1.0, real_batches))):
+            test = scenario.evaluate(model)
+            check = {"model": label, **{k: round(100 * v, 2) for k, v in test.items() if isinstance(v, float)},
+                     **{k: round(v, 4) for k, v in signals(trainer, model, suspects, x).items()}}
+            row.setdefault("refit_check", []).append(check)
+            print(json.dumps({"case": name, **check}), flush=True)
+    for a in alphas:
+        model = interpolate(student, trainer.teacher, a, recalibration)
         test = scenario.evaluate(model)
-        point = {"a": a + (10 if statistics_only else 0),   # 10 + a: S's weights, batch-norm statistics moved
+        point = {"a": a,
                  **{k: round(100 * v, 2) for k, v in test.items() if isinstance(v, float)},
                  **{k: round(v, 4) for k, v in signals(trainer, model, suspects, x).items()},
                  **{f"reinv_{k}": round(reinverted_loss(trainer, model, k), 4) for k in suspects}}
@@ -149,15 +166,27 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--out", default=None)
     parser.add_argument("--report", default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="the default's overrides")
+    parser.add_argument("--tiny", action="store_true", help="one case at smoke size, two points and the refit check (CI)")
     parser.add_argument("--keep", default=None, help="folder: S's and T's states (this machine only, not results)")
     parser.add_argument("--recalibrate", action="store_true", help="re-estimate batch-norm statistics on G's samples")
+    parser.add_argument("--alphas", nargs="*", type=float, default=list(ALPHAS), help="points of the path (none: skip it)")
+    parser.add_argument("--refit-check", action="store_true",
+                        help="also S with its batch-norm statistics re-estimated on G's samples and on clean training "
+                             "images (a user's AdaBN; the experimenter's check)")
     args = parser.parse_args()
     if args.report:
         report(Path(args.report))
         return
     torch.set_num_threads(2)
+    from defense.cli import field_pairs
+
+    overrides = field_pairs(args.set, "--set")
+    if args.tiny:
+        probe_case(DEV[2].name, alphas=(0.0, 1.0), refit_check=True, recalibrate=True, tiny=True)
+        return
     for name in args.only:
-        row = probe_case(name, args.keep, args.recalibrate)
+        row = probe_case(name, args.keep, args.recalibrate, args.alphas, args.refit_check, overrides=overrides)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

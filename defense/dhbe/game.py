@@ -140,6 +140,18 @@ class DHBETrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def perturbed(self):
+        """S's forwards on perturbed inputs (patched, blended, stamped) run inside this: officially S as
+        it is, in train mode; the extensions are told on entering and leaving (`perturbed_pass`)."""
+        for ext in self.extensions:
+            ext.perturbed_pass(self, True)
+        try:
+            yield
+        finally:
+            for ext in self.extensions:
+                ext.perturbed_pass(self, False)
+
     def searches_in_fp32(self):
         """Autocast off for the probes and the per-epoch searches (the verdict's blend search, the mask
         search, the trigger bank's warm-up): under bf16 the blend search flagged no class on a
@@ -218,8 +230,11 @@ class DHBETrainer:
         s_logits = self.student(own(x))
         distill = distillation_loss(s_logits, own(t_logits))
         lam = self.current_lambda()
-        regulariser = (backdoor_regulariser(self.student(own(x_patched)), s_logits.detach()) if lam > 0
-                       else torch.zeros((), device=self.device))
+        if lam > 0:
+            with self.perturbed():
+                regulariser = backdoor_regulariser(self.student(own(x_patched)), s_logits.detach())
+        else:
+            regulariser = torch.zeros((), device=self.device)
         loss = distill + lam * regulariser
         for ext in self.extensions:
             term = ext.student_terms(self, x, t_logits, s_logits)
@@ -278,7 +293,8 @@ class DHBETrainer:
             x = self.parallel.gather(self.synthesise(own(self.latent(cfg.latent_dim))))
             self.seen(x)
         with frozen(self.student) as student:
-            patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
+            with self.perturbed():
+                patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
             with torch.no_grad():
                 clean_logits = student(own(x))
             loss = -backdoor_regulariser(patched_logits, clean_logits)
@@ -352,13 +368,9 @@ class DHBETrainer:
         return sums[0] / count, sums[1] / count, sums[2] / count
 
     def output_model(self) -> nn.Module:
-        """The purified model: S, or what an extension hands back instead (e.g. S's moving average),
-        as the extensions finish it (e.g. its batch-norm statistics re-estimated)."""
+        """The purified model: S, or what an extension hands back instead (e.g. S's moving average)."""
         model = self.first_answer("output_model")
-        model = model if model is not None else self.student
-        for ext in self.extensions:
-            model = ext.finish_output(self, model)
-        return model
+        return model if model is not None else self.student
 
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.student.parameters())

@@ -16,14 +16,14 @@ order a run meets them:
 - `lambda_at`             lambda of Eq. 8 for the current epoch
 - `generator_adversarial_weight`  G's weight on -L1(S, T) (first answer wins; official 1)
 - `watch_teacher`         T's forward in the G step is being observed (priors on T's activations)
+- `perturbed_pass`        S runs on perturbed inputs (patched, blended, stamped) for a regulariser or
+                          Gp's step (on entering and on leaving; official: nothing changes)
 - `generator_prior`       extra terms of G's loss
 - `student_terms`         extra terms of S's loss (given x and T(x) for the whole batch and S(x) on this
                           process's slice: a data-parallel term runs S on `trainer.parallel.shard(...)`)
 - `after_student_step`    once S's optimiser has stepped
 - `epoch_end`             after every epoch, with its data-free record
 - `output_model`          the model handed back (first answer wins; official: S)
-- `finish_output`         that model, changed before it is handed back (each extension in turn;
-                          official: unchanged)
 - `report`                the data-free evidence it gathered (the purified manifest and the run report)
 
 `DHBETrainer.stop(reason)` ends the game at the next epoch start (a verdict of "nothing to erase").
@@ -79,6 +79,8 @@ class Extension:
 
     def watch_teacher(self, trainer: DHBETrainer, on: bool) -> None: ...
 
+    def perturbed_pass(self, trainer: DHBETrainer, entering: bool) -> None: ...
+
     def generator_prior(self, trainer: DHBETrainer, normalised: torch.Tensor,
                         teacher_logits: torch.Tensor) -> Optional[torch.Tensor]:
         return None
@@ -93,9 +95,6 @@ class Extension:
 
     def output_model(self, trainer: DHBETrainer) -> Optional[nn.Module]:
         return None
-
-    def finish_output(self, trainer: DHBETrainer, model: nn.Module) -> nn.Module:
-        return model
 
     def report(self, trainer: DHBETrainer) -> Optional[dict[str, Any]]:
         return None
