@@ -28,6 +28,7 @@ from defense.blend_search import invert_class_patterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
 from defense.generators import blend_patterns, paste_patches
 from defense.mask_search import apply_mask_trigger
+from defense.metrics import statistics_refitted
 from defense.modelio import load_model
 from defense.scenario import model_file_scenario
 
@@ -36,23 +37,12 @@ ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 def interpolate(student: torch.nn.Module, teacher: torch.nn.Module, a: float, samples=None) -> torch.nn.Module:
     """(1 - a) S + a T on every floating tensor of the state (parameters and batch-norm statistics);
-    with `samples` (a list of batches), the batch-norm statistics are then re-estimated on them (the
-    cumulative average over the batches, as REPAIR/`reset BN` do after interpolating weights)."""
+    with `samples` (images), the batch-norm statistics are then re-estimated on them (as REPAIR /
+    `reset BN` do after interpolating weights)."""
     model = copy.deepcopy(student)
     s, t = student.state_dict(), teacher.state_dict()
     model.load_state_dict({k: (1 - a) * v + a * t[k] if v.is_floating_point() else v for k, v in s.items()})
-    if samples is not None:
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for x in samples:
-                model(x)
-        for m in norms:
-            m.momentum = 0.1
-    return model.eval()
+    return statistics_refitted(model, samples) if samples is not None else model.eval()
 
 
 @torch.no_grad()
@@ -122,13 +112,12 @@ def probe_case(name: str, keep: str | None = None, recalibrate: bool = False, al
     recalibration = None
     if recalibrate:
         with torch.no_grad():
-            recalibration = [trainer.spec.denormalise(blend.search_generator(
-                torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)]
+            recalibration = torch.cat([trainer.spec.denormalise(blend.search_generator(
+                torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)])
     if refit_check:
-        real = scenario.bundle.train.images
-        real_batches = [real[i:i + 256] for i in range(0, len(real), 256)]
-        synthetic = recalibration or [trainer.spec.denormalise(blend.search_generator(
-            torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)]
+        real_batches = scenario.bundle.train.images
+        synthetic = recalibration if recalibration is not None else torch.cat([trainer.spec.denormalise(
+            blend.search_generator(torch.randn(256, trainer.config.latent_dim, generator=g))) for _ in range(8)])
         for label, model in (("handed back", student), ("statistics on G's samples", interpolate(student, trainer.teacher, 0.0, synthetic)),
                              ("statistics on clean training images", interpolate(student, trainer.teacher, 0.0, real_batches)),
                              ("T, statistics on clean training images", interpolate(student, trainer.teacher, 1.0, real_batches))):

@@ -76,3 +76,25 @@ def evaluate_backdoor(model: nn.Module, test: Split, trigger: Optional[Trigger],
         if copies == 1:
             result["ra"] = robust_accuracy(triggered, test.labels, target)
     return result
+
+
+def statistics_refitted(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """A copy of `model` with its batch-norm statistics re-estimated on `images` (the cumulative average
+    over batches of `batch_size`, as AdaBN or a fine-tune in train mode would set them); weights as they
+    are. The experimenter's check of a purified model: an erasure that lives in the statistics does not
+    survive it (docs/dhbe.md, fifteenth round)."""
+    import copy
+
+    refitted = copy.deepcopy(model)
+    norms = [m for m in refitted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    refitted.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            refitted(images[start:start + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return refitted.eval()

@@ -5,7 +5,7 @@ import torch
 
 from defense.data import Split
 from defense.errors import ConfigError
-from defense.metrics import (attack_success_rate, defence_effectiveness_rating, evaluate_backdoor,
+from defense.metrics import (attack_success_rate, defence_effectiveness_rating, evaluate_backdoor, statistics_refitted,
                              robust_accuracy)
 from defense.spec import InputSpec
 from defense.triggers import (BlendedTrigger, TriggerConfig, checkerboard, grid_positions,
@@ -93,3 +93,25 @@ def test_evaluate_backdoor_on_a_model_that_obeys_the_trigger():
     assert result["acc"] == pytest.approx(4 / 6)
     assert result["asr_x1"] == 1.0 and result["asr_x9"] == 1.0 and result["ra"] == 0.0
     assert math.isclose(result["asr_all_x1"], 1.0)
+
+
+def test_statistics_refitted_on_clean_images_undo_statistics_polluted_by_perturbed_inputs(clean_scenario):
+    """The experimenter's refit check (docs/dhbe.md, fifteenth round): batch-norm statistics estimated on
+    perturbed inputs cost a model its accuracy; re-estimated on clean images they give it back, and
+    only the statistics change."""
+    import copy
+
+    bundle = clean_scenario.bundle
+    acc = lambda model: evaluate_backdoor(model.eval(), bundle.test, None, 0)["acc"]
+    polluted = copy.deepcopy(clean_scenario.teacher).train()
+    with torch.no_grad():
+        for _ in range(30):
+            polluted(torch.rand(128, *bundle.spec.shape) * 3)
+    state = {k: v.clone() for k, v in polluted.state_dict().items()}
+    refitted = statistics_refitted(polluted, bundle.train.images)
+    assert acc(polluted) < acc(clean_scenario.teacher) - 0.3
+    assert acc(refitted) > acc(clean_scenario.teacher) - 0.02
+    assert all(torch.equal(v, polluted.state_dict()[k]) for k, v in state.items())   # the input is untouched
+    buffers = {name for name, _ in refitted.named_buffers()}
+    assert all(torch.equal(refitted.state_dict()[k], v) for k, v in state.items() if k not in buffers)
+    assert not refitted.training

@@ -140,18 +140,6 @@ class DHBETrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def perturbed(self):
-        """S's forwards on perturbed inputs (patched, blended, stamped) run inside this: officially S as
-        it is, in train mode; the extensions are told on entering and leaving (`perturbed_pass`)."""
-        for ext in self.extensions:
-            ext.perturbed_pass(self, True)
-        try:
-            yield
-        finally:
-            for ext in self.extensions:
-                ext.perturbed_pass(self, False)
-
     def searches_in_fp32(self):
         """Autocast off for the probes and the per-epoch searches (the verdict's blend search, the mask
         search, the trigger bank's warm-up): under bf16 the blend search flagged no class on a
@@ -230,11 +218,8 @@ class DHBETrainer:
         s_logits = self.student(own(x))
         distill = distillation_loss(s_logits, own(t_logits))
         lam = self.current_lambda()
-        if lam > 0:
-            with self.perturbed():
-                regulariser = backdoor_regulariser(self.student(own(x_patched)), s_logits.detach())
-        else:
-            regulariser = torch.zeros((), device=self.device)
+        regulariser = (backdoor_regulariser(self.student(own(x_patched)), s_logits.detach()) if lam > 0
+                       else torch.zeros((), device=self.device))
         loss = distill + lam * regulariser
         for ext in self.extensions:
             term = ext.student_terms(self, x, t_logits, s_logits)
@@ -293,8 +278,7 @@ class DHBETrainer:
             x = self.parallel.gather(self.synthesise(own(self.latent(cfg.latent_dim))))
             self.seen(x)
         with frozen(self.student) as student:
-            with self.perturbed():
-                patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
+            patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
             with torch.no_grad():
                 clean_logits = student(own(x))
             loss = -backdoor_regulariser(patched_logits, clean_logits)

@@ -16,8 +16,6 @@ order a run meets them:
 - `lambda_at`             lambda of Eq. 8 for the current epoch
 - `generator_adversarial_weight`  G's weight on -L1(S, T) (first answer wins; official 1)
 - `watch_teacher`         T's forward in the G step is being observed (priors on T's activations)
-- `perturbed_pass`        S runs on perturbed inputs (patched, blended, stamped) for a regulariser or
-                          Gp's step (on entering and on leaving; official: nothing changes)
 - `generator_prior`       extra terms of G's loss
 - `student_terms`         extra terms of S's loss (given x and T(x) for the whole batch and S(x) on this
                           process's slice: a data-parallel term runs S on `trainer.parallel.shard(...)`)
@@ -78,8 +76,6 @@ class Extension:
         return None
 
     def watch_teacher(self, trainer: DHBETrainer, on: bool) -> None: ...
-
-    def perturbed_pass(self, trainer: DHBETrainer, entering: bool) -> None: ...
 
     def generator_prior(self, trainer: DHBETrainer, normalised: torch.Tensor,
                         teacher_logits: torch.Tensor) -> Optional[torch.Tensor]:
