@@ -5,6 +5,7 @@ defence itself never calls them.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -83,8 +84,6 @@ def statistics_refitted(model: nn.Module, images: torch.Tensor, batch_size: int 
     over batches of `batch_size`, as AdaBN or a fine-tune in train mode would set them); weights as they
     are. The experimenter's check of a purified model: an erasure that lives in the statistics does not
     survive it (docs/dhbe.md, fifteenth round)."""
-    import copy
-
     refitted = copy.deepcopy(model)
     norms = [m for m in refitted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
