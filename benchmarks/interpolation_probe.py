@@ -171,6 +171,9 @@ def main() -> None:
     from defense.cli import field_pairs
 
     overrides = field_pairs(args.set, "--set")
+    unknown = [name for name in args.only if by_name(name) is None]
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(unknown)} (benchmarks/default_cases.py names them)")
     if args.tiny:
         probe_case(DEV[2].name, alphas=(0.0, 1.0), refit_check=True, recalibrate=True, tiny=True)
         return
