@@ -185,6 +185,12 @@ class DHBETrainer:
         pasted = self.first_answer("paste", pixels, patches)
         return pasted if pasted is not None else paste_patches(pixels, patches, per_sample=False, generator=self.rng)
 
+    def perturbed_batch(self, clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """The batch S meets perturbed, from its clean and fully perturbed versions: officially every
+        sample perturbed; an extension may leave some clean (`mixed_batches`)."""
+        mixed = self.first_answer("perturbed_batch", clean, perturbed)
+        return mixed if mixed is not None else perturbed
+
     def current_lambda(self) -> float:
         lam = self.config.lam
         for ext in self.extensions:
@@ -214,7 +220,7 @@ class DHBETrainer:
         cfg, own = self.config, self.parallel.shard
         with torch.no_grad():
             x, t_logits = self.student_batch()
-            x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim), for_student=True)
+            x_patched = self.perturbed_batch(x, self.patch(x, self.latent(cfg.trigger_latent_dim), for_student=True))
         s_logits = self.student(own(x))
         distill = distillation_loss(s_logits, own(t_logits))
         lam = self.current_lambda()
@@ -278,7 +284,7 @@ class DHBETrainer:
             x = self.parallel.gather(self.synthesise(own(self.latent(cfg.latent_dim))))
             self.seen(x)
         with frozen(self.student) as student:
-            patched_logits = student(own(self.patch(x, self.latent(cfg.trigger_latent_dim))))
+            patched_logits = student(own(self.perturbed_batch(x, self.patch(x, self.latent(cfg.trigger_latent_dim)))))
             with torch.no_grad():
                 clean_logits = student(own(x))
             loss = -backdoor_regulariser(patched_logits, clean_logits)

@@ -13,6 +13,8 @@ order a run meets them:
 - `samples_seen`          every fresh G sample (with T's logits where the step has them)
 - `student_patches`       Gp's patches before a student step pastes them
 - `paste`                 how patches are pasted (the first extension that answers wins)
+- `perturbed_batch`       a batch S meets perturbed (Gp's patches, the blend and mask terms) from its
+                          clean and fully perturbed versions (first answer wins; official: all perturbed)
 - `lambda_at`             lambda of Eq. 8 for the current epoch
 - `generator_adversarial_weight`  G's weight on -L1(S, T) (first answer wins; official 1)
 - `watch_teacher`         T's forward in the G step is being observed (priors on T's activations)
@@ -67,6 +69,10 @@ class Extension:
         return patches
 
     def paste(self, trainer: DHBETrainer, pixels: torch.Tensor, patches: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def perturbed_batch(self, trainer: DHBETrainer, clean: torch.Tensor,
+                        perturbed: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
     def lambda_at(self, trainer: DHBETrainer, lam: float) -> float:

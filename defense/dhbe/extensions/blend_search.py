@@ -113,7 +113,7 @@ class BlendSearch(Extension):
             x_blended = blend_patterns(x, patterns, ratios)
         own = trainer.parallel.shard   # x and T(x): the whole batch; S(x): this process's slice
         anchor = own(teacher_logits) if self.config.anchor == "teacher" else student_logits.detach()
-        return self.config.weight * l1(trainer.student(own(x_blended)), anchor)
+        return self.config.weight * l1(trainer.student(own(trainer.perturbed_batch(x, x_blended))), anchor)
 
     def evidence(self) -> Optional[dict[str, Any]]:
         """The data-free evidence of the first search, for a defender's report."""

@@ -109,7 +109,7 @@ class MaskSearch(Extension):
                 here = (stamp < stamps).to(x).view(-1, 1, 1, 1)
                 stamped = apply_mask_trigger(stamped, here * roll_per_sample(mask, dy, dx), roll_per_sample(pattern, dy, dx))
         own = trainer.parallel.shard   # x and T(x): the whole batch; S: this process's slice
-        return cfg.weight * l1(trainer.student(own(stamped)), own(teacher_logits))
+        return cfg.weight * l1(trainer.student(own(trainer.perturbed_batch(x, stamped))), own(teacher_logits))
 
     def report(self, trainer) -> Optional[dict[str, Any]]:
         if not self.found:
