@@ -101,6 +101,34 @@ def test_student_step_minimises_equation_8():
     assert loss == pytest.approx(distill + 0.7 * regulariser, rel=1e-5)
 
 
+def test_mixed_batches_leave_a_share_of_each_perturbed_batch_clean_in_the_student_step():
+    torch.manual_seed(0)
+    teacher = build_model("small-cnn", SPEC).eval()
+    config = cpu_recipe().without("trigger_bank", "student_ema").replace(
+        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1).with_overrides(
+        {"mixed_batches.perturbed_share": 0.25})
+    trainer = DHBETrainer(teacher, SPEC, config)
+    torch.manual_seed(5)
+    trainer.rng.manual_seed(5)
+    with torch.no_grad():
+        student = copy.deepcopy(trainer.student)
+        trainer.student.train()
+        x = trainer.synthesise(trainer.latent(config.dhbe.latent_dim))
+        xp = trainer.patch(x, trainer.latent(config.dhbe.trigger_latent_dim))
+        mixed = trainer.perturbed_batch(x, xp)
+        changed = (mixed != x).flatten(1).any(1)
+        assert changed.tolist() == [False, False, False, True, False, False, False, True]
+        assert torch.equal(mixed[changed], xp[changed])
+        s = student.train()(x)
+        expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(mixed), s)
+    torch.manual_seed(5)
+    trainer.rng.manual_seed(5)
+    loss, _, _ = trainer.student_step()
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(ConfigError, match="perturbed_share"):
+        recipe_config("cpu", {"mixed_batches.perturbed_share": 1.0})
+
+
 def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     teacher = build_model("small-cnn", SPEC).eval()
     config = cpu_recipe().without("trigger_bank").replace(batch_size=8, epochs=15, lam=1.0).with_extension(
