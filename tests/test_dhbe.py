@@ -79,11 +79,13 @@ def test_batch_norm_prior_covers_all_or_the_first_layers():
         prior.remove()
 
 
-def test_student_step_minimises_equation_8():
+def one_student_step_by_hand(overrides=None):
+    """A one-step game (lambda 0.7, batch 8) with `overrides`: its x, Gp's fully patched x, the batch the
+    student step perturbs, Eq. 8 computed by hand on them, and the trainer's own student step."""
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
     config = cpu_recipe().without("trigger_bank", "student_ema").replace(
-        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1)
+        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1).with_overrides(overrides or {})
     trainer = DHBETrainer(teacher, SPEC, config)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
@@ -92,39 +94,27 @@ def test_student_step_minimises_equation_8():
         trainer.student.train()
         x = trainer.synthesise(trainer.latent(config.dhbe.latent_dim))
         xp = trainer.patch(x, trainer.latent(config.dhbe.trigger_latent_dim))
+        perturbed = trainer.perturbed_batch(x, xp)
         s = student.train()(x)
-        expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(xp), s)
+        expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(perturbed), s)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
-    loss, distill, regulariser = trainer.student_step()
-    assert loss == pytest.approx(float(expected), rel=1e-4)
+    return x, xp, perturbed, float(expected), trainer.student_step()
+
+
+def test_student_step_minimises_equation_8():
+    _, xp, perturbed, expected, (loss, distill, regulariser) = one_student_step_by_hand()
+    assert torch.equal(perturbed, xp)   # officially every sample is patched
+    assert loss == pytest.approx(expected, rel=1e-4)
     assert loss == pytest.approx(distill + 0.7 * regulariser, rel=1e-5)
 
 
 def test_mixed_batches_leave_a_share_of_each_perturbed_batch_clean_in_the_student_step():
-    torch.manual_seed(0)
-    teacher = build_model("small-cnn", SPEC).eval()
-    config = cpu_recipe().without("trigger_bank", "student_ema").replace(
-        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1).with_overrides(
-        {"mixed_batches.perturbed_share": 0.25})
-    trainer = DHBETrainer(teacher, SPEC, config)
-    torch.manual_seed(5)
-    trainer.rng.manual_seed(5)
-    with torch.no_grad():
-        student = copy.deepcopy(trainer.student)
-        trainer.student.train()
-        x = trainer.synthesise(trainer.latent(config.dhbe.latent_dim))
-        xp = trainer.patch(x, trainer.latent(config.dhbe.trigger_latent_dim))
-        mixed = trainer.perturbed_batch(x, xp)
-        changed = (mixed != x).flatten(1).any(1)
-        assert changed.tolist() == [False, False, False, True, False, False, False, True]
-        assert torch.equal(mixed[changed], xp[changed])
-        s = student.train()(x)
-        expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(mixed), s)
-    torch.manual_seed(5)
-    trainer.rng.manual_seed(5)
-    loss, _, _ = trainer.student_step()
-    assert loss == pytest.approx(float(expected), rel=1e-4)
+    x, xp, mixed, expected, (loss, _, _) = one_student_step_by_hand({"mixed_batches.perturbed_share": 0.25})
+    changed = (mixed != x).flatten(1).any(1)
+    assert changed.tolist() == [False, False, False, True, False, False, False, True]
+    assert torch.equal(mixed[changed], xp[changed])
+    assert loss == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ConfigError, match="perturbed_share"):
         recipe_config("cpu", {"mixed_batches.perturbed_share": 1.0})
 

@@ -37,7 +37,7 @@ class MixedBatchesConfig(ExtensionConfig):
 
 
 def evenly_spread(rows: int, share: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A boolean mask over `rows` with round(share * rows) (floor) True rows spread evenly."""
+    """A boolean mask over `rows` with floor(share * rows) True rows, spread evenly."""
     index = torch.arange(rows + 1, device=device, dtype=torch.float64)
     steps = torch.floor(index * share)
     return steps[1:] > steps[:-1]
