@@ -64,4 +64,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from defense.cli import run_main
+
+    run_main(lambda argv: main() or 0, "python -m benchmarks.default_trajectory")   # a bad --set value: one line, exit 2

@@ -68,4 +68,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from defense.cli import run_main
+
+    run_main(lambda argv: main() or 0, "python -m benchmarks.shock_probe")   # a bad --set value: one line, exit 2

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks.default_cases import CASE_SETS, DEV, LATE, history_models, plant, plant_history
 from defense.blend_search import ClassPatterns
+from defense.cli import field_pairs
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.generators import blend_patterns
 from defense.models import frozen
@@ -144,15 +145,15 @@ def main() -> None:
             c for name in WHOLE_SETS if name in args.sets for c in CASE_SETS[name]]
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
-            default_verdict(chosen, args.out, dict(item.split("=", 1) for item in args.set), args.candidates)
+            default_verdict(chosen, args.out, field_pairs(args.set, "--set"), args.candidates)
             return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
             return
         models += [(c.name, truth(c), lambda c=c: plant(c)) for c in chosen]
-    for name, truth, path in models:
-        row = {"case": name, "truth": truth, **probe(path(), args.tiny, args.steps)}
-        print(name, truth, {f: (row[f]["top"], row[f]["index"], row[f]["worst_top"], row[f]["worst_index"])
+    for name, known, path in models:   # `known`: `truth` names the function that the list above calls
+        row = {"case": name, "truth": known, **probe(path(), args.tiny, args.steps)}
+        print(name, known, {f: (row[f]["top"], row[f]["index"], row[f]["worst_top"], row[f]["worst_index"])
                             for f in FORMS}, flush=True)
         if not args.tiny:
             with Path(args.out).open("a") as sink:
@@ -268,4 +269,6 @@ def history(cases, rounds: list[int], steps: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from defense.cli import run_main
+
+    run_main(lambda argv: main() or 0, "python -m benchmarks.verdict_probe")   # a bad --set value: one line, exit 2
