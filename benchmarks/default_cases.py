@@ -119,6 +119,11 @@ SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", 
 FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blended", "dba")] + [
     matrix_case("blended", 4, "trimmed-mean"), matrix_case("sig", 4, "median")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
+# run once, for the seventeenth round (a suspect confirmed by the size of Neural Cleanse's smallest mask): a
+# sixth seed's late-window cells (target 5) and three more clean FedAvg runs; fixed before any was planted.
+# The two FALSE_ALARM_HELD_OUT cases never run (blended under trimmed mean, clean s31) are held out with it.
+MASK_SIZE_HELD_OUT = [matrix_case(a, seed=5) for a in ("sig", "badnets", "blended", "dba")] + [
+    case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (32, 33, 34)]
 # the defence matrix's cells (seed 0, target 0) where a robust aggregation left a live backdoor (ASR x1 >=
 # 50%; benchmarks/results/defence_matrix.md): the purified column, run once, handed some of them back
 # or left them unerased (fourteenth round); development cases from then on
@@ -126,7 +131,8 @@ ROBUST_AGGREGATION = [matrix_case("blended", 0, a) for a in ("median", "trimmed-
     matrix_case("sig", 0, a) for a in ("median", "trimmed-mean", "rlr")]
 CASE_SETS = {"dev": DEV, "held-out": HELD_OUT, "late": LATE, "late-held-out": LATE_HELD_OUT,
              "temporal-held-out": TEMPORAL_HELD_OUT, "shared-generator-held-out": SHARED_GENERATOR_HELD_OUT,
-             "false-alarm-held-out": FALSE_ALARM_HELD_OUT, "robust-aggregation": ROBUST_AGGREGATION}
+             "false-alarm-held-out": FALSE_ALARM_HELD_OUT, "robust-aggregation": ROBUST_AGGREGATION,
+             "mask-size-held-out": MASK_SIZE_HELD_OUT}
 
 
 def simulation_config(case: Case, tiny: bool = False):

@@ -40,7 +40,7 @@ FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 # case sets probed whole, in this order, after dev and LATE's backdoored ("late") and clean ("clean") parts
 WHOLE_SETS = ("late-held-out", "temporal-held-out", "shared-generator-held-out", "false-alarm-held-out",
-              "robust-aggregation")
+              "robust-aggregation", "mask-size-held-out")
 
 
 def invert(model, samples, k: int, form, steps: int, lr: float, like: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,9 @@ def main() -> None:
                         help="with --default-verdict: beside the verdict, the fourteenth round's candidate "
                              "statistics per version and class (held-out losses, ratio 0.05, the final "
                              "model's patterns on earlier versions, pattern similarity)")
+    parser.add_argument("--mask-sizes", choices=("final", "all"), default=None,
+                        help="with --default-verdict: beside the verdict, Neural Cleanse's smallest mask per class "
+                             "on the model (final) or on every version (all); central cases included")
     parser.add_argument("--report", default=None, metavar="JSONL",
                         help="read a --candidates file and print, per run, each statistic's suspects (index > 2 "
                              "in at least 2 versions) and its values at the true target and at the suspects")
@@ -145,7 +148,7 @@ def main() -> None:
             c for name in WHOLE_SETS if name in args.sets for c in CASE_SETS[name]]
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
-            default_verdict(chosen, args.out, field_pairs(args.set, "--set"), args.candidates)
+            default_verdict(chosen, args.out, field_pairs(args.set, "--set"), args.candidates, args.mask_sizes)
             return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
@@ -166,18 +169,23 @@ def truth(case) -> dict:
             "target": case.attack.target if case.poisoned else None}
 
 
-def default_verdict(cases, out: str, overrides: dict | None = None, candidates: bool = False) -> None:
+def default_verdict(cases, out: str, overrides: dict | None = None, candidates: bool = False,
+                    mask_sizes: str | None = None) -> None:
     """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
     search), on each federated case's final global model with the earlier ones the simulation's hook
-    hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said."""
+    hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said. With
+    `mask_sizes`, central cases too (the model alone)."""
     from defense.dhbe.extensions.verdict import voted_suspects
 
     for case in cases:
         if case.kind == "central":
-            continue
-        final_path, earlier_paths = history_models(case)
-        final = load_model(final_path)
-        earlier = [load_model(path).model.eval() for path in earlier_paths]
+            if not mask_sizes:
+                continue
+            final, earlier = load_model(plant(case)), []
+        else:
+            final_path, earlier_paths = history_models(case)
+            final = load_model(final_path)
+            earlier = [load_model(path).model.eval() for path in earlier_paths]
         started = time.perf_counter()
         trainer = DHBETrainer(final.model.eval(), final.spec, recipe_config("default", overrides), earlier=earlier)
         with trainer.searches_in_fp32():
@@ -194,6 +202,9 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
                "s": round(time.perf_counter() - started, 1), "overrides": overrides or {}}
         if candidates:
             row["candidates"] = candidate_statistics(trainer, [*earlier, final.model.eval()])
+        if mask_sizes:
+            versions = [*earlier, final.model.eval()] if mask_sizes == "all" else [final.model.eval()]
+            row["mask_sizes"] = mask_size_statistics(trainer, versions)
         print(json.dumps(row), flush=True)
         with Path(out).open("a") as sink:
             sink.write(json.dumps(row) + "\n")
@@ -234,6 +245,30 @@ def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
         out[f"{key}_index"] = [[round(v, 2) for v in ClassPatterns(list(range(len(losses))), torch.zeros(0),
                                                                      losses).anomaly_index()]
                                for losses in out[key]]
+    return out
+
+
+def mask_size_statistics(trainer, versions: list) -> dict:
+    """Seventeenth round (H18): per version (oldest first, the model last) and class k, Neural Cleanse's
+    smallest mask that sends the fitted search G's samples to k (the mask search's own settings), its
+    mean over the image and success; with the anomaly index of the log mask means (small = anomalous)."""
+    from defense.mask_search import invert_mask_trigger
+
+    search, cfg = trainer.extension("blend_search"), trainer.recipe.get("mask_search")
+    generator = search.search_generator.eval()
+    samples = lambda: trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+    out: dict = {"mask_mean": [], "success": [], "index": [], "s": []}
+    with trainer.searches_in_fp32():
+        for model in versions:
+            started = time.perf_counter()
+            found = [invert_mask_trigger(model.eval(), samples, k, cfg.steps, cfg.lr, cfg.cost)
+                     for k in range(trainer.spec.num_classes)]
+            means = [t.mask_mean for t in found]
+            out["mask_mean"].append([round(v, 5) for v in means])
+            out["success"].append([round(t.success, 3) for t in found])
+            out["index"].append([round(v, 2) for v in ClassPatterns(list(range(len(means))), torch.zeros(0),
+                                                                     means).anomaly_index()])
+            out["s"].append(round(time.perf_counter() - started, 1))
     return out
 
 
