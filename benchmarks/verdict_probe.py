@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--mask-sizes", choices=("final", "all"), default=None,
                         help="with --default-verdict: beside the verdict, Neural Cleanse's smallest mask per class "
                              "on the model (final) or on every version (all); central cases included")
+    parser.add_argument("--source-flips", action="store_true",
+                        help="with --default-verdict: beside the verdict, each class's blend pattern's flip rate "
+                             "per source class, per version; central cases included")
     parser.add_argument("--report", default=None, metavar="JSONL",
                         help="read a --candidates file and print, per run, each statistic's suspects (index > 2 "
                              "in at least 2 versions) and its values at the true target and at the suspects")
@@ -148,7 +151,8 @@ def main() -> None:
             c for name in WHOLE_SETS if name in args.sets for c in CASE_SETS[name]]
         chosen = [c for c in chosen if not args.only or c.name in args.only]
         if args.default_verdict:
-            default_verdict(chosen, args.out, field_pairs(args.set, "--set"), args.candidates, args.mask_sizes)
+            default_verdict(chosen, args.out, field_pairs(args.set, "--set"), args.candidates, args.mask_sizes,
+                            args.source_flips)
             return
         if args.history is not None:
             history(chosen, args.history, args.steps, args.out)
@@ -170,7 +174,7 @@ def truth(case) -> dict:
 
 
 def default_verdict(cases, out: str, overrides: dict | None = None, candidates: bool = False,
-                    mask_sizes: str | None = None) -> None:
+                    mask_sizes: str | None = None, source_flips: bool = False) -> None:
     """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
     search), on each federated case's final global model with the earlier ones the simulation's hook
     hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said. With
@@ -179,7 +183,7 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
 
     for case in cases:
         if case.kind == "central":
-            if not mask_sizes:
+            if not (mask_sizes or source_flips):
                 continue
             final, earlier = load_model(plant(case)), []
         else:
@@ -202,6 +206,8 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
                "s": round(time.perf_counter() - started, 1), "overrides": overrides or {}}
         if candidates:
             row["candidates"] = candidate_statistics(trainer, [*earlier, final.model.eval()])
+        if source_flips:
+            row["source_flips"] = source_flip_statistics(trainer, [*earlier, final.model.eval()])
         if mask_sizes:
             versions = [*earlier, final.model.eval()] if mask_sizes == "all" else [final.model.eval()]
             row["mask_sizes"] = mask_size_statistics(trainer, versions)
@@ -245,6 +251,36 @@ def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
         out[f"{key}_index"] = [[round(v, 2) for v in ClassPatterns(list(range(len(losses))), torch.zeros(0),
                                                                      losses).anomaly_index()]
                                for losses in out[key]]
+    return out
+
+
+def source_flip_statistics(trainer, versions: list, batches: int = 8) -> dict:
+    """Seventeenth round (H19): per version (oldest first, the model last) and class k, the share of the
+    fitted search G's samples of each source class j != k (the version's clean answer) that k's own blend
+    pattern (ratio 0.1) sends to k: a trigger overrides the content, so it should flip every source alike,
+    where a naturally easy class is nearer to some sources than to others. `flips[v][k][j]` (None: no
+    sample of j), and per class the lowest source's share (`min`) and the share over all sources (`all`)."""
+    search, verdict = trainer.extension("blend_search"), trainer.extension("verdict")
+    founds = [*verdict.earlier_found, search.found]
+    generator = search.search_generator.eval()
+    out: dict = {"flips": [], "min": [], "all": []}
+    with torch.no_grad(), trainer.searches_in_fp32():
+        x = torch.cat([trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+                       for _ in range(batches)])
+        for model, found in zip(versions, founds):
+            model.eval()
+            clean = model(x).argmax(1)
+            flips, lows, alls = [], [], []
+            for k in found.classes:
+                hit = model(blend_patterns(x, found.patterns[k].expand_as(x), 0.1)).argmax(1) == k
+                row = [round(float(hit[clean == j].float().mean()), 3) if j != k and bool((clean == j).any()) else None
+                       for j in range(trainer.spec.num_classes)]
+                flips.append(row)
+                lows.append(min(v for v in row if v is not None))
+                alls.append(round(float(hit[clean != k].float().mean()), 3))
+            out["flips"].append(flips)
+            out["min"].append(lows)
+            out["all"].append(alls)
     return out
 
 
