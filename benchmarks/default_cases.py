@@ -119,9 +119,10 @@ SHARED_GENERATOR_HELD_OUT = [matrix_case(a, seed=3) for a in ("sig", "badnets", 
 FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blended", "dba")] + [
     matrix_case("blended", 4, "trimmed-mean"), matrix_case("sig", 4, "median")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
-# run once, for the seventeenth round (a suspect confirmed by the size of Neural Cleanse's smallest mask): a
-# sixth seed's late-window cells (target 5) and three more clean FedAvg runs; fixed before any was planted.
-# The two FALSE_ALARM_HELD_OUT cases never run (blended under trimmed mean, clean s31) are held out with it.
+# fixed for the seventeenth round (a suspect confirmed by the size of Neural Cleanse's smallest mask) before
+# any was planted: a sixth seed's late-window cells (target 5) and three more clean FedAvg runs. That rule
+# was refuted on visible cases first, so this set is still unplanted and held out for the next verdict rule,
+# with the two FALSE_ALARM_HELD_OUT cases never run (blended under trimmed mean, clean s31).
 MASK_SIZE_HELD_OUT = [matrix_case(a, seed=5) for a in ("sig", "badnets", "blended", "dba")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (32, 33, 34)]
 # the defence matrix's cells (seed 0, target 0) where a robust aggregation left a live backdoor (ASR x1 >=

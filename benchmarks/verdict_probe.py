@@ -178,7 +178,7 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
     """The default's own verdict, as its game reaches it (the first epoch's probes up to the blend
     search), on each federated case's final global model with the earlier ones the simulation's hook
     hands it (rounds 5, 10, 15 of 20); beside it, what the model alone would have said. With
-    `mask_sizes`, central cases too (the model alone)."""
+    `mask_sizes` or `source_flips` (seventeenth round), central cases too (the model alone)."""
     from defense.dhbe.extensions.verdict import voted_suspects
 
     for case in cases:
