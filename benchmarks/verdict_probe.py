@@ -204,16 +204,31 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
                "index": [round(v, 2) for v in index],
                "earlier_index": [[round(v, 2) for v in i] for i in verdict.earlier_index],
                "s": round(time.perf_counter() - started, 1), "overrides": overrides or {}}
+        versions = [*earlier, final.model.eval()]
         if candidates:
-            row["candidates"] = candidate_statistics(trainer, [*earlier, final.model.eval()])
+            row["candidates"] = candidate_statistics(trainer, versions)
         if source_flips:
-            row["source_flips"] = source_flip_statistics(trainer, [*earlier, final.model.eval()])
+            row["source_flips"] = source_flip_statistics(trainer, versions)
         if mask_sizes:
-            versions = [*earlier, final.model.eval()] if mask_sizes == "all" else [final.model.eval()]
-            row["mask_sizes"] = mask_size_statistics(trainer, versions)
+            row["mask_sizes"] = mask_size_statistics(trainer, versions if mask_sizes == "all" else versions[-1:])
         print(json.dumps(row), flush=True)
         with Path(out).open("a") as sink:
             sink.write(json.dumps(row) + "\n")
+
+
+def fitted_samples(trainer) -> Callable[[], torch.Tensor]:
+    """Fresh batches of the blend search's copy of G, fitted to the model's priors (pixels in [0, 1])."""
+    generator = trainer.extension("blend_search").search_generator.eval()
+    return lambda: trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+
+
+def searched_versions(trainer, batches: int) -> tuple[list[ClassPatterns], torch.Tensor]:
+    """The blend search's per-class patterns on each version (the earlier ones first, the model last),
+    and `batches` fresh batches of the fitted G to measure them on."""
+    samples = fitted_samples(trainer)
+    with torch.no_grad(), trainer.searches_in_fp32():
+        x = torch.cat([samples() for _ in range(batches)])
+    return [*trainer.extension("verdict").earlier_found, trainer.extension("blend_search").found], x
 
 
 def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
@@ -222,14 +237,10 @@ def candidate_statistics(trainer, versions: list, batches: int = 8) -> dict:
     version's own pattern p_k at ratio 0.1 (`held`) and 0.05 (`half`), of the final model's pattern
     (`cross`), the share of samples not already k that p_k flips to k (`flip`), and the cosine of p_k
     with the final model's (`cos`, patterns centred); with each loss list's anomaly index."""
-    search, verdict = trainer.extension("blend_search"), trainer.extension("verdict")
-    founds = [*verdict.earlier_found, search.found]
-    generator = search.search_generator.eval()
+    founds, x = searched_versions(trainer, batches)
     final = founds[-1].patterns
     out: dict = {key: [] for key in ("held", "half", "cross", "flip", "cos")}
     with torch.no_grad(), trainer.searches_in_fp32():
-        x = torch.cat([trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
-                       for _ in range(batches)])
         for model, found in zip(versions, founds):
             model.eval()
             clean = model(x).argmax(1)
@@ -260,13 +271,9 @@ def source_flip_statistics(trainer, versions: list, batches: int = 8) -> dict:
     pattern (ratio 0.1) sends to k: a trigger overrides the content, so it should flip every source alike,
     where a naturally easy class is nearer to some sources than to others. `flips[v][k][j]` (None: no
     sample of j), and per class the lowest source's share (`min`) and the share over all sources (`all`)."""
-    search, verdict = trainer.extension("blend_search"), trainer.extension("verdict")
-    founds = [*verdict.earlier_found, search.found]
-    generator = search.search_generator.eval()
+    founds, x = searched_versions(trainer, batches)
     out: dict = {"flips": [], "min": [], "all": []}
     with torch.no_grad(), trainer.searches_in_fp32():
-        x = torch.cat([trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
-                       for _ in range(batches)])
         for model, found in zip(versions, founds):
             model.eval()
             clean = model(x).argmax(1)
@@ -290,9 +297,7 @@ def mask_size_statistics(trainer, versions: list) -> dict:
     mean over the image and success; with the anomaly index of the log mask means (small = anomalous)."""
     from defense.mask_search import invert_mask_trigger
 
-    search, cfg = trainer.extension("blend_search"), trainer.recipe.get("mask_search")
-    generator = search.search_generator.eval()
-    samples = lambda: trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+    cfg, samples = trainer.recipe.get("mask_search"), fitted_samples(trainer)
     out: dict = {"mask_mean": [], "success": [], "index": [], "s": []}
     with trainer.searches_in_fp32():
         for model in versions:
