@@ -75,7 +75,7 @@ def reinverted_loss(trainer: DHBETrainer, model, k: int) -> float:
     """The suspect's blend pattern inverted afresh on `model` (the search's own settings): its loss."""
     blend = trainer.extension("blend_search")
     cfg = blend.config
-    samples = lambda: trainer.spec.denormalise(blend.search_generator(trainer.latent(trainer.config.latent_dim)))
+    samples = lambda: blend.search_batch(trainer)
     with torch.random.fork_rng():
         torch.manual_seed(11)
         return invert_class_patterns(model, samples, [k], cfg.ratio, cfg.steps, cfg.lr).losses[0]

@@ -218,8 +218,9 @@ def default_verdict(cases, out: str, overrides: dict | None = None, candidates: 
 
 def fitted_samples(trainer) -> Callable[[], torch.Tensor]:
     """Fresh batches of the blend search's copy of G, fitted to the model's priors (pixels in [0, 1])."""
-    generator = trainer.extension("blend_search").search_generator.eval()
-    return lambda: trainer.spec.denormalise(generator(trainer.latent(trainer.config.latent_dim)))
+    search = trainer.extension("blend_search")
+    search.search_generator.eval()
+    return lambda: search.search_batch(trainer)
 
 
 def searched_versions(trainer, batches: int) -> tuple[list[ClassPatterns], torch.Tensor]:

@@ -64,6 +64,10 @@ class BlendSearch(Extension):
         self.suspects: list[int] = []                # the classes whose anomaly index exceeds the threshold
         self.classes: list[int] = []                 # the classes kept in the bank
 
+    def search_batch(self, trainer) -> torch.Tensor:
+        """A fresh batch of the search's copy of G, in pixels: what every search (and the mask search) runs on."""
+        return trainer.spec.denormalise(self.search_generator(trainer.latent(trainer.config.latent_dim)))
+
     def probe(self, trainer) -> None:
         if self.found is None:
             self.search(trainer)
@@ -86,7 +90,7 @@ class BlendSearch(Extension):
         self.search_generator.eval()
         found = invert_class_patterns(
             trainer.teacher if first else trainer.student,
-            lambda: trainer.spec.denormalise(self.search_generator(trainer.latent(core.latent_dim))),
+            lambda: self.search_batch(trainer),
             classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
         if first:
             self.found = found

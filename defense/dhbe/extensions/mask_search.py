@@ -78,7 +78,7 @@ class MaskSearch(Extension):
         if not suspects:
             return
         first = not self.found
-        samples = lambda: trainer.spec.denormalise(blend.search_generator(trainer.latent(trainer.config.latent_dim)))
+        samples = lambda: blend.search_batch(trainer)
         blend.search_generator.eval()
         latest = {t.target: t for t in self.bank}
         model = trainer.teacher if first else trainer.student
