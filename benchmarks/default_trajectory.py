@@ -32,7 +32,7 @@ def trajectory(case, recipe_name: str, overrides: dict, tiny: bool = False) -> l
     rows = []
     for record in train_epochs(trainer, evaluator=lambda model: scenario.evaluate(model.eval())):
         test = record.evaluation or {}
-        rows.append({"case": case.name, "epoch": record.epoch, "acc_before": before["acc"],
+        rows.append({"case": case.name, "epoch": record.epoch, "seconds": round(record.seconds, 2), "acc_before": before["acc"],
                      **{k: round(getattr(record, k), 4) for k in SIGNALS},
                      **{f"test_{k}": (None if v is None else round(v, 4)) for k, v in test.items()}})
     return rows

@@ -26,8 +26,7 @@ from benchmarks.default_cases import DEV, by_name
 from benchmarks.default_table import case_model
 from defense.blend_search import invert_class_patterns
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
-from defense.generators import blend_patterns, paste_patches
-from defense.mask_search import apply_mask_trigger
+from defense.dhbe.extensions.statistics import trigger_shares
 from defense.metrics import statistics_refitted
 from defense.modelio import load_model
 from defense.scenario import model_file_scenario
@@ -45,30 +44,12 @@ def interpolate(student: torch.nn.Module, teacher: torch.nn.Module, a: float, sa
     return statistics_refitted(model, samples) if samples is not None else model.eval()
 
 
-@torch.no_grad()
-def share_to(model, x, triggered, k: int) -> float:
-    """Of the samples `model` does not already answer k on, the share the trigger sends to k."""
-    clean, answer = model(x).argmax(1), model(triggered).argmax(1)
-    keep = clean != k
-    return float(((answer == k) & keep).sum() / keep.sum().clamp(min=1))
-
-
 def signals(trainer: DHBETrainer, model, suspects: list[int], x: torch.Tensor) -> dict:
-    blend, mask, bank = (trainer.extension(n) for n in ("blend_search", "mask_search", "trigger_bank"))
-    teacher_answer = trainer.teacher(x).argmax(1)
-    out = {"agree": float((model(x).argmax(1) == teacher_answer).float().mean())}
-    g = torch.Generator().manual_seed(5)
-    picks = torch.randint(0, len(bank.bank), (len(x),), generator=g)
-    patched = paste_patches(x, bank.bank[picks].to(x), True, 1, g, True)
-    for k in suspects:
-        pattern = blend.found.patterns[blend.found.classes.index(k)]
-        for ratio in (0.1, 0.2):
-            out[f"blend{ratio}_{k}"] = share_to(model, x, blend_patterns(x, pattern.expand_as(x), ratio), k)
-        found = next((t for t in mask.found if t.target == k), None)
-        if found is not None:
-            out[f"mask_{k}"] = share_to(model, x, apply_mask_trigger(x, found.mask, found.pattern), k)
-        out[f"bank_{k}"] = share_to(model, x, patched, k)
-    return out
+    """Agreement with T on `x`, and how often the run's triggers send `model`'s samples to each suspect
+    (the defence's own measure, `trigger_shares`)."""
+    with torch.no_grad():
+        out = {"agree": float((model(x).argmax(1) == trainer.teacher(x).argmax(1)).float().mean())}
+    return {**out, **trigger_shares(trainer, model, suspects, x, torch.Generator().manual_seed(5))}
 
 
 def reinverted_loss(trainer: DHBETrainer, model, k: int) -> float:
