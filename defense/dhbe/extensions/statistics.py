@@ -124,8 +124,8 @@ class StatisticsRefit(Extension):
 
     def finish(self, trainer, model: nn.Module) -> Optional[nn.Module]:
         suspects = list(trainer.extension("blend_search").suspects)
-        if not suspects or trainer.stop_reason is not None or not trainer.history:
-            return None
+        if not suspects or trainer.stop_reason is not None or not trainer.history or model is trainer.teacher:
+            return None   # nothing was erased, or the guard hands the input back as it came
         cfg, blend = self.config, trainer.extension("blend_search")
         generator = torch.Generator(device=trainer.device).manual_seed(trainer.config.seed + 91)
         was_training = blend.search_generator.training
