@@ -272,9 +272,4 @@ def evidence_line(evidence: dict) -> str:
     line = (f"evidence: backdoor suspected, target class {targets} (anomaly index "
             f"{max(verdict['anomaly_index']):.2f}{over}); final synthetic agreement with the input "
             f"{100 * verdict.get('final_synthetic_agreement', 0):.0f}%")
-    refit = evidence.get("statistics_refit")
-    if refit:
-        line += ("; batch-norm statistics re-estimated on synthetic samples" if refit["refitted"] else
-                 "; the game's batch-norm statistics kept (re-estimated ones let a trigger the run found send "
-                 f"{100 * refit['largest_rise']:.0f} points more samples to the suspect)")
     return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

@@ -128,8 +128,6 @@ class DHBETrainer:
         self.rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)  # patch placement, other draws
         self.history: list[EpochRecord] = []
         self.stop_reason: Optional[str] = None   # set by `stop`: the game ends before the next iterations
-        self.finished = False                     # `finish` has run (the game is over)
-        self.finished_model: Optional[nn.Module] = None   # its replacement for the model handed back, if any
         self.extensions: list[Extension] = [ext.build(self) for ext in recipe.extensions]
         for ext in self.extensions:
             ext.setup(self)
@@ -359,20 +357,8 @@ class DHBETrainer:
         count = cfg.iters_per_epoch * cfg.student_steps
         return sums[0] / count, sums[1] / count, sums[2] / count
 
-    def finish(self) -> None:
-        """Once the game is over, however it ended (every process alike): an extension may replace the
-        model handed back (`finish`). Idempotent: a resumed run that had ended calls it again."""
-        if self.finished:
-            return
-        with self.searches_in_fp32(), self.parallel.replicated():
-            self.finished_model = self.first_answer("finish", self.output_model())
-        self.finished = True
-
     def output_model(self) -> nn.Module:
-        """The purified model: S, or what an extension hands back instead (e.g. S's moving average, or
-        once the game is over, a replacement made by `finish`)."""
-        if self.finished_model is not None:
-            return self.finished_model
+        """The purified model: S, or what an extension hands back instead (e.g. S's moving average)."""
         model = self.first_answer("output_model")
         return model if model is not None else self.student
 

@@ -29,18 +29,15 @@ def train_epochs(trainer: DHBETrainer, evaluator: Optional[Evaluator] = None,
     started = time.perf_counter()
     while trainer.epoch < trainer.config.epochs:
         record = trainer.run_epoch()
+        if evaluator is not None:
+            record.evaluation = evaluator(trainer.output_model())
         # over budget in any data-parallel process: all stop (clocks differ; they must agree)
         over_budget = budget_s is not None and trainer.parallel.any(time.perf_counter() - started >= budget_s)
         last = trainer.epoch == trainer.config.epochs or trainer.stop_reason is not None or over_budget
-        if last:
-            trainer.finish()
-        if evaluator is not None:
-            record.evaluation = evaluator(trainer.output_model())
         if on_epoch is not None:
             on_epoch(record, trainer, last)
         if last:
-            return trainer.history
-    trainer.finish()   # a resumed run that had already ended
+            break
     return trainer.history
 
 

@@ -10,9 +10,9 @@ from defense.dhbe.extensions.mask_search import MaskSearchConfig
 from defense.dhbe.extensions.patches import StampedPatchesConfig, TriggerBankConfig
 from defense.dhbe.extensions.sample_pool import SamplePoolConfig
 from defense.dhbe.extensions.schedule import LambdaStepConfig, StudentEMAConfig
-from defense.dhbe.extensions.statistics import MixedBatchesConfig, StatisticsRefitConfig
+from defense.dhbe.extensions.statistics import MixedBatchesConfig
 from defense.dhbe.extensions.verdict import VerdictConfig
 
 __all__ = ["Extension", "BatchNormPriorConfig", "BlendSearchConfig", "ClassBalanceConfig", "LambdaStepConfig", "MaskSearchConfig", "MixedBatchesConfig",
-           "PriorOnlyGeneratorConfig", "SamplePoolConfig", "StampedPatchesConfig", "StatisticsRefitConfig", "StudentEMAConfig",
+           "PriorOnlyGeneratorConfig", "SamplePoolConfig", "StampedPatchesConfig", "StudentEMAConfig",
            "TriggerBankConfig", "VerdictConfig"]

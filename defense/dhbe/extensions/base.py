@@ -23,8 +23,6 @@ order a run meets them:
                           process's slice: a data-parallel term runs S on `trainer.parallel.shard(...)`)
 - `after_student_step`    once S's optimiser has stepped
 - `epoch_end`             after every epoch, with its data-free record
-- `finish`                once the game is over (however it ended): a replacement for the model it hands
-                          back (first answer wins; official: none)
 - `output_model`          the model handed back (first answer wins; official: S)
 - `report`                the data-free evidence it gathered (the purified manifest and the run report)
 
@@ -96,9 +94,6 @@ class Extension:
     def after_student_step(self, trainer: DHBETrainer) -> None: ...
 
     def epoch_end(self, trainer: DHBETrainer, record: Any) -> None: ...
-
-    def finish(self, trainer: DHBETrainer, model: nn.Module) -> Optional[nn.Module]:
-        return None
 
     def output_model(self, trainer: DHBETrainer) -> Optional[nn.Module]:
         return None
