@@ -46,45 +46,29 @@ def interpolate(student: torch.nn.Module, teacher: torch.nn.Module, a: float, sa
 
 
 @torch.no_grad()
-def share_sent_to(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tensor, k: int) -> float:
+def share_to(model, x, triggered, k: int) -> float:
     """Of the samples `model` does not already answer k on, the share the trigger sends to k."""
     clean, answer = model(x).argmax(1), model(triggered).argmax(1)
     keep = clean != k
     return float(((answer == k) & keep).sum() / keep.sum().clamp(min=1))
 
 
-@torch.no_grad()
-def trigger_shares(trainer, model: torch.nn.Module, suspects: list[int], x: torch.Tensor,
-                   generator: torch.Generator) -> dict[str, float]:
-    """Per suspect k, how often each trigger the run inverted against T sends `model`'s samples `x` to k:
-    k's blend pattern at ratios 0.1 and 0.2 (`blend0.1_k`, `blend0.2_k`), k's Neural Cleanse trigger
-    (`mask_k`), the trigger bank's patches stamped once (`bank_k`); those the recipe has."""
-    blend, mask, bank = (trainer.extension(n) for n in ("blend_search", "mask_search", "trigger_bank"))
-    model.eval()
-    patched = None
-    if bank is not None and len(bank.bank):
-        picks = torch.randint(0, len(bank.bank), (len(x),), generator=generator, device=generator.device)
-        patched = paste_patches(x, bank.bank[picks].to(x), True, 1, generator, True)
-    shares = {}
-    for k in suspects:
-        if blend is not None and blend.found is not None and k in blend.found.classes:
-            pattern = blend.found.patterns[blend.found.classes.index(k)].to(x)
-            for ratio in (0.1, 0.2):
-                shares[f"blend{ratio}_{k}"] = share_sent_to(model, x, blend_patterns(x, pattern.expand_as(x), ratio), k)
-        found = next((t for t in mask.found if t.target == k), None) if mask is not None else None
-        if found is not None:
-            shares[f"mask_{k}"] = share_sent_to(model, x, apply_mask_trigger(x, found.mask.to(x), found.pattern.to(x)), k)
-        if patched is not None:
-            shares[f"bank_{k}"] = share_sent_to(model, x, patched, k)
-    return shares
-
-
 def signals(trainer: DHBETrainer, model, suspects: list[int], x: torch.Tensor) -> dict:
-    """What a defender can compute: agreement with T on `x`, and how often the run's triggers send
-    `model`'s samples to each suspect."""
-    with torch.no_grad():
-        out = {"agree": float((model(x).argmax(1) == trainer.teacher(x).argmax(1)).float().mean())}
-    return {**out, **trigger_shares(trainer, model, suspects, x, torch.Generator().manual_seed(5))}
+    blend, mask, bank = (trainer.extension(n) for n in ("blend_search", "mask_search", "trigger_bank"))
+    teacher_answer = trainer.teacher(x).argmax(1)
+    out = {"agree": float((model(x).argmax(1) == teacher_answer).float().mean())}
+    g = torch.Generator().manual_seed(5)
+    picks = torch.randint(0, len(bank.bank), (len(x),), generator=g)
+    patched = paste_patches(x, bank.bank[picks].to(x), True, 1, g, True)
+    for k in suspects:
+        pattern = blend.found.patterns[blend.found.classes.index(k)]
+        for ratio in (0.1, 0.2):
+            out[f"blend{ratio}_{k}"] = share_to(model, x, blend_patterns(x, pattern.expand_as(x), ratio), k)
+        found = next((t for t in mask.found if t.target == k), None)
+        if found is not None:
+            out[f"mask_{k}"] = share_to(model, x, apply_mask_trigger(x, found.mask, found.pattern), k)
+        out[f"bank_{k}"] = share_to(model, x, patched, k)
+    return out
 
 
 def reinverted_loss(trainer: DHBETrainer, model, k: int) -> float:
