@@ -121,8 +121,8 @@ FALSE_ALARM_HELD_OUT = [matrix_case(a, seed=4) for a in ("sig", "badnets", "blen
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (28, 29, 30, 31)]
 # fixed for the seventeenth round (a suspect confirmed by the size of Neural Cleanse's smallest mask) before
 # any was planted: a sixth seed's late-window cells (target 5) and three more clean FedAvg runs. That rule
-# was refuted on visible cases first, so this set is still unplanted and held out for the next verdict rule,
-# with the two FALSE_ALARM_HELD_OUT cases never run (blended under trimmed mean, clean s31).
+# was refuted on visible cases first, so this set stayed unplanted; it was run once in stop 33 for the final
+# default, with the two FALSE_ALARM_HELD_OUT cases left until then (blended under trimmed mean, clean s31).
 MASK_SIZE_HELD_OUT = [matrix_case(a, seed=5) for a in ("sig", "badnets", "blended", "dba")] + [
     case(f"clean-fedavg-s{seed}", "fedavg", poisoned=False, seed=seed) for seed in (32, 33, 34)]
 # the defence matrix's cells (seed 0, target 0) where a robust aggregation left a live backdoor (ASR x1 >=
