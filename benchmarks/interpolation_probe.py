@@ -54,6 +54,8 @@ def share_to(model, x, triggered, k: int) -> float:
 
 
 def signals(trainer: DHBETrainer, model, suspects: list[int], x: torch.Tensor) -> dict:
+    """Agreement with T on `x`, and per suspect k how often the run's inverted triggers (k's blend pattern
+    at ratios 0.1 and 0.2, k's Neural Cleanse trigger, the trigger bank's patches) send `model`'s samples to k."""
     blend, mask, bank = (trainer.extension(n) for n in ("blend_search", "mask_search", "trigger_bank"))
     teacher_answer = trainer.teacher(x).argmax(1)
     out = {"agree": float((model(x).argmax(1) == teacher_answer).float().mean())}
