@@ -29,26 +29,9 @@ from defense.models import build_model
 from defense.spec import InputSpec
 from deploy.ray_job import PurifyJobConfig, PurifyResult, run_purify_job
 from federated.apps import arrays_to_model, model_to_arrays
-from federated.run_folder import evidence_line, round_model_file
+from defense.scan.versions import EARLIER_VERSIONS, earlier_rounds, round_model_file  # noqa: F401
+from federated.run_folder import evidence_line
 from federated.strategies import DelegatingStrategy
-
-EARLIER_VERSIONS = 3   # earlier global models the verdict weighs: at 1/4, 1/2 and 3/4 of the rounds so far
-
-
-def earlier_rounds(last_round: int, available: Iterable[int], count: int = EARLIER_VERSIONS) -> list[int]:
-    """The kept rounds before `last_round` nearest to 1/(count+1), 2/(count+1), ... of the way from the
-    first kept one to it (oldest first, no repeats): a 20-round run's verdict probes rounds 5, 10, 15."""
-    kept = sorted(r for r in set(available) if 1 <= r < last_round)
-    if not kept:
-        return []
-    start = kept[0] - 1
-    picked: list[int] = []
-    for k in range(1, count + 1):
-        nearest = min(kept, key=lambda r: (abs(r - start - (last_round - start) * k / (count + 1)), r))
-        if nearest not in picked:
-            picked.append(nearest)
-    return sorted(picked)
-
 
 class GlobalModelHistory:
     """The aggregated global models of the rounds since the last purification, at most `keep` of them:

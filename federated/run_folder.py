@@ -14,6 +14,7 @@ import torch
 from defense.fileio import atomic_path, atomic_write_json, atomic_write_text
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, read_json_object, save_model
+from defense.scan.versions import round_model_file
 from defense.report import figure, markdown_table
 from defense.spec import InputSpec
 
@@ -55,11 +56,6 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
-
-
-def round_model_file(root: Path, number: int) -> Path:
-    """The manifest of round `number`'s global model in a run folder (written by RunFolder.record_round)."""
-    return root / "models" / f"round-{number:03d}.json"
 
 class RunFolder:
     def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,

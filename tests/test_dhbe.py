@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import defense.data as data_module
 from defense.dhbe import DHBEConfig, DHBETrainer, Recipe, cpu_recipe, purify, recipe_config
 from defense.dhbe.extensions import LambdaStepConfig, SamplePoolConfig, TriggerBankConfig
-from defense.dhbe.extensions.generator_priors import BatchNormStatistics, class_imbalance
+from defense.priors import BatchNormStatistics, class_imbalance
 from defense.dhbe.losses import l1, total_variation_l2
 from defense.errors import ConfigError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from defense.priors import total_variation_l2  # noqa: F401  (the official image prior, shared with the scanner)
+
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean absolute error on logits: the |.|_1 of Eq. 8 (in fp32 whatever the inputs' precision: the
@@ -20,11 +22,3 @@ def backdoor_regulariser(patched_logits: torch.Tensor, clean_logits: torch.Tenso
     """Eq. 8's second term, L1(S(x + delta), S(x)): adversarial backdoor regularisation (S minimises
     its sensitivity to Gp's patch delta, Gp maximises it)."""
     return l1(patched_logits, clean_logits)
-
-
-def total_variation_l2(x: torch.Tensor) -> torch.Tensor:
-    """Smoothness prior on G's samples (official `get_image_prior_losses_l2`)."""
-    x = x.float()
-    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
-    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
-    return dh.pow(2).mean() + dw.pow(2).mean()

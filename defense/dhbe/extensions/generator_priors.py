@@ -9,48 +9,15 @@ Measurements: docs/dhbe.md (first, second and fifth rounds).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import nn
-import torch.nn.functional as F
 
 from defense.dhbe.config import ExtensionConfig, extension
 from defense.dhbe.extensions.base import Extension
-from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
+from defense.priors import BatchNormStatistics, class_imbalance
 from defense.spec import require
-
-
-class BatchNormStatistics:
-    """|batch mean - running mean|_2 + |batch var - running var|_2 at T's BN layers (all of them, or
-    the first `first_layers`), collected while `enabled`."""
-
-    def __init__(self, teacher: nn.Module, first_layers: int = 0, parallel: SingleProcess = SINGLE_PROCESS) -> None:
-        self.parallel = parallel   # a data-parallel game: the statistics of the whole batch
-        self.losses: list[torch.Tensor] = []
-        layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.layers = layers[:first_layers or len(layers)]
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        self.device = next(teacher.parameters()).device
-        self.enabled = False
-
-    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        x = inputs[0]
-        mean, var = self.parallel.mean_and_variance(x, (0, 2, 3))
-        self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
-
-    def collect(self) -> torch.Tensor:
-        total = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=self.device)
-        self.losses = []
-        return total
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @extension
@@ -77,14 +44,6 @@ class BatchNormPrior(Extension):
 
     def generator_prior(self, trainer, normalised, teacher_logits) -> Optional[torch.Tensor]:
         return self.config.weight * self.statistics.collect()
-
-
-def class_imbalance(logits: torch.Tensor, parallel: SingleProcess = SINGLE_PROCESS) -> torch.Tensor:
-    """log K - H(mean softmax): zero when a batch's samples spread evenly over the K classes (in a
-    data-parallel game, the whole batch's)."""
-    mean_probability = parallel.mean(F.softmax(logits, dim=1), (0,))
-    entropy = -(mean_probability * torch.log(mean_probability.clamp_min(1e-12))).sum()
-    return math.log(logits.shape[1]) - entropy
 
 
 @extension

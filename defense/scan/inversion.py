@@ -1,0 +1,170 @@
+"""The scanner's data-free measurements, every class at once.
+
+1. `fit_sample_generator`: DHBE's sample generator G fitted to the model's own priors only (the
+   official total-variation image prior, DeepInversion's batch-norm statistics, DAFL's class balance):
+   images the model treats like its training data, without any data.
+2. `SamplePool`: a fixed set of G's batches, drawn once and shared by every inversion and every
+   version of the model (the same inputs for all, so their scores compare, and G runs once).
+3. Two trigger inversions (Neural Cleanse, Wang et al., S&P 2019, on G's samples), batched over
+   the classes: the K classes' triggers are optimised together, one forward pass of K x B images per
+   step, so a scan costs a few hundred steps whatever K is:
+   - `invert_blends`: one full-image pattern per class blended in at a fixed small ratio; the
+     measure is the model's cross-entropy towards the class (a whole-image trigger: blended, SIG);
+   - `invert_masks`: one mask and pattern per class, x' = (1 - m) x + m p, the mask's L1 cost raised
+     while the trigger works and lowered while it does not (Neural Cleanse's schedule, per class); the
+     measure is the smallest mask area that sent `success` of a batch to the class (a local patch).
+   A backdoor is a shortcut: its target's trigger is found far more easily than any other class's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from defense.generators import SampleGenerator
+from defense.models import frozen
+from defense.priors import BatchNormStatistics, class_imbalance, total_variation_l2
+from defense.spec import InputSpec
+
+
+def fit_sample_generator(model: nn.Module, spec: InputSpec, steps: int, batch_size: int, latent_dim: int,
+                         width: int, lr: float, image_prior_weight: float) -> SampleGenerator:
+    """G fitted for `steps` Adam steps to the model's priors alone (no adversarial term)."""
+    generator = SampleGenerator(spec, latent_dim, width).to(next(model.parameters()).device)
+    optimiser = torch.optim.Adam(generator.parameters(), lr=lr)
+    statistics = BatchNormStatistics(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with frozen(model):
+            for _ in range(steps):
+                normalised = generator(torch.randn(batch_size, latent_dim, device=statistics.device))
+                statistics.enabled = True
+                logits = model(spec.denormalise(normalised))
+                statistics.enabled = False
+                loss = (image_prior_weight * total_variation_l2(normalised) + statistics.collect()
+                        + class_imbalance(logits))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+    finally:
+        statistics.remove()
+        model.train(was_training)
+    return generator.eval()
+
+
+class SamplePool:
+    """`batches` batches of `batch_size` images of G in pixels, drawn once (memory: that many images)."""
+
+    def __init__(self, generator: SampleGenerator, spec: InputSpec, batches: int, batch_size: int) -> None:
+        with torch.no_grad():
+            device = next(generator.parameters()).device
+            self.images = torch.stack([spec.denormalise(generator(torch.randn(batch_size, generator.latent_dim,
+                                                                             device=device)))
+                                       for _ in range(batches)]).clamp(0.0, 1.0)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.images[step % len(self.images)]
+
+
+def _per_class_cross_entropy(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs (K, B, C, H, W), row k perturbed towards class k: CE towards k per row (K,), and the
+    share of each row sent to k (K,)."""
+    classes, batch = inputs.shape[:2]
+    logits = model(inputs.reshape(classes * batch, *inputs.shape[2:])).float()
+    labels = torch.arange(classes, device=inputs.device).repeat_interleave(batch)
+    cross_entropy = F.cross_entropy(logits, labels, reduction="none").view(classes, batch).mean(1)
+    hits = (logits.argmax(1) == labels).float().view(classes, batch).mean(1)
+    return cross_entropy, hits
+
+
+@dataclass
+class BlendInversion:
+    losses: torch.Tensor      # (K,) cross-entropy towards each class over the whole pool, patterns blended in
+    patterns: torch.Tensor    # (K, C, H, W) in [-1, 1] (defense.generators.blend_patterns)
+
+
+def invert_blends(model: nn.Module, pool: SamplePool, num_classes: int, ratio: float, steps: int,
+                  lr: float) -> BlendInversion:
+    """min over p_k of CE(model((1 - ratio) x + ratio (p_k + 1) / 2), k) for every class k at once."""
+    like = pool.batch(0)
+    raw = torch.zeros(num_classes, *like.shape[1:], device=like.device, requires_grad=True)
+    optimiser = torch.optim.Adam([raw], lr=lr)
+
+    def blended(x: torch.Tensor) -> torch.Tensor:
+        patterns = (torch.tanh(raw) + 1) / 2
+        return (1 - ratio) * x.unsqueeze(0) + ratio * patterns.unsqueeze(1)
+
+    with _frozen_eval(model):
+        for step in range(steps):
+            cross_entropy, _ = _per_class_cross_entropy(model, blended(pool.batch(step)))
+            optimiser.zero_grad(set_to_none=True)
+            cross_entropy.sum().backward()
+            optimiser.step()
+        with torch.no_grad():
+            losses = torch.stack([_per_class_cross_entropy(model, blended(pool.batch(i)))[0]
+                                  for i in range(len(pool))]).mean(0)
+    return BlendInversion(losses.nan_to_num(nan=float("inf")), torch.tanh(raw.detach()))
+
+
+@dataclass
+class MaskInversion:
+    areas: torch.Tensor       # (K,) smallest mask mean that sent `success` of a batch to k (1.0: never)
+    hit_rates: torch.Tensor   # (K,) share of the last batch each class's trigger sent to it
+
+
+def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: int, lr: float, cost: float,
+                 success: float) -> MaskInversion:
+    """Neural Cleanse's mask-and-pattern inversion towards every class at once, each class with its
+    own cost schedule (x1.5 after 5 steps at `success`, / 1.5^1.5 after 5 below, in [1e-6, 1])."""
+    like = pool.batch(0)
+    channels, height, width = like.shape[1:]
+    device = like.device
+    mask_raw = torch.full((num_classes, 1, height, width), -3.0, device=device, requires_grad=True)  # 5% each
+    pattern_raw = torch.zeros(num_classes, channels, height, width, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
+    costs = torch.full((num_classes,), cost, device=device)
+    above = torch.zeros(num_classes, device=device)
+    below = torch.zeros(num_classes, device=device)
+    best = torch.ones(num_classes, device=device)
+    hits = torch.zeros(num_classes, device=device)
+    with _frozen_eval(model):
+        for step in range(steps):
+            mask, pattern = torch.sigmoid(mask_raw), torch.sigmoid(pattern_raw)
+            x = pool.batch(step).unsqueeze(0)
+            cross_entropy, hits = _per_class_cross_entropy(model, (1 - mask.unsqueeze(1)) * x
+                                                           + (mask * pattern).unsqueeze(1))
+            sizes = mask.flatten(1).sum(1)
+            optimiser.zero_grad(set_to_none=True)
+            (cross_entropy + costs * sizes).sum().backward()
+            optimiser.step()
+            with torch.no_grad():   # on the device: no host synchronisation inside the loop
+                works = hits >= success
+                area = sizes / (height * width)
+                best = torch.where(works & (area < best), area, best)
+                above, below = torch.where(works, above + 1, 0.0), torch.where(works, 0.0, below + 1)
+                costs = torch.where(above >= 5, costs * 1.5, torch.where(below >= 5, costs / 1.5 ** 1.5, costs))
+                above, below = torch.where(above >= 5, 0.0, above), torch.where(below >= 5, 0.0, below)
+                costs = costs.clamp(1e-6, 1.0)
+    return MaskInversion(best.nan_to_num(nan=1.0), hits.detach())
+
+
+class _frozen_eval:
+    """The model in eval mode with no parameter gradients, restored afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+        self.frozen = frozen(model)
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.frozen.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.frozen.__exit__(*exc)
+        self.model.train(self.was_training)
