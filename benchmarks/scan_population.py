@@ -228,8 +228,9 @@ def main() -> None:
         started = time.perf_counter()
         folder = plant(member)
         truth = json.loads((folder / "truth.json").read_text())
-        print(f"{member.name}: {truth['label']} acc {truth['acc']:.3f} x1 {truth['asr_x1']:.3f} "
-              f"x9 {truth['asr_x9']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        x9 = "-" if truth["asr_x9"] is None else f"{truth['asr_x9']:.3f}"
+        print(f"{member.name}: {truth['label']} acc {truth['acc']:.3f} x1 {truth['asr_x1']:.3f} x9 {x9} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str,
             body), ""]
     lines += ["## Every model", "", *markdown_table(
         ["member", "label", "target", "ASR x1 / x9", "score", "suspects", "kind", "baseline", "s"],
-        [[r["member"], r["label"], r["target"], f"{100 * r['asr_x1']:.0f} / {100 * r['asr_x9']:.0f}",
+        [[r["member"], r["label"], r["target"], f"{100 * r['asr_x1']:.0f} / " + ("-" if r["asr_x9"] is None else f"{100 * r['asr_x9']:.0f}"),
           f"{r['score']:.2f}", ",".join(map(str, r["suspects"])) or "-", r["kind"] or "-",
           f"{r['baseline_score']:.2f}", f"{r['seconds']:.1f}"] for r in rows]), ""]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines))

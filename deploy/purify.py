@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 from defense.cli import (ArgumentParser, bounded_int, json_line, positive_float, run_main,
                          writable_destination)
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
+from defense.dhbe.loop import evidence_line
 from defense.errors import ConfigError
 
-MAX_EARLIER = 32   # earlier versions the verdict probes (each costs one blend search)
+MAX_EARLIER = 32   # earlier versions the scan weighs (each costs one pair of inversions)
 
 
 def build_parser() -> ArgumentParser:
@@ -22,8 +23,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="output model path (writes OUT.safetensors and OUT.json)")
     p.add_argument("--earlier", nargs="+", default=[], metavar="MODEL",
                    help="earlier versions of the same model, oldest first (e.g. a federated run's global models "
-                        "models/round-005.json ... of earlier rounds): the verdict counts in how many versions a "
-                        "class stands out (docs/dhbe.md, twelfth round)")
+                        "models/round-005.json ... of earlier rounds): the scan counts in how many versions a "
+                        "class stands out (docs/scan.md)")
     p.add_argument("--workers", type=bounded_int(1, 1024), default=1, help="Ray Train workers: one game split over them, each on an equal slice of the batch (batch_size must divide evenly); on a CPU one worker is faster")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="force GPU workers")
@@ -72,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           budget_s=args.budget)
     result = run_purify_job(teacher, job, out, earlier=earlier)
     last = result.history[-1] if result.history else {}
+    print(evidence_line(result.evidence))
     print(json_line({"purified": str(result.manifest_path), "device": result.device, "wall_s": round(result.wall_s, 1),
                       "epochs": len(result.history),
                       "synthetic_agreement": last.get("synthetic_agreement"),

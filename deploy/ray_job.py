@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from defense.dhbe import DHBETrainer, EpochRecord, Recipe, train_epochs
+from defense.dhbe import DHBETrainer, EpochRecord, Recipe, scan_stage, train_epochs
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel, require_even_split
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
@@ -113,8 +113,10 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
         earlier.append(build_model(loop_config["model_name"], spec))
         earlier[-1].load_state_dict(state)
     recipe = Recipe.from_dict(loop_config["recipe"])
+    # the stages: the scan (replicated in every worker: the same seed, the same report), then the game;
     # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
-    trainer = DHBETrainer(teacher, spec, recipe, device, earlier, DataParallel(device) if world > 1 else SINGLE_PROCESS)
+    found = scan_stage(teacher, spec, recipe, earlier, device)
+    trainer = DHBETrainer(teacher, spec, recipe, device, found, DataParallel(device) if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
     resumed_from_epoch = 0
@@ -224,7 +226,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
                    earlier: Sequence[LoadedModel] = ()) -> PurifyResult:
     """Purify `teacher` with DHBE on Ray Train; writes `out` (.safetensors + .json) atomically.
     `earlier`: earlier versions of the model, oldest first (a federated run's earlier global models),
-    which the verdict weighs; `train_loop` is the worker body (tests pass one that plants a fault
+    which the scan weighs; `train_loop` is the worker body (tests pass one that plants a fault
     inside the worker)."""
     check_earlier_versions(teacher, earlier)
     if job.address is None:

@@ -78,7 +78,7 @@ class PurifyingStrategy(DelegatingStrategy):
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="purified-"))
         self.share_running_ray = share_running_ray
         self.purifications: list[dict] = []
-        self.history = GlobalModelHistory()   # earlier global models, for the verdict
+        self.history = GlobalModelHistory()   # earlier global models, for the scan
 
     def due(self, server_round: int) -> bool:
         return (self.every > 0 and server_round % self.every == 0) or server_round == self.final_round
@@ -88,7 +88,7 @@ class PurifyingStrategy(DelegatingStrategy):
         if arrays is None:
             return arrays, metrics
         if not self.due(server_round):
-            if "verdict" in self.recipe:   # only the verdict reads earlier global models
+            if self.recipe.scan is not None:   # only the scan reads earlier global models
                 self.history.add(server_round, arrays)
             return arrays, metrics
         started = time.perf_counter()
@@ -142,8 +142,8 @@ class FederatedPurification:
 
     def earlier_global_models(self) -> list[LoadedModel]:
         """The run's global models at 1/4, 1/2 and 3/4 of its rounds (from its models/ folder) when the
-        recipe has a verdict to weigh them; with in-run purification, of the rounds since the last one."""
-        if "verdict" not in self.recipe:
+        recipe has a scan to weigh them; with in-run purification, of the rounds since the last one."""
+        if self.recipe.scan is None:
             return []
         last = len(self.run.rows)   # every recorded round has its model file (RunFolder.record_round)
         since = ((last - 1) // self.every) * self.every if self.every > 0 else 0

@@ -14,6 +14,7 @@ import torch
 from defense.fileio import atomic_path, atomic_write_json, atomic_write_text
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, read_json_object, save_model
+from defense.dhbe.loop import evidence_line  # noqa: F401  (the run's one line on the evidence)
 from defense.scan.versions import round_model_file
 from defense.report import figure, markdown_table
 from defense.spec import InputSpec
@@ -253,19 +254,3 @@ def comparison_table(rows: list[dict]) -> list[str]:
                           [[row["model"], *(_fmt(row.get(k)) for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra"))]
                            for row in rows])
 
-
-def evidence_line(evidence: dict) -> str:
-    """One line for a user: what the data-free evidence said, and what the purification did."""
-    verdict = evidence.get("verdict")
-    if not verdict:
-        return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
-    if evidence.get("stopped"):
-        return f"evidence: {evidence['stopped']}"
-    earlier = verdict.get("earlier_anomaly_index") or []
-    targets = verdict["suspected_targets"]
-    over = (f"; in the earlier global models: {', '.join(f'{max(i[k] for k in targets):.2f}' for i in earlier)}"
-            if earlier and targets else "")
-    line = (f"evidence: backdoor suspected, target class {targets} (anomaly index "
-            f"{max(verdict['anomaly_index']):.2f}{over}); final synthetic agreement with the input "
-            f"{100 * verdict.get('final_synthetic_agreement', 0):.0f}%")
-    return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

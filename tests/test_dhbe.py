@@ -380,8 +380,8 @@ def test_the_defence_never_reads_the_experiment_record(monkeypatch, tmp_path, ba
 
 
 def test_the_default_hands_a_model_without_a_backdoor_back_unchanged(clean_scenario):
-    """No class's blend pattern is anomalously easy to invert on a clean model: the verdict stops
-    the game before any iteration and T itself is handed back, with the reason in the evidence."""
+    """The scan finds no backdoor in a clean model: the verdict stops the game before any iteration
+    and T itself is handed back, with the reason in the evidence."""
     recipe = recipe_config("default", {"trigger_bank": "off"})
     student, history = purify(clean_scenario.teacher, clean_scenario.bundle.spec, recipe)
     for p, q in zip(student.state_dict().values(), clean_scenario.teacher.state_dict().values()):
@@ -390,14 +390,15 @@ def test_the_default_hands_a_model_without_a_backdoor_back_unchanged(clean_scena
 
 
 def test_the_default_suspects_a_backdoors_target_and_its_guard_falls_back(badnets_scenario):
-    """On a backdoored model the verdict names the target class (from the model alone) and the game
+    """On a backdoored model the scan names the target class (from the model alone) and the game
     runs; a final model whose synthetic agreement with T is under the guard's floor is not handed
     back: the guard falls back (here to T, as no epoch met a floor of 99.9%) and says so."""
     spec = badnets_scenario.bundle.spec
     recipe = recipe_config("default", {"trigger_bank": "off", "epochs": 1, "iters_per_epoch": 3, "student_lr": 1.0,
                                        "verdict.min_agreement": 0.999})
-    trainer = DHBETrainer(badnets_scenario.teacher, spec, recipe)
-    from defense.dhbe import train_epochs
+    from defense.dhbe import scan_stage, train_epochs
+
+    trainer = DHBETrainer(badnets_scenario.teacher, spec, recipe, scan=scan_stage(badnets_scenario.teacher, spec, recipe))
 
     train_epochs(trainer)
     verdict = trainer.evidence()["verdict"]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Mapping, Optional
 from defense.errors import ConfigError
 from defense.fields import coerce_fields as _coerce_fields
 from defense.registry import Registry
+from defense.scan.core import ScanConfig
 from defense.spec import InputSpec, require
 
 
@@ -100,6 +101,7 @@ class ExtensionConfig:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()   # extensions the recipe must also list (before this one acts)
+    reads_scan: ClassVar[bool] = False         # the extension reads the scan's report: the recipe needs a scan
 
     def validate(self, core: DHBEConfig) -> None:
         """Checks that need the official fields (e.g. a size that must hold a batch)."""
@@ -120,10 +122,12 @@ def extension(cls: type[ExtensionConfig]) -> type[ExtensionConfig]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The official game (`dhbe`) with a list of departures, applied in this order."""
+    """The defence's stages: the scan (`scan`, defense/scan; None: no scan) and then the game: the
+    official fields (`dhbe`) with a list of departures, applied in this order."""
 
     dhbe: DHBEConfig = field(default_factory=DHBEConfig)
     extensions: tuple[ExtensionConfig, ...] = ()
+    scan: Optional[ScanConfig] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extensions", tuple(self.extensions))
@@ -133,6 +137,8 @@ class Recipe:
             ext.validate(self.dhbe)
             missing = [name for name in ext.requires if name not in names]
             require(not missing, f"extension {ext.name} needs {', '.join(missing)} in the recipe")
+            require(not ext.reads_scan or self.scan is not None,
+                    f"extension {ext.name} reads the scan's report: the recipe needs its scan (scan=on)")
 
     # --- reading ---------------------------------------------------------------------------------
     def get(self, name: str) -> Optional[ExtensionConfig]:
@@ -151,27 +157,30 @@ class Recipe:
     # --- changing (each returns a new, validated recipe) --------------------------------------------
     def replace(self, **fields: Any) -> "Recipe":
         """New official fields, e.g. `recipe.replace(epochs=2, seed=3)`."""
-        return Recipe(replace(self.dhbe, **fields), self.extensions)
+        return Recipe(replace(self.dhbe, **fields), self.extensions, self.scan)
 
     def without(self, *names: str) -> "Recipe":
         for name in names:
             EXTENSIONS.get(name)  # an unknown name is an error, not a no-op
-        return Recipe(self.dhbe, tuple(e for e in self.extensions if e.name not in names))
+        return Recipe(self.dhbe, tuple(e for e in self.extensions if e.name not in names), self.scan)
 
     def with_extension(self, config: ExtensionConfig) -> "Recipe":
         """Add `config`, or replace the extension of that name where it stands."""
         if config.name in self:
-            return Recipe(self.dhbe, tuple(config if e.name == config.name else e for e in self.extensions))
-        return Recipe(self.dhbe, (*self.extensions, config))
+            return Recipe(self.dhbe, tuple(config if e.name == config.name else e for e in self.extensions), self.scan)
+        return Recipe(self.dhbe, (*self.extensions, config), self.scan)
 
     def with_overrides(self, values: Mapping[str, Any]) -> "Recipe":
         """FIELD=VALUE overrides, values as strings or JSON scalars: `lam` (an official field),
-        `NAME.FIELD` (a field of extension NAME; added with its defaults if absent), `NAME=off`
-        (remove it) or `NAME=on` (add it with its defaults)."""
+        `NAME.FIELD` (a field of extension NAME, or of the scan as `scan.FIELD`; added with its
+        defaults if absent), `NAME=off` (remove it) or `NAME=on` (add it with its defaults)."""
         core: dict[str, Any] = {}
         extensions: dict[str, Optional[dict[str, Any]]] = {e.name: asdict(e) for e in self.extensions}
+        scan: Optional[dict[str, Any]] = self.scan.to_dict() if self.scan is not None else None
         for key, value in values.items():
-            if "." in key:
+            if key == SCAN or key.startswith(SCAN + "."):
+                scan = _scan_override(scan, key, value)
+            elif "." in key:
                 name, field_name = key.split(".", 1)
                 cls = EXTENSIONS.get(name)
                 fields_ = extensions.get(name) or {}
@@ -185,17 +194,19 @@ class Recipe:
             else:
                 core.update(coerce_fields(DHBEConfig, {key: value}))
         return Recipe(replace(self.dhbe, **core), tuple(EXTENSIONS.get(name)(**fields_)
-                                                        for name, fields_ in extensions.items() if fields_ is not None))
+                                                        for name, fields_ in extensions.items() if fields_ is not None),
+                      ScanConfig(**scan) if scan is not None else None)
 
     # --- plain data ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"dhbe": self.dhbe.to_dict(), "extensions": [[e.name, asdict(e)] for e in self.extensions]}
+        data = {"dhbe": self.dhbe.to_dict(), "extensions": [[e.name, asdict(e)] for e in self.extensions]}
+        return {**data, SCAN: self.scan.to_dict()} if self.scan is not None else data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
         """The inverse of `to_dict`, with every name and value checked (the data may come from a file)."""
-        require(isinstance(data, Mapping) and set(data) <= {"dhbe", "extensions"},
-                "a DHBE recipe is an object with the keys dhbe and extensions")
+        require(isinstance(data, Mapping) and set(data) <= {"dhbe", "extensions", SCAN},
+                "a DHBE recipe is an object with the keys dhbe, extensions and (optionally) scan")
         core = data.get("dhbe", {})
         require(isinstance(core, Mapping), "the recipe's dhbe entry must be an object of fields")
         items = data.get("extensions", [])
@@ -206,10 +217,27 @@ class Recipe:
         for name, fields_ in items:
             ext_cls = EXTENSIONS.get(name)
             extensions.append(ext_cls(**coerce_fields(ext_cls, fields_)))
-        return cls(DHBEConfig(**coerce_fields(DHBEConfig, core)), tuple(extensions))
+        scan = data.get(SCAN)
+        require(scan is None or isinstance(scan, Mapping), "the recipe's scan entry must be an object of fields")
+        return cls(DHBEConfig(**coerce_fields(DHBEConfig, core)), tuple(extensions),
+                   ScanConfig.from_values(scan) if scan is not None else None)
 
     def describe(self) -> str:
-        return ", ".join(self.extension_names) or "official DHBE, no extension"
+        game = ", ".join(self.extension_names) or "official DHBE, no extension"
+        return f"scan, then {game}" if self.scan is not None else game
+
+
+SCAN = "scan"   # the recipe's scan stage, in overrides (scan.FIELD=VALUE, scan=on|off) and plain data
+
+
+def _scan_override(scan: Optional[dict[str, Any]], key: str, value: Any) -> Optional[dict[str, Any]]:
+    if key == SCAN:
+        switch = str(value).lower()
+        require(switch in ("on", "off", "true", "false", "1", "0"),
+                f"scan takes on or off, got {str(value)[:40]!r} (set its fields as scan.FIELD=VALUE)")
+        on = switch in ("on", "true", "1")
+        return (scan or ScanConfig().to_dict()) if on else None
+    return {**(scan or ScanConfig().to_dict()), **_coerce_fields(ScanConfig, {key.split(".", 1)[1]: value}, "scan")}
 
 
 def coerce_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:

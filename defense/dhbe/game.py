@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -28,9 +28,10 @@ from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.extensions.base import Extension
 from defense.dhbe.losses import backdoor_regulariser, distillation_loss, l1, total_variation_l2
 from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
-from defense.errors import DivergenceError
+from defense.errors import ConfigError, DivergenceError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import frozen
+from defense.scan import ScanReport
 from defense.spec import InputSpec
 
 
@@ -85,14 +86,17 @@ class DHBETrainer:
     included) so a job resumes exactly."""
 
     def __init__(self, teacher: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
-                 device: torch.device | str = "cpu", earlier: Sequence[nn.Module] = (),
+                 device: torch.device | str = "cpu", scan: Optional[ScanReport] = None,
                  parallel: SingleProcess = SINGLE_PROCESS) -> None:
-        """`earlier`: earlier versions of the teacher, oldest first (a federated run's global models of
-        earlier rounds): evidence only, read by extensions (the verdict), never distilled.
+        """`scan`: what the scan stage found on the teacher (defense.scan; `defense.dhbe.scan_stage`
+        runs it), read by the extensions that need it (the verdict, the searches), never changed.
         `parallel`: this process's part in a data-parallel game (defense/dhbe/parallel.py); every
         process is built with the same recipe and seed."""
         recipe = recipe if isinstance(recipe, Recipe) else Recipe(recipe)
         recipe.validate_for(spec)
+        if scan is None and any(ext.reads_scan for ext in recipe.extensions):
+            raise ConfigError("the recipe's game reads the scan's report: run its scan first "
+                              "(defense.dhbe.scan_stage) and pass the report as `scan`")
         config = recipe.dhbe
         parallel.check_batch(config.batch_size)
         self.parallel = parallel
@@ -103,7 +107,7 @@ class DHBETrainer:
             p.requires_grad_(False)
         self.student = copy.deepcopy(teacher).to(self.device)
         self.student.requires_grad_(True)
-        self.earlier_teachers = [copy.deepcopy(model).cpu().eval().requires_grad_(False) for model in earlier]
+        self.scan_report = scan
         self.sample_generator = SampleGenerator(spec, config.latent_dim, config.generator_width).to(self.device)
         if config.channels_last:
             for module in (self.teacher, self.student, self.sample_generator):
@@ -153,9 +157,10 @@ class DHBETrainer:
         self.stop_reason = reason
 
     def evidence(self) -> dict[str, Any]:
-        """What the extensions found, data-free, by name (for the purified manifest and the report)."""
+        """What the scan and the extensions found, data-free, by name (for the purified manifest and the report)."""
         found = {name: rep for name, rep in ((e.name, e.report(self)) for e in self.extensions) if rep}
-        return {**found, **({"stopped": self.stop_reason} if self.stop_reason else {})}
+        scanned = {"scan": self.scan_report.to_dict()} if self.scan_report is not None else {}
+        return {**scanned, **found, **({"stopped": self.stop_reason} if self.stop_reason else {})}
 
     def extension(self, name: str) -> Optional[Extension]:
         return next((e for e in self.extensions if e.name == name), None)
@@ -337,9 +342,11 @@ class DHBETrainer:
         with self.searches_in_fp32(), self.parallel.replicated():
             if self.epoch == 0:
                 for ext in self.extensions:
-                    ext.probe(self)
+                    if self.stop_reason is None:   # a verdict that there is nothing to erase skips the rest
+                        ext.probe(self)
             for ext in self.extensions:
-                ext.epoch_start(self)
+                if self.stop_reason is None:
+                    ext.epoch_start(self)
         if self.stop_reason is not None:
             return 0.0, 0.0, 0.0
         self.sample_generator.train()

@@ -3,13 +3,14 @@ trials (tuning/) all run `train_epochs`; they differ only in what they do after 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.game import DHBETrainer, EpochRecord
+from defense.scan import ScanReport, scan
 from defense.spec import InputSpec
 
 Evaluator = Callable[[nn.Module], dict]
@@ -41,12 +42,22 @@ def train_epochs(trainer: DHBETrainer, evaluator: Optional[Evaluator] = None,
     return trainer.history
 
 
+def scan_stage(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig, earlier: Sequence[nn.Module] = (),
+               device: torch.device | str = "cpu") -> Optional[ScanReport]:
+    """The defence's first stage: the recipe's scan of `model` (with its `earlier` versions, oldest
+    first), or None when the recipe has no scan. The game is built with what it returns."""
+    if not isinstance(recipe, Recipe) or recipe.scan is None:
+        return None
+    return scan(model, spec, earlier, recipe.scan, device)
+
+
 def purify(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
            callbacks: tuple[Callable[[EpochRecord, DHBETrainer], None], ...] = (),
-           evaluator: Optional[Evaluator] = None,
-           device: torch.device | str = "cpu") -> tuple[nn.Module, list[EpochRecord]]:
-    """Erase backdoors from `model` without data: returns (purified model, per-epoch history)."""
-    trainer = DHBETrainer(model, spec, recipe, device)
+           evaluator: Optional[Evaluator] = None, device: torch.device | str = "cpu",
+           earlier: Sequence[nn.Module] = ()) -> tuple[nn.Module, list[EpochRecord]]:
+    """Erase backdoors from `model` without data, in the recipe's stages (scan, then the game): returns
+    (purified model, per-epoch history)."""
+    trainer = DHBETrainer(model, spec, recipe, device, scan_stage(model, spec, recipe, earlier, device))
 
     def each_epoch(record: EpochRecord, trainer: DHBETrainer, last: bool) -> None:
         for callback in callbacks:
@@ -54,3 +65,15 @@ def purify(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
 
     train_epochs(trainer, evaluator, each_epoch)
     return trainer.output_model().eval(), trainer.history
+
+
+def evidence_line(evidence: dict) -> str:
+    """One line for a user: what the scan found, and what the purification did."""
+    scan, verdict = evidence.get("scan"), evidence.get("verdict") or {}
+    if not scan:
+        return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
+    if evidence.get("stopped"):
+        return f"scan: {evidence['stopped']}"
+    line = f"scan: {scan['summary']}; erased: final synthetic agreement with the input " \
+           f"{100 * (verdict.get('final_synthetic_agreement') or 0):.0f}%"
+    return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

@@ -8,6 +8,7 @@ from defense.dhbe.extensions import (BatchNormPriorConfig, BlendSearchConfig, Cl
                                      MaskSearchConfig, MixedBatchesConfig, PriorOnlyGeneratorConfig,
                                      StampedPatchesConfig, StudentEMAConfig, TriggerBankConfig, VerdictConfig)
 from defense.registry import Registry
+from defense.scan import ScanConfig
 
 RECIPES: Registry[Callable[[], Recipe]] = Registry("DHBE recipe")
 DEFAULT_RECIPE = "default"
@@ -65,22 +66,24 @@ def cpu_blend_recipe() -> Recipe:
 
 @RECIPES.register("default")
 def default_recipe() -> Recipe:
-    """The one default (docs/dhbe.md, "one default", rounds eight and nine): it needs no knowledge of
-    the attack. The blend search's per-class inversion is the verdict: no anomalous class, and T is
-    handed back unchanged; a suspect class, and the cpu-blend game runs (patch regulariser with the
-    trigger bank, blend term on the suspect's patterns) with Neural Cleanse's mask-and-pattern
-    inversion towards the suspect, re-found on S every 5 epochs (`mask_search`: whole-image trigger
-    residue 9.5 -> 3.0% on the blended FedAvg dev case, at about 0.9 ACC points more on average),
-    guarded by the synthetic agreement with T. Every batch S meets perturbed carries the perturbation
-    on half its samples (`mixed_batches`, sixteenth round: on the dev cases the largest ACC drop 7.0 ->
-    1.4 points, and the centre-patch erasure survives a clean batch-norm refit, x9 97.1 -> 0.0%)."""
+    """The one default: it needs no knowledge of the attack. First the scan (defense/scan, docs/scan.md):
+    every class's blend pattern and Neural Cleanse mask inverted on G's samples, in the model and in its
+    earlier versions; no suspect class, and T is handed back unchanged. A suspect class, and the
+    cpu-blend game runs (patch regulariser with the trigger bank, blend term on the suspects'
+    patterns) with Neural Cleanse's mask-and-pattern inversion towards the suspects, re-found on S
+    every 5 epochs (`mask_search`: whole-image trigger residue 9.5 -> 3.0% on the blended FedAvg dev
+    case, at about 0.9 ACC points more on average), guarded by the synthetic agreement with T. Every
+    batch S meets perturbed carries the perturbation on half its samples (`mixed_batches`, sixteenth
+    round: on the dev cases the largest ACC drop 7.0 -> 1.4 points)."""
     blend = cpu_blend_recipe()
-    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions, MaskSearchConfig(), MixedBatchesConfig()))
+    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions, MaskSearchConfig(), MixedBatchesConfig()),
+                  ScanConfig())
 
 
 def without_regularisers(recipe: Recipe) -> Recipe:
     """The same recipe with no backdoor regulariser at all: lambda = 0, no blend or mask term."""
-    return recipe.replace(lam=0.0).without("blend_search", "mask_search", "verdict")
+    return Recipe(recipe.replace(lam=0.0).without("blend_search", "mask_search", "verdict").dhbe,
+                  recipe.without("blend_search", "mask_search", "verdict").extensions)
 
 
 def plain_adversarial_distillation(recipe: Recipe) -> Recipe:
@@ -93,5 +96,6 @@ def smoke_sized(recipe: Recipe) -> Recipe:
     and the extensions present shrunk in step; nothing is added or removed."""
     shrink = {"blend_search.warmup_steps": 2, "blend_search.steps": 2, "trigger_bank.warmup_steps": 20,
               "mask_search.steps": 2}
-    return recipe.replace(epochs=1, iters_per_epoch=2, batch_size=16).with_overrides(
+    small = recipe.replace(epochs=1, iters_per_epoch=2, batch_size=16).with_overrides(
         {key: value for key, value in shrink.items() if key.split(".")[0] in recipe})
+    return small if small.scan is None else Recipe(small.dhbe, small.extensions, small.scan.smoke_sized())

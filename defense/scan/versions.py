@@ -56,5 +56,5 @@ def run_folder_versions(root: Path) -> tuple[Path, list[Path]]:
         if entry.is_symlink() or not entry.is_file():
             raise ConfigError(f"--run {root}: models/{entry.name[:80]} is not a plain file")
         rounds[int(match.group(1))] = entry
-    last = max(rounds, default=0) + 1
-    return final, [rounds[r] for r in earlier_rounds(last, rounds)]
+    last = max(rounds, default=0)   # the final model is the last recorded round's
+    return final, [rounds[r] for r in earlier_rounds(last, [r for r in rounds if r < last])]

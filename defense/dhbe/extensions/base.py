@@ -5,9 +5,8 @@ in the order the recipe lists the extensions, and checkpoints its own state. The
 order a run meets them:
 
 - `setup`                 after T, S, G, Gp and their optimisers are built
-- `probe`                 before the game (first epoch): gather data-free evidence
-- `name_suspects`         the classes the blend search's first search names suspects, from its anomaly
-                          index (first answer wins; official: those over its threshold)
+- `probe`                 before the game (first epoch): gather data-free evidence (skipped once the game
+                          is stopped)
 - `epoch_start`           before every epoch's iterations
 - `sample_batch`          a student step's (x, T(x)) instead of a fresh G sample
 - `samples_seen`          every fresh G sample (with T's logits where the step has them)
@@ -26,7 +25,8 @@ order a run meets them:
 - `output_model`          the model handed back (first answer wins; official: S)
 - `report`                the data-free evidence it gathered (the purified manifest and the run report)
 
-`DHBETrainer.stop(reason)` ends the game at the next epoch start (a verdict of "nothing to erase").
+`DHBETrainer.stop(reason)` ends the game before its next iterations (a verdict of "nothing to erase").
+What the scan stage found before the game is `trainer.scan_report` (defense.scan.ScanReport), read only.
 """
 from __future__ import annotations
 
@@ -53,9 +53,6 @@ class Extension:
     def setup(self, trainer: DHBETrainer) -> None: ...
 
     def probe(self, trainer: DHBETrainer) -> None: ...
-
-    def name_suspects(self, trainer: DHBETrainer, anomaly_index: list[float], threshold: float) -> Optional[list[int]]:
-        return None
 
     def epoch_start(self, trainer: DHBETrainer) -> None: ...
 

@@ -3,8 +3,10 @@
 full-image perturbation it never finds.
 
 Before the game, a copy of G fitted to T's priors alone (`warmup_steps` G steps) supplies samples on
-which one blend pattern per class is inverted against T (defense/blend_search.py); the classes whose
-anomaly index exceeds `suspect_threshold` (all classes with 0) put their patterns in a bank. Every
+which one blend pattern per class is inverted against T (defense/blend_search.py). With a scan stage
+in the recipe, the scan's suspects (every class when it found none and the game runs anyway) put
+their patterns in a bank; without one, the classes whose anomaly index exceeds `suspect_threshold`
+(all classes with 0). Every
 `every` epochs the kept classes' patterns are re-found against S, from their latest, and added.
 Each student step blends bank patterns into x at ratios up to `alpha` and pulls S's answer on them
 to T's (`anchor` teacher) or S's (`anchor` student) answer on x, with weight `weight`.
@@ -36,7 +38,7 @@ class BlendSearchConfig(ExtensionConfig):
     ratio: float = 0.1                # per-class patterns are found on T at this blend ratio
     steps: int = 100                  # Adam steps per class
     lr: float = 0.05
-    suspect_threshold: float = 2.0    # only classes whose anomaly index exceeds it (0: every class)
+    suspect_threshold: float = 2.0    # no scan stage: only classes whose anomaly index exceeds it (0: every class)
     every: int = 5                    # > 0: every so many epochs, the kept classes re-found on S
     warmup_steps: int = 300           # prior-only steps of the G copy whose samples the search uses
     anchor: str = "teacher"
@@ -79,7 +81,12 @@ class BlendSearch(Extension):
     def search(self, trainer) -> None:
         cfg, core = self.config, trainer.config
         first = self.found is None
-        classes = list(range(trainer.spec.num_classes)) if first else self.classes
+        report = trainer.scan_report
+        every_class = list(range(trainer.spec.num_classes))
+        if first and report is not None:   # the scan named the suspects: invert only theirs
+            classes = list(report.suspects) or every_class
+        else:
+            classes = every_class if first else self.classes
         if not classes:
             return
         if first:  # G's copy, fitted to T's priors alone
@@ -94,18 +101,13 @@ class BlendSearch(Extension):
             classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
         if first:
             self.found = found
-            named = trainer.first_answer("name_suspects", found.anomaly_index(), cfg.suspect_threshold)
-            self.suspects = list(named) if named is not None else (
-                found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes)
+            if report is not None:
+                self.suspects = list(classes)
+            else:
+                self.suspects = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
             self.classes = list(self.suspects)
-        kept = found.patterns[self.classes] if first else found.patterns  # first: classes 0..K-1
+        kept = found.patterns[[found.classes.index(k) for k in self.classes]] if first else found.patterns
         self.bank = torch.cat([self.bank, kept.to(self.bank)])
-
-    def keep_every_class(self) -> None:
-        """Blend every class's pattern in, not the suspects' only (the verdict's blind erasure)."""
-        if self.found is not None:
-            self.classes = list(self.found.classes)
-            self.bank = self.found.patterns.to(self.bank)
 
     def student_terms(self, trainer, x, teacher_logits, student_logits) -> Optional[torch.Tensor]:
         if not len(self.bank):

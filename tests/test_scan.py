@@ -1,0 +1,210 @@
+"""The scanner (defense/scan): a stage of its own, before the game. It names a backdoor's target from
+the model alone, data-free; a backdoor that stood out in earlier versions is found even when the last
+model no longer shows it, one version alone does not make a suspect; the game only reads its report.
+Its CLI answers one line (or one JSON line), exit 0 for either verdict, 2 with one line on bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
+from defense.errors import ConfigError
+from defense.modelio import save_model
+from defense.models import build_model
+from defense.scan import ScanConfig, VersionScores, decide, scan
+from defense.scan.versions import earlier_rounds, run_folder_versions
+from defense.spec import InputSpec
+from federated.purification import GlobalModelHistory
+
+ROOT = Path(__file__).parents[1]
+SPEC = InputSpec(1, 16, 16, 10, (0.5,), (0.5,))
+
+
+def version(scores: list[float]) -> VersionScores:
+    flat = tuple(0.0 for _ in scores)
+    return VersionScores(flat, flat, tuple(scores), flat)
+
+
+def test_a_class_is_a_suspect_only_where_enough_versions_agree():
+    flat = version([0.0] * 4)
+    target_twice = [version([0.0, 5.0, 0.0, 0.0]), version([0.0, 4.0, 0.0, 0.0]), flat, version([0.0, 0.0, 0.0, 4.5])]
+    names = [f"v{i}" for i in range(4)]
+    voted = decide(target_twice, names, [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
+    assert voted.backdoored and voted.suspects == (1,) and voted.class_scores[3] == 0.0   # class 3 stood out once
+    assert decide(target_twice, names, [0.0] * 4, ScanConfig(threshold=3.0, votes=1)).suspects == (1, 3)
+    alone = decide([version([0.0, 3.5, 0.0, 0.0])], ["model"], [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
+    assert alone.suspects == (1,)                                   # one version: it alone decides
+    both = decide([flat, version([0.0, 3.5, 0.0, 0.0])], ["a", "b"], [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
+    assert not both.backdoored and "no backdoor found" in both.summary()   # two versions: both must
+
+
+def test_the_scan_names_the_target_of_a_patch_and_a_blend_backdoor_and_clears_a_clean_model(
+        badnets_scenario, blended_scenario, clean_scenario):
+    spec = clean_scenario.bundle.spec
+    for scenario in (badnets_scenario, blended_scenario):
+        report = scan(scenario.teacher, spec)
+        assert report.backdoored and report.suspects[0] == scenario.target, report.summary()
+        assert report.score > report.threshold and report.seconds > 0 and report.evidence
+    clean = scan(clean_scenario.teacher, spec)
+    assert not clean.backdoored and clean.suspects == () and clean.score <= clean.threshold, clean.summary()
+
+
+def test_a_backdoor_that_left_the_last_model_is_found_in_the_earlier_ones(blended_scenario, clean_scenario):
+    spec = clean_scenario.bundle.spec
+    backdoored = blended_scenario.teacher
+    report = scan(clean_scenario.teacher, spec, [backdoored, backdoored])
+    assert report.suspects[:1] == (blended_scenario.target,) and len(report.per_version) == 3
+    assert report.versions == ("earlier 1", "earlier 2", "model")
+    once = scan(clean_scenario.teacher, spec, [backdoored])   # two versions that disagree: no suspect
+    assert not once.backdoored
+
+
+def test_the_scan_leaves_the_callers_random_stream_alone(clean_scenario):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    scan(clean_scenario.teacher, clean_scenario.bundle.spec, config=ScanConfig().smoke_sized())
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_earlier_version_of_another_network_is_refused():
+    with pytest.raises(ConfigError, match="earlier version 1 is another network"):
+        scan(build_model("small-cnn", SPEC), SPEC, [build_model("small-cnn", InputSpec(1, 16, 16, 7, (0.5,), (0.5,)))],
+             ScanConfig().smoke_sized())
+
+
+@pytest.mark.parametrize("field,value", [("threshold", 0), ("votes", 0), ("blend_ratio", 1.0), ("mask_steps", 10**9),
+                                         ("pool_batches", 0), ("mask_success", 1.5), ("generator_lr", float("nan"))])
+def test_scan_settings_are_validated(field, value):
+    with pytest.raises(ConfigError):
+        ScanConfig.from_values({field: value})
+
+
+def test_the_game_reads_the_scan_and_never_rederives_it(badnets_scenario, clean_scenario):
+    spec = clean_scenario.bundle.spec
+    recipe = smoke_sized(recipe_config("default"))
+    with pytest.raises(ConfigError, match="scan"):
+        DHBETrainer(clean_scenario.teacher, spec, recipe)          # the verdict needs the scan's report
+    clean = decide([version([0.0] * 10)], ["model"], [0.0] * 10, recipe.scan)
+    stopped = DHBETrainer(clean_scenario.teacher, spec, recipe, scan=clean)
+    stopped.run_epoch()
+    assert stopped.stop_reason.startswith("no backdoor found") and stopped.output_model() is stopped.teacher
+    assert stopped.extension("blend_search").found is None        # nothing searched after the verdict
+    suspect = decide([version([0.0, 0.0, 0.0, 9.0] + [0.0] * 6)], ["model"], [0.0] * 10, recipe.scan)
+    game = DHBETrainer(badnets_scenario.teacher, spec, recipe, scan=suspect)
+    game.run_epoch()
+    assert game.stop_reason is None and game.extension("blend_search").classes == [3]
+    assert [t.target for t in game.extension("mask_search").found] == [3]
+    assert game.evidence()["scan"]["suspects"] == [3] and game.evidence()["verdict"]["suspected_targets"] == [3]
+
+
+def test_a_recipe_carries_its_scan_settings():
+    recipe = recipe_config("default", {"scan.threshold": "4.5", "scan.votes": 3})
+    assert recipe.scan.threshold == 4.5 and recipe.scan.votes == 3
+    assert recipe_config("official").scan is None and "scan" not in recipe_config("official").to_dict()
+    with pytest.raises(ConfigError, match="verdict reads the scan"):
+        recipe_config("default", {"scan": "off"})
+    with pytest.raises(ConfigError, match="unknown scan field"):
+        recipe_config("default", {"scan.nope": 1})
+
+
+def test_the_server_picks_the_quarter_rounds_and_keeps_a_bounded_history():
+    assert earlier_rounds(20, range(1, 21)) == [5, 10, 15]
+    assert earlier_rounds(2, [1]) == [1] and earlier_rounds(1, []) == []
+    assert earlier_rounds(20, range(16, 20)) == [16, 17, 19]     # the rounds since an in-run purification
+    history = GlobalModelHistory(keep=4)
+    for number in range(1, 41):
+        history.add(number, ArrayRecord({"w": torch.full((2,), float(number))}))
+    assert len(history.models) <= 4 and sorted(history.models) == [16, 32]
+    picked = history.earlier(40)
+    assert [float(a.to_torch_state_dict()["w"][0]) for a in picked] == [16.0, 32.0]
+    history.clear()
+    assert history.models == {} and history.stride == 1
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "defense.scan", *map(str, args), "--set", "generator_steps=3",
+                           "pool_batches=2", "batch_size=4", "blend_steps=2", "mask_steps=2"],
+                          capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_the_cli_prints_one_verdict_line_or_one_json_line_and_writes_nothing_unless_asked(tmp_path):
+    for name in ("model", "early"):
+        save_model(build_model("small-cnn", SPEC), tmp_path / name, "small-cnn", SPEC, {"tool": "test"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = run_cli("model.json", "--earlier", "early.json", cwd=tmp_path)
+    assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 1, done.stderr
+    assert done.stdout.startswith(("backdoor suspected", "no backdoor found"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    record = json.loads(run_cli("model.json", "--json", cwd=tmp_path).stdout)
+    for key in ("backdoored", "suspects", "trigger_kind", "class_scores", "per_version", "weight_scores", "threshold",
+                "evidence", "seconds", "summary"):
+        assert key in record
+    assert run_cli("model.json", "--out", "report.json", cwd=tmp_path).returncode == 0
+    assert json.loads((tmp_path / "report.json").read_text())["model"] == "model.json"
+
+
+@pytest.mark.parametrize("case", ["other network", "other spec", "not a model", "run with a model", "nothing"])
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, case):
+    save_model(build_model("small-cnn", SPEC), tmp_path / "model", "small-cnn", SPEC, {"tool": "test"})
+    shifted = InputSpec(1, 16, 16, 10, (0.4,), (0.5,))
+    save_model(build_model("small-cnn", shifted), tmp_path / "shifted", "small-cnn", shifted, {"tool": "test"})
+    (tmp_path / "junk.json").write_text("{not json")
+    args = {"other network": ["model.json", "--earlier", "junk.json"],
+            "other spec": ["model.json", "--earlier", "shifted.json"],
+            "not a model": ["junk.json"], "run with a model": ["model.json", "--run", "."], "nothing": []}[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = run_cli(*args, "--out", "report.json", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "other spec":
+        assert "mean" in done.stderr          # the error says how the two specs differ
+
+
+def test_a_run_folder_gives_the_final_model_and_the_quarter_rounds_and_a_crafted_one_is_refused(tmp_path):
+    run = tmp_path / "run"
+    for number in range(1, 9):
+        save_model(build_model("small-cnn", SPEC), run / "models" / f"round-{number:03d}", "small-cnn", SPEC, {"t": 1})
+    save_model(build_model("small-cnn", SPEC), run / "final", "small-cnn", SPEC, {"t": 1})
+    final, earlier = run_folder_versions(run)
+    assert final == run / "final.json" and [p.name for p in earlier] == ["round-002.json", "round-004.json", "round-006.json"]
+    assert run_cli("--run", run, cwd=tmp_path).returncode == 0
+    outside = tmp_path / "outside"
+    (run / "models").rename(outside)
+    (run / "models").symlink_to(outside)                    # models/ a link to a folder elsewhere
+    done = run_cli("--run", run, cwd=tmp_path)
+    assert done.returncode == 2 and "not a plain folder" in done.stderr and "Traceback" not in done.stderr
+    (run / "models").unlink()
+    (run / "models").mkdir()
+    (run / "models" / "round-001.json").symlink_to(run / "final.json")   # a round file that is a link
+    assert "not a plain file" in run_cli("--run", run, cwd=tmp_path).stderr
+    assert "no final.json" in run_cli("--run", tmp_path, cwd=tmp_path).stderr
+
+
+def test_deploy_refuses_an_earlier_version_of_another_network_in_one_line(tmp_path):
+    other = InputSpec(1, 16, 16, 7, (0.5,), (0.5,))
+    save_model(build_model("small-cnn", SPEC), tmp_path / "model", "small-cnn", SPEC, {"tool": "test"})
+    save_model(build_model("small-cnn", other), tmp_path / "other", "small-cnn", other, {"tool": "test"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run([sys.executable, "-m", "deploy.purify", "model.json", "--out", "out",
+                           "--earlier", "other.json"], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "earlier version" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_run_report_says_what_the_scan_found():
+    from federated.run_folder import evidence_line
+
+    line = evidence_line({"scan": {"summary": "backdoor suspected: class 1, local patch, score 6.0 over threshold 3"},
+                          "verdict": {"final_synthetic_agreement": 0.9}})
+    assert line.startswith("scan: backdoor suspected: class 1") and "90%" in line
+    stopped = evidence_line({"scan": {"summary": "no backdoor found"}, "stopped": "no backdoor found: ...; handed back"})
+    assert stopped.startswith("scan: no backdoor found")
