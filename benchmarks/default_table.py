@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.default_cases import CASE_SETS, DEV, history_models, plant
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_path, atomic_write_text
 from defense.metrics import statistics_refitted
 from defense.modelio import load_model
@@ -39,7 +39,7 @@ def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict,
         recipe = smoke_sized(recipe)
     versions = [load_model(p).model.eval() for p in earlier]
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
+    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
     train_epochs(trainer)
     wall = time.perf_counter() - started
     output = trainer.output_model().eval()

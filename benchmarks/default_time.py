@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.default_cases import by_name
 from benchmarks.default_table import case_model
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import DHBETrainer, recipe_config, scan_stage, smoke_sized, train_epochs
 from defense.fileio import atomic_write_text
 from defense.modelio import load_model
 from defense.report import markdown_table
@@ -27,8 +27,7 @@ from defense.scenario import model_file_scenario
 RESULTS = Path("benchmarks/results")
 # (object name, method, phase label); "trainer" is the DHBETrainer, other names its extensions
 HOOKS = [
-    ("verdict", "name_suspects", "verdict: blend search on each earlier version"),
-    ("blend_search", "probe", "blend search, first (G copy warm-up + one inversion per class)"),
+    ("blend_search", "probe", "blend search, first (G copy warm-up + the suspects' inversions)"),
     ("trigger_bank", "probe", "trigger bank warm-up (Gp against S = T)"),
     ("mask_search", "probe", "mask search, first (against T)"),
     ("blend_search", "epoch_start", "blend search, re-searches against S"),
@@ -40,7 +39,8 @@ HOOKS = [
     ("trainer", "trigger_step", "game: Gp steps"),
     ("trainer", "diagnostics", "per-epoch data-free diagnostics"),
 ]
-SEARCHES = {label for _, method, label in HOOKS if method in ("probe", "epoch_start", "name_suspects")}
+SEARCHES = {label for _, method, label in HOOKS if method in ("probe", "epoch_start")}
+SCAN = "scan stage (the model and its earlier versions, every class at once)"
 
 
 class PhaseClock:
@@ -78,12 +78,14 @@ def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list
     model_file, earlier = case_model(case, tiny=tiny, history=True)
     scenario = model_file_scenario(model_file)
     recipe = recipe_config("default", overrides)
-    if tiny:   # every class a suspect, so that the game runs
-        recipe = smoke_sized(recipe).with_overrides({"blend_search.suspect_threshold": 0.0})
+    if tiny:   # the game runs blind on every class, so that it runs
+        recipe = smoke_sized(recipe).with_overrides({"verdict.hand_back_clean": False})
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe,
-                          earlier=[load_model(p).model.eval() for p in earlier])
+    found = scan_stage(scenario.teacher, scenario.bundle.spec, recipe, [load_model(p).model.eval() for p in earlier])
+    scanned = time.perf_counter() - started
+    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, scan=found)
     clock = PhaseClock()
+    clock.seconds[SCAN], clock.calls[SCAN] = scanned, 1
     for owner_name, method, label in HOOKS:
         owner = trainer if owner_name == "trainer" else trainer.extension(owner_name)
         if owner is not None:
@@ -91,7 +93,7 @@ def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list
     train_epochs(trainer)
     wall = time.perf_counter() - started
     rows = [[label, f"{clock.seconds[label]:.1f}", f"{100 * clock.seconds[label] / wall:.0f}%", clock.calls[label]]
-            for _, _, label in HOOKS if clock.calls[label]]
+            for label in [SCAN] + [label for _, _, label in HOOKS] if clock.calls[label]]
     other = wall - sum(clock.seconds.values())
     rows.append(["the rest (set-up, EMA, the loop, the guard)", f"{other:.1f}", f"{100 * other / wall:.0f}%", ""])
     suspects = trainer.evidence().get("verdict", {}).get("suspected_targets", [])

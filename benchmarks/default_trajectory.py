@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.default_cases import by_name, plant
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_write_text
 from defense.scenario import model_file_scenario
 
@@ -28,7 +28,7 @@ def trajectory(case, recipe_name: str, overrides: dict, tiny: bool = False) -> l
     recipe = recipe_config(recipe_name, overrides)
     if tiny:
         recipe = smoke_sized(recipe)
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe)
+    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe)
     rows = []
     for record in train_epochs(trainer, evaluator=lambda model: scenario.evaluate(model.eval())):
         test = record.evaluation or {}

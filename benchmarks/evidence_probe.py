@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.default_cases import DEV, HELD_OUT, plant
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
+from defense.dhbe import recipe_config, scanned_trainer, smoke_sized
 from defense.modelio import load_model
 
 
 def probe(path: Path, recipe_name: str = "cpu-blend", tiny: bool = False) -> dict:
     loaded = load_model(path)
     recipe = smoke_sized(recipe_config(recipe_name)) if tiny else recipe_config(recipe_name)
-    trainer = DHBETrainer(loaded.model.eval(), loaded.spec, recipe)
+    trainer = scanned_trainer(loaded.model.eval(), loaded.spec, recipe)
     started = time.perf_counter()
     for ext in trainer.extensions:
         ext.probe(trainer)

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.paper_scale import PAPER_ITERATIONS, SIDES, seconds_per_iteration
 from defense.device_check import DeviceDiscipline
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_write_json
 from defense.scenario import backdoored_scenario
 
@@ -34,8 +34,8 @@ CPU_REFERENCE = PROJECT / "benchmarks" / "results" / "gpu_check_cpu_reference.js
 
 
 def every_extension_on():
-    """The default at smoke size with every extension forced on (every class suspect)."""
-    recipe = smoke_sized(recipe_config("default", {"blend_search.suspect_threshold": 0, "sample_pool": "on",
+    """The default at smoke size with every extension forced on (the game runs blind: every class)."""
+    recipe = smoke_sized(recipe_config("default", {"verdict.hand_back_clean": False, "sample_pool": "on",
                                                    "lambda_step": "on"}))
     return recipe.replace(epochs=2)
 
@@ -43,10 +43,10 @@ def every_extension_on():
 def device_checks(device: str, scenario, dry_run: bool) -> dict:
     recipe = every_extension_on()
     with DeviceDiscipline(device, [PROJECT / "defense"]) as check:
-        trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, device=device)
+        trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, device)
         train_epochs(trainer)
         trainer.evidence()
-    again = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, device=device)
+    again = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, device)
     train_epochs(again)
     same = all(torch.equal(a, b) for a, b in zip(trainer.student.state_dict().values(),
                                                    again.student.state_dict().values()))
@@ -59,7 +59,7 @@ def default_purification(device: str, scenario, dry_run: bool, precision: str = 
     if dry_run:
         recipe = smoke_sized(recipe)
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, device=device)
+    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, device)
     train_epochs(trainer)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

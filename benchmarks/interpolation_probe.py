@@ -25,7 +25,7 @@ import torch
 from benchmarks.default_cases import DEV, by_name
 from benchmarks.default_table import case_model
 from defense.blend_search import invert_class_patterns
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized, train_epochs
+from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.generators import blend_patterns, paste_patches
 from defense.mask_search import apply_mask_trigger
 from defense.metrics import statistics_refitted
@@ -89,12 +89,12 @@ def probe_case(name: str, keep: str | None = None, recalibrate: bool = False, al
     model_file, earlier = case_model(case, tiny=tiny, history=True)
     scenario = model_file_scenario(model_file)
     recipe = recipe_config("default", overrides)
-    if tiny:   # every class a suspect, so that the game runs and the path is walked
-        recipe = smoke_sized(recipe).with_overrides({"blend_search.suspect_threshold": 0.0, "verdict.votes": 1})
+    if tiny:   # the game runs blind on every class, so that it runs and the path is walked
+        recipe = smoke_sized(recipe).with_overrides({"verdict.hand_back_clean": False})
     torch.manual_seed(0)
     started = time.perf_counter()
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe,
-                          earlier=[load_model(p).model.eval() for p in earlier])
+    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe,
+                              earlier=[load_model(p).model.eval() for p in earlier])
     train_epochs(trainer)
     wall = time.perf_counter() - started
     suspects = list(trainer.extension("blend_search").suspects)

@@ -9,7 +9,7 @@ benchmarks/results/ (with --tiny: a temporary folder, two seconds-long members).
 
 The measurements of a scan (per version and class) are cached beside each member, keyed by the scan's
 settings; the verdict is re-decided from them (defense.scan.decide), so the same cache serves every
-threshold and vote count.
+threshold.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def settings_key(config) -> str:
-    """The cache key of a scan's measurements: every setting but the decision's (threshold, votes)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("threshold", "votes")}
+    """The cache key of a scan's measurements: every setting but the decision's threshold."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "threshold"}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -18,7 +18,7 @@ import json
 import torch
 
 from benchmarks.default_cases import by_name, plant
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
+from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized
 from defense.scenario import model_file_scenario
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     scenario = model_file_scenario(plant(case, tiny=args.tiny))
     recipe = recipe_config("default", field_pairs(args.set, "--set"))
     recipe = smoke_sized(recipe).replace(epochs=2) if args.tiny else recipe.replace(epochs=args.epochs)
-    trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe)
+    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe)
     figures = lambda model: {k: scenario.evaluate(model).get(k) for k in ("acc", "asr_x1", "asr_x9")}
     batches = 2 if args.tiny else 20
     while trainer.epoch < recipe.dhbe.epochs and trainer.stop_reason is None:

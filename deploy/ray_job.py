@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from defense.dhbe import DHBETrainer, EpochRecord, Recipe, scan_stage, train_epochs
+from defense.dhbe import DHBETrainer, EpochRecord, Recipe, scanned_trainer, train_epochs
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel, require_even_split
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
@@ -115,8 +115,7 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
     recipe = Recipe.from_dict(loop_config["recipe"])
     # the stages: the scan (replicated in every worker: the same seed, the same report), then the game;
     # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
-    found = scan_stage(teacher, spec, recipe, earlier, device)
-    trainer = DHBETrainer(teacher, spec, recipe, device, found, DataParallel(device) if world > 1 else SINGLE_PROCESS)
+    trainer = scanned_trainer(teacher, spec, recipe, device, earlier, DataParallel(device) if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
     resumed_from_epoch = 0

@@ -96,6 +96,7 @@ class PurifyingStrategy(DelegatingStrategy):
         arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
                                        self.out_dir / f"purified-round-{server_round:03d}",
                                        self.history.earlier(server_round))
+        print(f"round {server_round}: {evidence_line(result.evidence)}", flush=True)
         self.history.clear()   # the purified model starts a new line of global models
         self.purifications.append({"round": server_round, "model": str(result.manifest_path),
                                    "wall_s": time.perf_counter() - started, "evidence": result.evidence})

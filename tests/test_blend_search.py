@@ -8,6 +8,7 @@ from defense.dhbe import DHBETrainer, cpu_blend_recipe, cpu_recipe, purify, reci
 from defense.errors import ConfigError
 from defense.generators import blend_patterns
 from defense.models import build_model
+from defense.scan import VersionScores, decide
 from defense.spec import InputSpec
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
@@ -85,12 +86,13 @@ def test_with_no_suspect_and_no_hand_back_the_game_runs_blind_on_every_class():
     recipe = recipe_config("default", {"epochs": 2, "iters_per_epoch": 1, "batch_size": 16,
                                        "trigger_bank.warmup_steps": 2, "blend_search.steps": 3,
                                        "blend_search.warmup_steps": 2, "mask_search.steps": 2,
-                                       "blend_search.suspect_threshold": 50.0, "verdict.hand_back_clean": False})
-    trainer = DHBETrainer(teacher, SPEC, recipe)
+                                       "verdict.hand_back_clean": False})
+    nothing = decide([VersionScores(*[(0.0,) * 10] * 3)], ["model"], [0.0] * 10, recipe.scan)   # the scan: no suspect
+    trainer = DHBETrainer(teacher, SPEC, recipe, scan=nothing)
     trainer.run_epoch()
     search, masks = trainer.extension("blend_search"), trainer.extension("mask_search")
-    assert search.suspects == [] and search.classes == list(range(10)) and len(search.bank) == 10
-    assert masks.found == []                          # the targeted search aims at suspects only
+    assert search.classes == list(range(10)) and len(search.bank) == 10
+    assert len(masks.found) == 10                     # blind: the targeted search aims at every class
     assert trainer.stop_reason is None                # no suspect, and the game still runs (no hand-back)
     x = torch.rand(4, *SPEC.shape)
     assert search.student_terms(trainer, x, trainer.teacher(x), trainer.student(x)) is not None

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.gpu_check import every_extension_on
 from defense.device_check import DeviceDiscipline
-from defense.dhbe import DHBETrainer, train_epochs
+from defense.dhbe import scanned_trainer, train_epochs
 
 PROJECT = Path(__file__).parents[1]
 DHBE_CODE = [PROJECT / "defense"]
@@ -18,7 +18,7 @@ def test_one_dhbe_epoch_with_every_extension_makes_nothing_off_the_models_device
     assert {"verdict", "blend_search", "mask_search", "trigger_bank", "stamped_patches", "student_ema",
             "class_balance", "bn_prior", "prior_only_generator", "sample_pool", "lambda_step"} <= names
     with DeviceDiscipline("cpu", DHBE_CODE) as check:
-        trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe)
+        trainer = scanned_trainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe)
         train_epochs(trainer)
         trainer.evidence()
     assert trainer.epoch == 2

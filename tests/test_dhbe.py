@@ -396,9 +396,9 @@ def test_the_default_suspects_a_backdoors_target_and_its_guard_falls_back(badnet
     spec = badnets_scenario.bundle.spec
     recipe = recipe_config("default", {"trigger_bank": "off", "epochs": 1, "iters_per_epoch": 3, "student_lr": 1.0,
                                        "verdict.min_agreement": 0.999})
-    from defense.dhbe import scan_stage, train_epochs
+    from defense.dhbe import scanned_trainer, train_epochs
 
-    trainer = DHBETrainer(badnets_scenario.teacher, spec, recipe, scan=scan_stage(badnets_scenario.teacher, spec, recipe))
+    trainer = scanned_trainer(badnets_scenario.teacher, spec, recipe)
 
     train_epochs(trainer)
     verdict = trainer.evidence()["verdict"]

@@ -5,6 +5,7 @@ from torch import nn
 from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.dhbe.extensions.mask_search import roll_per_sample
 from defense.mask_search import apply_mask_trigger, invert_mask_trigger
+from defense.scan import VersionScores, decide
 
 
 class CornerDetector(nn.Module):
@@ -35,12 +36,13 @@ def test_roll_per_sample_moves_each_sample_by_its_own_offset():
 
 
 def test_the_default_searches_the_suspect_and_reports_it(badnets_scenario):
-    recipe = smoke_sized(recipe_config("default", {"blend_search.suspect_threshold": 0}))   # every class suspect
-    trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe)
+    recipe = smoke_sized(recipe_config("default"))
+    every = decide([VersionScores(*[(9.0,) * 10] * 3)], ["model"], [0.0] * 10, recipe.scan)   # every class suspect
+    trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe, scan=every)
     trainer.run_epoch()
     report = trainer.evidence()["mask_search"]
     assert len(report["triggers"]) == badnets_scenario.bundle.spec.num_classes
     state = trainer.state_dict()
-    again = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe)
+    again = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe, scan=every)
     again.load_state_dict(state)
     assert [t.target for t in again.extension("mask_search").bank] == [t.target for t in trainer.extension("mask_search").bank]

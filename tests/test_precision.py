@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
+from defense.dhbe import recipe_config, scanned_trainer, smoke_sized
 from defense.dhbe.game import keep_logits_fp32
 from defense.dhbe.losses import l1
 from defense.errors import ConfigError
@@ -34,7 +34,7 @@ def test_l1_of_nearly_equal_logits_survives_bf16():
 
 def test_a_bf16_game_stays_finite_and_uses_bf16_inside(badnets_scenario):
     recipe = smoke_sized(recipe_config("default", {"precision": "bf16", "verdict.hand_back_clean": False}))
-    trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe.replace(epochs=2))
+    trainer = scanned_trainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, recipe.replace(epochs=2))
     seen = []
     first_conv = next(m for m in trainer.student.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))

@@ -25,22 +25,22 @@ ROOT = Path(__file__).parents[1]
 SPEC = InputSpec(1, 16, 16, 10, (0.5,), (0.5,))
 
 
-def version(scores: list[float]) -> VersionScores:
-    flat = tuple(0.0 for _ in scores)
-    return VersionScores(flat, flat, tuple(scores), flat)
+def version(scores: list[float], concentration: float = 1.0) -> VersionScores:
+    return VersionScores(tuple(0.01 for _ in scores), tuple(concentration for _ in scores), tuple(scores))
 
 
-def test_a_class_is_a_suspect_only_where_enough_versions_agree():
+def test_the_verdict_is_the_models_own_and_the_earlier_versions_are_evidence():
     flat = version([0.0] * 4)
-    target_twice = [version([0.0, 5.0, 0.0, 0.0]), version([0.0, 4.0, 0.0, 0.0]), flat, version([0.0, 0.0, 0.0, 4.5])]
-    names = [f"v{i}" for i in range(4)]
-    voted = decide(target_twice, names, [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
-    assert voted.backdoored and voted.suspects == (1,) and voted.class_scores[3] == 0.0   # class 3 stood out once
-    assert decide(target_twice, names, [0.0] * 4, ScanConfig(threshold=3.0, votes=1)).suspects == (1, 3)
-    alone = decide([version([0.0, 3.5, 0.0, 0.0])], ["model"], [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
-    assert alone.suspects == (1,)                                   # one version: it alone decides
-    both = decide([flat, version([0.0, 3.5, 0.0, 0.0])], ["a", "b"], [0.0] * 4, ScanConfig(threshold=3.0, votes=2))
-    assert not both.backdoored and "no backdoor found" in both.summary()   # two versions: both must
+    names = ["round 5", "round 10", "model"]
+    config = ScanConfig(threshold=0.85)
+    found = decide([version([0.0, 2.0, 0.0, 0.0]), flat, version([0.0, 1.5, 0.0, 0.9], 0.2)], names, [0.0] * 4, config)
+    assert found.backdoored and found.suspects == (1, 3) and found.class_scores == (0.0, 1.5, 0.0, 0.9)
+    assert found.kinds == ("whole image", "whole image") and "in 2 of 3 versions (round 5, model)" in found.evidence[0]
+    assert "over it in 2 of 3 versions" in found.summary() and "also suspected: 3" in found.summary()
+    faded = decide([version([0.0, 2.0, 0.0, 0.0]), flat], ["round 5", "model"], [0.0] * 4, config)
+    assert not faded.backdoored and "no backdoor found" in faded.summary()   # earlier versions do not decide
+    patch = decide([version([0.0, 1.0, 0.0, 0.0], 0.9)], ["model"], [0.0] * 4, config)
+    assert patch.trigger_kind == "local patch"
 
 
 def test_the_scan_names_the_target_of_a_patch_and_a_blend_backdoor_and_clears_a_clean_model(
@@ -54,14 +54,13 @@ def test_the_scan_names_the_target_of_a_patch_and_a_blend_backdoor_and_clears_a_
     assert not clean.backdoored and clean.suspects == () and clean.score <= clean.threshold, clean.summary()
 
 
-def test_a_backdoor_that_left_the_last_model_is_found_in_the_earlier_ones(blended_scenario, clean_scenario):
+def test_earlier_versions_are_scanned_on_the_same_samples_and_reported(blended_scenario, clean_scenario):
     spec = clean_scenario.bundle.spec
-    backdoored = blended_scenario.teacher
-    report = scan(clean_scenario.teacher, spec, [backdoored, backdoored])
-    assert report.suspects[:1] == (blended_scenario.target,) and len(report.per_version) == 3
-    assert report.versions == ("earlier 1", "earlier 2", "model")
-    once = scan(clean_scenario.teacher, spec, [backdoored])   # two versions that disagree: no suspect
-    assert not once.backdoored
+    alone = scan(clean_scenario.teacher, spec)
+    report = scan(clean_scenario.teacher, spec, [blended_scenario.teacher])
+    assert report.versions == ("earlier 1", "model") and len(report.per_version) == 2
+    assert report.per_version[-1] == alone.per_version[-1]          # the model's own measurement is unchanged
+    assert report.per_version[0].score[blended_scenario.target] > report.threshold   # the backdoored version shows
 
 
 def test_the_scan_leaves_the_callers_random_stream_alone(clean_scenario):
@@ -78,7 +77,7 @@ def test_an_earlier_version_of_another_network_is_refused():
              ScanConfig().smoke_sized())
 
 
-@pytest.mark.parametrize("field,value", [("threshold", 0), ("votes", 0), ("blend_ratio", 1.0), ("mask_steps", 10**9),
+@pytest.mark.parametrize("field,value", [("threshold", 0), ("mask_lr", 0), ("mask_cost", 11), ("mask_steps", 10**9),
                                          ("pool_batches", 0), ("mask_success", 1.5), ("generator_lr", float("nan"))])
 def test_scan_settings_are_validated(field, value):
     with pytest.raises(ConfigError):
@@ -104,8 +103,8 @@ def test_the_game_reads_the_scan_and_never_rederives_it(badnets_scenario, clean_
 
 
 def test_a_recipe_carries_its_scan_settings():
-    recipe = recipe_config("default", {"scan.threshold": "4.5", "scan.votes": 3})
-    assert recipe.scan.threshold == 4.5 and recipe.scan.votes == 3
+    recipe = recipe_config("default", {"scan.threshold": "1.5", "scan.mask_steps": 200})
+    assert recipe.scan.threshold == 1.5 and recipe.scan.mask_steps == 200
     assert recipe_config("official").scan is None and "scan" not in recipe_config("official").to_dict()
     with pytest.raises(ConfigError, match="verdict reads the scan"):
         recipe_config("default", {"scan": "off"})
@@ -130,7 +129,7 @@ def test_the_server_picks_the_quarter_rounds_and_keeps_a_bounded_history():
 # --- the CLI ----------------------------------------------------------------------------------------------
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "defense.scan", *map(str, args), "--set", "generator_steps=3",
-                           "pool_batches=2", "batch_size=4", "blend_steps=2", "mask_steps=2"],
+                           "pool_batches=2", "batch_size=4", "mask_steps=2"],
                           capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -143,7 +142,7 @@ def test_the_cli_prints_one_verdict_line_or_one_json_line_and_writes_nothing_unl
     assert done.stdout.startswith(("backdoor suspected", "no backdoor found"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     record = json.loads(run_cli("model.json", "--json", cwd=tmp_path).stdout)
-    for key in ("backdoored", "suspects", "trigger_kind", "class_scores", "per_version", "weight_scores", "threshold",
+    for key in ("backdoored", "suspects", "trigger_kind", "kinds", "class_scores", "per_version", "weight_scores", "threshold",
                 "evidence", "seconds", "summary"):
         assert key in record
     assert run_cli("model.json", "--out", "report.json", cwd=tmp_path).returncode == 0

@@ -10,6 +10,7 @@ from torch import nn
 
 from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.game import DHBETrainer, EpochRecord
+from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
 from defense.scan import ScanReport, scan
 from defense.spec import InputSpec
 
@@ -51,13 +52,21 @@ def scan_stage(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig, e
     return scan(model, spec, earlier, recipe.scan, device)
 
 
+def scanned_trainer(teacher: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
+                    device: torch.device | str = "cpu", earlier: Sequence[nn.Module] = (),
+                    parallel: SingleProcess = SINGLE_PROCESS) -> DHBETrainer:
+    """The defence's stages in order: the recipe's scan of `teacher` (and its `earlier` versions), then
+    the game built with its report."""
+    return DHBETrainer(teacher, spec, recipe, device, scan_stage(teacher, spec, recipe, earlier, device), parallel)
+
+
 def purify(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
            callbacks: tuple[Callable[[EpochRecord, DHBETrainer], None], ...] = (),
            evaluator: Optional[Evaluator] = None, device: torch.device | str = "cpu",
            earlier: Sequence[nn.Module] = ()) -> tuple[nn.Module, list[EpochRecord]]:
     """Erase backdoors from `model` without data, in the recipe's stages (scan, then the game): returns
     (purified model, per-epoch history)."""
-    trainer = DHBETrainer(model, spec, recipe, device, scan_stage(model, spec, recipe, earlier, device))
+    trainer = scanned_trainer(model, spec, recipe, device, earlier)
 
     def each_epoch(record: EpochRecord, trainer: DHBETrainer, last: bool) -> None:
         for callback in callbacks:

@@ -30,7 +30,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, help="also write the report as JSON to this file (default: nothing written)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1; default: cpu)")
     p.add_argument("--set", dest="scan_set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="scanner settings, e.g. threshold=3 votes=2 (fields of defense.scan.ScanConfig)")
+                   help="scanner settings, e.g. threshold=1.2 mask_steps=200 (fields of defense.scan.ScanConfig)")
     return p
 
 

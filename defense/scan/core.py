@@ -4,14 +4,15 @@ Data-free: the scanner sees the model, its input spec and, where it has them, ea
 model (a federated server's global models of earlier rounds); never data, never the attack.
 
 1. G is fitted to the model's priors (defense/scan/inversion.py) and a pool of its samples drawn once.
-2. On that pool, for the model and for every earlier version: every class's blend pattern and
-   Neural Cleanse mask inverted at once. Per version and class, two anomaly indices (how far below
-   the median the class's log loss, or log mask area, lies, in units of the median absolute
-   deviation): `blend` (a whole-image trigger) and `mask` (a local patch); the class's score in that
-   version is the larger.
-3. Across versions: a class's score is the `votes`-th largest of its per-version scores (a backdoor
-   shows in the versions the attack shaped; a class a federation happens to make easy flickers).
-   Classes over `threshold` are the suspects, the highest first; the model is backdoored when there is one.
+2. On that pool, for the model and for every earlier version: every class's Neural Cleanse trigger
+   (mask and pattern) inverted at once; per class, the smallest mask that sends `mask_success` of a
+   batch to the class.
+3. A class's score in a version is its mask's depth: how many e-folds smaller than the median
+   class's mask it is (median over classes of log area, minus the class's log area). A backdoor is a
+   shortcut: its target is reached through a far smaller mask than any class the data made easy.
+4. The verdict is the model's own: the classes whose score exceeds `threshold` are the suspects, the
+   highest first. The earlier versions' scores are evidence beside it (in how many versions a suspect
+   stands out); on the calibration models weighing them in did not separate better (docs/scan.md).
 """
 from __future__ import annotations
 
@@ -26,20 +27,19 @@ from torch import nn
 
 from defense.errors import ConfigError
 from defense.fields import coerce_fields
-from defense.scan.inversion import SamplePool, fit_sample_generator, invert_blends, invert_masks
+from defense.scan.inversion import SamplePool, fit_sample_generator, invert_masks
 from defense.scan.weights import weight_scores
 from defense.spec import InputSpec, require
 
-MIN_LOG_SPREAD = 0.25   # a factor of 1.28 between values: below it, differences are noise
 KINDS = ("local patch", "whole image")
+LOCAL = 0.5             # a suspect's mask with at least this share in one window reads as a local patch
 
 
 @dataclass(frozen=True)
 class ScanConfig:
     """The scanner's settings (`--set scan.FIELD=VALUE` in a recipe, `--set FIELD=VALUE` for defense.scan)."""
 
-    threshold: float = 3.0          # a class is a suspect when its score exceeds this
-    votes: int = 2                  # ... in at least this many versions (all of them, if fewer)
+    threshold: float = 0.85         # a class is a suspect when its score (mask depth, e-folds) exceeds this
     seed: int = 0
     generator_steps: int = 200      # G fitted to the model's priors
     generator_batch: int = 64
@@ -49,9 +49,6 @@ class ScanConfig:
     image_prior_weight: float = 1e-4
     pool_batches: int = 8           # G's batches drawn once, shared by every inversion and version
     batch_size: int = 32            # samples per class and step (an inversion step runs K x this)
-    blend_ratio: float = 0.1        # the blend patterns are found at this ratio
-    blend_steps: int = 100
-    blend_lr: float = 0.05
     mask_steps: int = 100
     mask_lr: float = 0.1
     mask_cost: float = 1e-3         # Neural Cleanse's initial cost on |m|_1
@@ -63,17 +60,15 @@ class ScanConfig:
         for name, value in asdict(self).items():
             require(not isinstance(value, float) or math.isfinite(value), f"scan.{name} must be finite, got {value}")
         require(self.threshold > 0, f"scan.threshold must be > 0, got {self.threshold}")
-        require(1 <= self.votes <= 1000, f"scan.votes must be in 1..1000, got {self.votes}")
         require(0 <= self.seed < 2**31, f"scan.seed must be in 0..{2**31 - 1}, got {self.seed}")
         for name, high in (("generator_steps", 100_000), ("generator_batch", 4096), ("latent_dim", 4096),
                            ("generator_width", 1024), ("pool_batches", 256), ("batch_size", 1024),
-                           ("blend_steps", 100_000), ("mask_steps", 100_000)):
+                           ("mask_steps", 100_000)):
             require(1 <= getattr(self, name) <= high, f"scan.{name} must be in 1..{high}, got {getattr(self, name)}")
         require(self.generator_batch >= 2, "scan.generator_batch must be >= 2 (batch norm)")
-        for name in ("generator_lr", "blend_lr", "mask_lr", "mask_cost"):
+        for name in ("generator_lr", "mask_lr", "mask_cost"):
             require(0 < getattr(self, name) <= 10, f"scan.{name} must be in (0, 10], got {getattr(self, name)}")
         require(self.image_prior_weight >= 0, "scan.image_prior_weight must be >= 0")
-        require(0 < self.blend_ratio < 1, f"scan.blend_ratio must be in (0, 1), got {self.blend_ratio}")
         require(0 < self.mask_success <= 1, f"scan.mask_success must be in (0, 1], got {self.mask_success}")
 
     @classmethod
@@ -88,21 +83,16 @@ class ScanConfig:
         """Seconds-long (CI's smoke runs): every step count cut to a few."""
         from dataclasses import replace
 
-        return replace(self, generator_steps=3, pool_batches=2, batch_size=4, blend_steps=2, mask_steps=2)
+        return replace(self, generator_steps=3, pool_batches=2, batch_size=4, mask_steps=2)
 
 
 @dataclass(frozen=True)
 class VersionScores:
-    """One version's per-class measurements and anomaly indices (large = suspiciously easy)."""
+    """One version's per-class measurements and scores (large = suspiciously easy to reach)."""
 
-    blend_loss: tuple[float, ...]
-    mask_area: tuple[float, ...]
-    blend_index: tuple[float, ...]
-    mask_index: tuple[float, ...]
-
-    @property
-    def score(self) -> tuple[float, ...]:
-        return tuple(max(b, m) for b, m in zip(self.blend_index, self.mask_index))
+    mask_area: tuple[float, ...]             # the smallest mask's mean that sent `mask_success` of a batch there
+    mask_concentration: tuple[float, ...]    # that mask's share in its densest window (a local patch: near 1)
+    score: tuple[float, ...]                 # the mask's depth below the median class's, in e-folds
 
 
 @dataclass(frozen=True)
@@ -113,12 +103,11 @@ class ScanReport:
     suspects: tuple[int, ...]                 # the suspect classes, highest score first
     kinds: tuple[str, ...]                    # per suspect: local patch | whole image
     score: float                              # the model's score: its highest class score
-    class_scores: tuple[float, ...]           # per class, over the versions (see the module's doc)
+    class_scores: tuple[float, ...]           # per class, the model's own (the last version's)
     versions: tuple[str, ...]                 # the versions' names, oldest first, the model last
     per_version: tuple[VersionScores, ...]
     weight_scores: tuple[float, ...]          # the weight-only baseline's per-class scores (not used to decide)
     threshold: float
-    votes: int
     evidence: tuple[str, ...]                 # one line per decision
     seconds: float
     seconds_by_stage: Mapping[str, float] = field(default_factory=dict)
@@ -131,20 +120,19 @@ class ScanReport:
         """The human verdict, one line."""
         n = len(self.versions)
         if not self.backdoored:
-            return (f"no backdoor found: highest class score {self.score:.1f} (threshold {self.threshold:g}) "
+            return (f"no backdoor found: highest class score {self.score:.2f} (threshold {self.threshold:g}) "
                     f"in {n} version{'s' if n > 1 else ''} of the model ({self.seconds:.1f} s)")
         first = self.suspects[0]
         above = sum(v.score[first] > self.threshold for v in self.per_version)
         others = f"; also suspected: {', '.join(map(str, self.suspects[1:]))}" if len(self.suspects) > 1 else ""
-        return (f"backdoor suspected: class {first}, {self.kinds[0]}, score {self.class_scores[first]:.1f} over "
-                f"threshold {self.threshold:g} in {above} of {n} version{'s' if n > 1 else ''}{others} "
+        return (f"backdoor suspected: class {first}, {self.kinds[0]}, score {self.class_scores[first]:.2f} over "
+                f"threshold {self.threshold:g} (over it in {above} of {n} version{'s' if n > 1 else ''}){others} "
                 f"({self.seconds:.1f} s)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["trigger_kind"] = self.trigger_kind
         data["summary"] = self.summary()
-        data["per_version"] = [{**asdict(v), "score": list(v.score)} for v in self.per_version]
         return _rounded(data)
 
 
@@ -158,13 +146,11 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def anomaly_index(values: Sequence[float]) -> tuple[float, ...]:
-    """Per class: (median - log v) / max(1.4826 MAD, MIN_LOG_SPREAD) of the log values; large = far
-    below the others (Neural Cleanse's anomaly index, on logs)."""
-    logs = [math.log(max(v, 1e-12)) if math.isfinite(v) else math.log(1e12) for v in values]
-    median = statistics.median_low(logs)
-    spread = max(1.4826 * statistics.median_low([abs(v - median) for v in logs]), MIN_LOG_SPREAD)
-    return tuple((median - v) / spread for v in logs)
+def depth(values: Sequence[float]) -> tuple[float, ...]:
+    """Per class: median over the classes of log v, minus log v (e-folds below the median class)."""
+    logs = [math.log(max(v, 1e-12)) if math.isfinite(v) else 0.0 for v in values]
+    median = statistics.median(logs)
+    return tuple(median - v for v in logs)
 
 
 def check_versions(model: nn.Module, earlier: Sequence[nn.Module]) -> None:
@@ -201,16 +187,11 @@ def scan(model: nn.Module, spec: InputSpec, earlier: Sequence[nn.Module] = (),
         per_version = []
         for version in models:
             clock = time.perf_counter()
-            blends = invert_blends(version, pool, spec.num_classes, config.blend_ratio, config.blend_steps,
-                                   config.blend_lr)
-            stages["blend inversions"] = stages.get("blend inversions", 0.0) + time.perf_counter() - clock
-            clock = time.perf_counter()
             masks = invert_masks(version, pool, spec.num_classes, config.mask_steps, config.mask_lr,
                                  config.mask_cost, config.mask_success)
             stages["mask inversions"] = stages.get("mask inversions", 0.0) + time.perf_counter() - clock
-            blend_loss, mask_area = tuple(blends.losses.tolist()), tuple(masks.areas.tolist())
-            per_version.append(VersionScores(blend_loss, mask_area, anomaly_index(blend_loss),
-                                             anomaly_index(mask_area)))
+            areas = tuple(masks.areas.tolist())
+            per_version.append(VersionScores(areas, tuple(masks.concentrations.tolist()), depth(areas)))
     return decide(per_version, names, weight_scores(model, spec.num_classes), config,
                   time.perf_counter() - started, stages)
 
@@ -218,23 +199,22 @@ def scan(model: nn.Module, spec: InputSpec, earlier: Sequence[nn.Module] = (),
 def decide(per_version: Sequence[VersionScores], names: Sequence[str], weights: Sequence[float],
            config: ScanConfig, seconds: float = 0.0, stages: Optional[Mapping[str, float]] = None) -> ScanReport:
     """The verdict from the measurements (pure: the benchmarks re-decide cached measurements with it)."""
-    num_classes = len(per_version[-1].blend_loss)
-    needed = min(config.votes, len(per_version))
-    class_scores = tuple(sorted((v.score[k] for v in per_version), reverse=True)[needed - 1]
-                         for k in range(num_classes))
-    suspects = tuple(sorted((k for k in range(num_classes) if class_scores[k] > config.threshold),
+    model = per_version[-1]
+    class_scores = tuple(model.score)
+    suspects = tuple(sorted((k for k in range(len(class_scores)) if class_scores[k] > config.threshold),
                             key=lambda k: -class_scores[k]))
     kinds, evidence = [], []
     for k in suspects:
-        blend = statistics.median(v.blend_index[k] for v in per_version)
-        mask = statistics.median(v.mask_index[k] for v in per_version)
-        kinds.append(KINDS[0] if mask >= blend else KINDS[1])
-        evidence.append(f"class {k}: score {class_scores[k]:.2f} > {config.threshold:g} in {needed} of "
-                        f"{len(per_version)} versions; median blend index {blend:.2f}, mask index {mask:.2f}")
+        kinds.append(KINDS[0] if model.mask_concentration[k] >= LOCAL else KINDS[1])
+        above = [name for name, v in zip(names, per_version) if v.score[k] > config.threshold]
+        evidence.append(f"class {k}: its smallest mask ({100 * model.mask_area[k]:.2f}% of the image, "
+                        f"{100 * model.mask_concentration[k]:.0f}% of it in one window) is {class_scores[k]:.2f} "
+                        f"e-folds below the median class's (threshold {config.threshold:g}); over the threshold in "
+                        f"{len(above)} of {len(per_version)} versions ({', '.join(above)})")
     if not suspects:
-        top = max(range(num_classes), key=lambda k: class_scores[k])
-        evidence.append(f"no class over {config.threshold:g} in {needed} of {len(per_version)} versions "
-                        f"(highest: class {top}, {class_scores[top]:.2f})")
+        top = max(range(len(class_scores)), key=lambda k: class_scores[k])
+        evidence.append(f"no class's smallest mask is more than {config.threshold:g} e-folds below the median "
+                        f"class's (highest: class {top}, {class_scores[top]:.2f})")
     return ScanReport(bool(suspects), suspects, tuple(kinds), max(class_scores), class_scores, tuple(names),
-                      tuple(per_version), tuple(weights), config.threshold, config.votes, tuple(evidence),
-                      seconds, dict(stages or {}))
+                      tuple(per_version), tuple(weights), config.threshold, tuple(evidence), seconds,
+                      dict(stages or {}))

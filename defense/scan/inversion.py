@@ -5,15 +5,12 @@
    images the model treats like its training data, without any data.
 2. `SamplePool`: a fixed set of G's batches, drawn once and shared by every inversion and every
    version of the model (the same inputs for all, so their scores compare, and G runs once).
-3. Two trigger inversions (Neural Cleanse, Wang et al., S&P 2019, on G's samples), batched over
-   the classes: the K classes' triggers are optimised together, one forward pass of K x B images per
-   step, so a scan costs a few hundred steps whatever K is:
-   - `invert_blends`: one full-image pattern per class blended in at a fixed small ratio; the
-     measure is the model's cross-entropy towards the class (a whole-image trigger: blended, SIG);
-   - `invert_masks`: one mask and pattern per class, x' = (1 - m) x + m p, the mask's L1 cost raised
-     while the trigger works and lowered while it does not (Neural Cleanse's schedule, per class); the
-     measure is the smallest mask area that sent `success` of a batch to the class (a local patch).
-   A backdoor is a shortcut: its target's trigger is found far more easily than any other class's.
+3. `invert_masks`: Neural Cleanse's trigger inversion (Wang et al., S&P 2019) on G's samples, batched
+   over the classes: one mask and pattern per class, x' = (1 - m) x + m p, optimised together (one
+   forward pass of K x B images per step, so a scan costs a fixed number of steps whatever K is), each
+   class's L1 cost on its mask raised while its trigger works and lowered while it does not; the
+   measure is the smallest mask area that sent `success` of a batch to the class. A backdoor is a
+   shortcut: its target's trigger is found through a far smaller mask than any other class's.
 """
 from __future__ import annotations
 
@@ -84,38 +81,18 @@ def _per_class_cross_entropy(model: nn.Module, inputs: torch.Tensor) -> tuple[to
 
 
 @dataclass
-class BlendInversion:
-    losses: torch.Tensor      # (K,) cross-entropy towards each class over the whole pool, patterns blended in
-    patterns: torch.Tensor    # (K, C, H, W) in [-1, 1] (defense.generators.blend_patterns)
-
-
-def invert_blends(model: nn.Module, pool: SamplePool, num_classes: int, ratio: float, steps: int,
-                  lr: float) -> BlendInversion:
-    """min over p_k of CE(model((1 - ratio) x + ratio (p_k + 1) / 2), k) for every class k at once."""
-    like = pool.batch(0)
-    raw = torch.zeros(num_classes, *like.shape[1:], device=like.device, requires_grad=True)
-    optimiser = torch.optim.Adam([raw], lr=lr)
-
-    def blended(x: torch.Tensor) -> torch.Tensor:
-        patterns = (torch.tanh(raw) + 1) / 2
-        return (1 - ratio) * x.unsqueeze(0) + ratio * patterns.unsqueeze(1)
-
-    with _frozen_eval(model):
-        for step in range(steps):
-            cross_entropy, _ = _per_class_cross_entropy(model, blended(pool.batch(step)))
-            optimiser.zero_grad(set_to_none=True)
-            cross_entropy.sum().backward()
-            optimiser.step()
-        with torch.no_grad():
-            losses = torch.stack([_per_class_cross_entropy(model, blended(pool.batch(i)))[0]
-                                  for i in range(len(pool))]).mean(0)
-    return BlendInversion(losses.nan_to_num(nan=float("inf")), torch.tanh(raw.detach()))
-
-
-@dataclass
 class MaskInversion:
-    areas: torch.Tensor       # (K,) smallest mask mean that sent `success` of a batch to k (1.0: never)
-    hit_rates: torch.Tensor   # (K,) share of the last batch each class's trigger sent to it
+    areas: torch.Tensor           # (K,) smallest mask mean that sent `success` of a batch to k (1.0: never)
+    concentrations: torch.Tensor  # (K,) share of that mask's mass inside its densest window (a local patch: near 1)
+    hit_rates: torch.Tensor       # (K,) share of the last batch each class's trigger sent to it
+
+
+def concentration(mask: torch.Tensor) -> torch.Tensor:
+    """(K,) share of each mask's (K, 1, H, W) mass in its densest square window of a quarter of the
+    image's shorter side (at least 3 pixels)."""
+    side = max(3, min(mask.shape[-2:]) // 4)
+    windows = F.avg_pool2d(mask, side, stride=1) * side * side
+    return windows.flatten(1).amax(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
 
 
 def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: int, lr: float, cost: float,
@@ -132,6 +109,7 @@ def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: in
     above = torch.zeros(num_classes, device=device)
     below = torch.zeros(num_classes, device=device)
     best = torch.ones(num_classes, device=device)
+    best_concentration = torch.zeros(num_classes, device=device)
     hits = torch.zeros(num_classes, device=device)
     with _frozen_eval(model):
         for step in range(steps):
@@ -146,12 +124,14 @@ def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: in
             with torch.no_grad():   # on the device: no host synchronisation inside the loop
                 works = hits >= success
                 area = sizes / (height * width)
-                best = torch.where(works & (area < best), area, best)
+                better = works & (area < best)
+                best = torch.where(better, area, best)
+                best_concentration = torch.where(better, concentration(mask), best_concentration)
                 above, below = torch.where(works, above + 1, 0.0), torch.where(works, 0.0, below + 1)
                 costs = torch.where(above >= 5, costs * 1.5, torch.where(below >= 5, costs / 1.5 ** 1.5, costs))
                 above, below = torch.where(above >= 5, 0.0, above), torch.where(below >= 5, 0.0, below)
                 costs = costs.clamp(1e-6, 1.0)
-    return MaskInversion(best.nan_to_num(nan=1.0), hits.detach())
+    return MaskInversion(best.nan_to_num(nan=1.0), best_concentration.nan_to_num(nan=0.0), hits.detach())
 
 
 class _frozen_eval:
