@@ -73,8 +73,9 @@ def run_case(case, recipe_name: str, tiny: bool, overrides: dict, history: bool 
             **{f"{k}_after_refit": pct(result["after_refit"].get(k)) for k in ("acc", "asr_x1", "asr_x9")},
             "versions": 1 + len(earlier),
             "suspected": ",".join(map(str, verdict.get("suspected_targets", []))) or "none",
-            "max_anomaly": round(max(verdict.get("anomaly_index") or [0.0]), 2),
-            "earlier_max_anomaly": ",".join(f"{max(i):.2f}" for i in verdict.get("earlier_anomaly_index", [])),
+            "max_anomaly": round((evidence.get("scan") or {}).get("score") or 0.0, 2),
+            "earlier_max_anomaly": ",".join(f"{max(v['score']):.2f}"
+                                            for v in (evidence.get("scan") or {}).get("per_version", [])[:-1]),
             "stopped": bool(evidence.get("stopped")), "guard": verdict.get("guard", ""),
             "epochs": result["epochs"], "wall_s": round(wall, 1)}
 
@@ -84,7 +85,7 @@ COLUMNS = [("case", "case"), ("attack", "attack"), ("kind", "model"), ("target",
            ("asr_x1_before", "ASR x1 before"), ("asr_x1_after", "ASR x1"), ("asr_x4_after", "x4"),
            ("asr_x9_after", "x9"), ("ra_after", "RA"), ("asr_x1_after_refit", "x1 after a clean BN refit"),
            ("asr_x9_after_refit", "x9 after it"), ("versions", "versions"), ("suspected", "suspected target"),
-           ("max_anomaly", "max anomaly"), ("earlier_max_anomaly", "earlier versions' max anomaly"), ("wall_s", "wall s")]
+           ("max_anomaly", "scan score"), ("earlier_max_anomaly", "earlier versions' scan scores"), ("wall_s", "wall s")]
 
 
 def markdown(rows: list[dict]) -> str:
