@@ -28,8 +28,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def settings_key(config) -> str:
-    """The cache key of a scan's measurements: every setting but the decision's threshold."""
-    fields = {k: v for k, v in config.to_dict().items() if k != "threshold"}
+    """The cache key of a scan's measurements: every setting but the decision's threshold and the memory
+    bound (classes inverted in groups: the same maths)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("threshold", "max_images")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

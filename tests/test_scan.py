@@ -63,6 +63,20 @@ def test_earlier_versions_are_scanned_on_the_same_samples_and_reported(blended_s
     assert report.per_version[0].score[blended_scenario.target] > report.threshold   # the backdoored version shows
 
 
+def test_classes_inverted_in_groups_give_the_same_masks_as_all_at_once(badnets_scenario):
+    """Memory is bounded by the images per forward pass, not by the number of classes."""
+    from defense.scan.inversion import SamplePool, fit_sample_generator, invert_masks
+
+    spec, model = badnets_scenario.bundle.spec, badnets_scenario.teacher.eval()
+    torch.manual_seed(0)
+    pool = SamplePool(fit_sample_generator(model, spec, 20, 32, 64, 16, 1e-3, 1e-4), spec, 2, 8)
+    together = invert_masks(model, pool, 10, 40, 0.1, 1e-3, 0.9)
+    grouped = invert_masks(model, pool, 10, 40, 0.1, 1e-3, 0.9, max_images=24)   # groups of 3 classes
+    assert (together.areas < 1).sum() >= 3
+    assert torch.allclose(together.areas, grouped.areas, atol=1e-5)
+    assert torch.allclose(together.concentrations, grouped.concentrations, atol=1e-4)
+
+
 def test_the_scan_leaves_the_callers_random_stream_alone(clean_scenario):
     torch.manual_seed(5)
     expected = torch.rand(3)

@@ -53,6 +53,7 @@ class ScanConfig:
     mask_lr: float = 0.1
     mask_cost: float = 1e-3         # Neural Cleanse's initial cost on |m|_1
     mask_success: float = 0.9       # share of a batch a mask must send to its class
+    max_images: int = 1024          # images per forward pass (memory): more classes are inverted in groups
 
     FIELDS_LABEL = "scan"
 
@@ -63,7 +64,7 @@ class ScanConfig:
         require(0 <= self.seed < 2**31, f"scan.seed must be in 0..{2**31 - 1}, got {self.seed}")
         for name, high in (("generator_steps", 100_000), ("generator_batch", 4096), ("latent_dim", 4096),
                            ("generator_width", 1024), ("pool_batches", 256), ("batch_size", 1024),
-                           ("mask_steps", 100_000)):
+                           ("mask_steps", 100_000), ("max_images", 1 << 20)):
             require(1 <= getattr(self, name) <= high, f"scan.{name} must be in 1..{high}, got {getattr(self, name)}")
         require(self.generator_batch >= 2, "scan.generator_batch must be >= 2 (batch norm)")
         for name in ("generator_lr", "mask_lr", "mask_cost"):
@@ -188,7 +189,7 @@ def scan(model: nn.Module, spec: InputSpec, earlier: Sequence[nn.Module] = (),
         for version in models:
             clock = time.perf_counter()
             masks = invert_masks(version, pool, spec.num_classes, config.mask_steps, config.mask_lr,
-                                 config.mask_cost, config.mask_success)
+                                 config.mask_cost, config.mask_success, config.max_images)
             stages["mask inversions"] = stages.get("mask inversions", 0.0) + time.perf_counter() - clock
             areas = tuple(masks.areas.tolist())
             per_version.append(VersionScores(areas, tuple(masks.concentrations.tolist()), depth(areas)))

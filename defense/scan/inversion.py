@@ -69,14 +69,15 @@ class SamplePool:
         return self.images[step % len(self.images)]
 
 
-def _per_class_cross_entropy(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs (K, B, C, H, W), row k perturbed towards class k: CE towards k per row (K,), and the
-    share of each row sent to k (K,)."""
-    classes, batch = inputs.shape[:2]
-    logits = model(inputs.reshape(classes * batch, *inputs.shape[2:])).float()
-    labels = torch.arange(classes, device=inputs.device).repeat_interleave(batch)
-    cross_entropy = F.cross_entropy(logits, labels, reduction="none").view(classes, batch).mean(1)
-    hits = (logits.argmax(1) == labels).float().view(classes, batch).mean(1)
+def _per_class_cross_entropy(model: nn.Module, inputs: torch.Tensor,
+                             classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs (K, B, C, H, W), row i perturbed towards class classes[i]: CE towards it per row (K,),
+    and the share of each row sent to it (K,)."""
+    rows, batch = inputs.shape[:2]
+    logits = model(inputs.reshape(rows * batch, *inputs.shape[2:])).float()
+    labels = classes.repeat_interleave(batch)
+    cross_entropy = F.cross_entropy(logits, labels, reduction="none").view(rows, batch).mean(1)
+    hits = (logits.argmax(1) == labels).float().view(rows, batch).mean(1)
     return cross_entropy, hits
 
 
@@ -96,12 +97,25 @@ def concentration(mask: torch.Tensor) -> torch.Tensor:
 
 
 def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: int, lr: float, cost: float,
-                 success: float) -> MaskInversion:
+                 success: float, max_images: int = 1024) -> MaskInversion:
     """Neural Cleanse's mask-and-pattern inversion towards every class at once, each class with its
-    own cost schedule (x1.5 after 5 steps at `success`, / 1.5^1.5 after 5 below, in [1e-6, 1])."""
+    own cost schedule (x1.5 after 5 steps at `success`, / 1.5^1.5 after 5 below, in [1e-6, 1]).
+    Memory is bounded by `max_images` images per forward pass: with more classes than fit, they are
+    inverted in groups (the same maths: every class's trigger has its own parameters and loss)."""
+    group = max(1, max_images // len(pool.batch(0)))
+    parts = [_invert_mask_group(model, pool, list(range(first, min(first + group, num_classes))), steps, lr, cost,
+                                success) for first in range(0, num_classes, group)]
+    return MaskInversion(*(torch.cat(values) for values in zip(*((p.areas, p.concentrations, p.hit_rates)
+                                                                  for p in parts))))
+
+
+def _invert_mask_group(model: nn.Module, pool: SamplePool, class_ids: list[int], steps: int, lr: float, cost: float,
+                       success: float) -> MaskInversion:
     like = pool.batch(0)
     channels, height, width = like.shape[1:]
     device = like.device
+    num_classes = len(class_ids)
+    classes = torch.tensor(class_ids, device=device)
     mask_raw = torch.full((num_classes, 1, height, width), -3.0, device=device, requires_grad=True)  # 5% each
     pattern_raw = torch.zeros(num_classes, channels, height, width, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
@@ -116,7 +130,7 @@ def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: in
             mask, pattern = torch.sigmoid(mask_raw), torch.sigmoid(pattern_raw)
             x = pool.batch(step).unsqueeze(0)
             cross_entropy, hits = _per_class_cross_entropy(model, (1 - mask.unsqueeze(1)) * x
-                                                           + (mask * pattern).unsqueeze(1))
+                                                           + (mask * pattern).unsqueeze(1), classes)
             sizes = mask.flatten(1).sum(1)
             optimiser.zero_grad(set_to_none=True)
             (cross_entropy + costs * sizes).sum().backward()
