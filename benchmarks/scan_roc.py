@@ -71,7 +71,7 @@ def row(member: Member, folder: Path, config) -> dict[str, Any]:
             "shape": member.shape, "target": truth.get("target"), "acc": truth["acc"], "asr_x1": truth["asr_x1"],
             "asr_x9": truth["asr_x9"], "versions": len(report.versions), "score": report.score,
             "flagged": report.backdoored, "first_suspect": report.suspects[0] if report.suspects else None,
-            "suspects": list(report.suspects), "kind": report.trigger_kind,
+            "suspects": list(report.suspects),
             "baseline_score": max(report.weight_scores),
             "baseline_first": max(range(len(report.weight_scores)), key=lambda k: report.weight_scores[k]),
             "seconds": report.seconds}
@@ -167,9 +167,9 @@ def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str,
             [group.replace("_", " "), "backdoored", "flagged", "target first", "clean", "flagged (false alarms)", "weak"],
             body), ""]
     lines += ["## Every model", "", *markdown_table(
-        ["member", "label", "target", "ASR x1 / x9", "score", "suspects", "kind", "baseline", "s"],
+        ["member", "label", "target", "ASR x1 / x9", "score", "suspects", "baseline", "s"],
         [[r["member"], r["label"], r["target"], f"{100 * r['asr_x1']:.0f} / " + ("-" if r["asr_x9"] is None else f"{100 * r['asr_x9']:.0f}"),
-          f"{r['score']:.2f}", ",".join(map(str, r["suspects"])) or "-", r["kind"] or "-",
+          f"{r['score']:.2f}", ",".join(map(str, r["suspects"])) or "-",
           f"{r['baseline_score']:.2f}", f"{r['seconds']:.1f}"] for r in rows]), ""]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines))
     clean = [r for r in rows if r["label"] == "clean"]

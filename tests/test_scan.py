@@ -35,12 +35,10 @@ def test_the_verdict_is_the_models_own_and_the_earlier_versions_are_evidence():
     config = ScanConfig(threshold=0.85)
     found = decide([version([0.0, 2.0, 0.0, 0.0]), flat, version([0.0, 1.5, 0.0, 0.9], 0.2)], names, [0.0] * 4, config)
     assert found.backdoored and found.suspects == (1, 3) and found.class_scores == (0.0, 1.5, 0.0, 0.9)
-    assert found.kinds == ("whole image", "whole image") and "in 2 of 3 versions (round 5, model)" in found.evidence[0]
+    assert "in 2 of 3 versions (round 5, model)" in found.evidence[0] and "20% of it in one window" in found.evidence[1]
     assert "over it in 2 of 3 versions" in found.summary() and "also suspected: 3" in found.summary()
     faded = decide([version([0.0, 2.0, 0.0, 0.0]), flat], ["round 5", "model"], [0.0] * 4, config)
     assert not faded.backdoored and "no backdoor found" in faded.summary()   # earlier versions do not decide
-    patch = decide([version([0.0, 1.0, 0.0, 0.0], 0.9)], ["model"], [0.0] * 4, config)
-    assert patch.trigger_kind == "local patch"
 
 
 def test_the_scan_names_the_target_of_a_patch_and_a_blend_backdoor_and_clears_a_clean_model(
@@ -156,7 +154,7 @@ def test_the_cli_prints_one_verdict_line_or_one_json_line_and_writes_nothing_unl
     assert done.stdout.startswith(("backdoor suspected", "no backdoor found"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     record = json.loads(run_cli("model.json", "--json", cwd=tmp_path).stdout)
-    for key in ("backdoored", "suspects", "trigger_kind", "kinds", "class_scores", "per_version", "weight_scores", "threshold",
+    for key in ("backdoored", "suspects", "class_scores", "per_version", "weight_scores", "threshold",
                 "evidence", "seconds", "summary"):
         assert key in record
     assert run_cli("model.json", "--out", "report.json", cwd=tmp_path).returncode == 0

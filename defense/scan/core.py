@@ -31,8 +31,6 @@ from defense.scan.inversion import SamplePool, fit_sample_generator, invert_mask
 from defense.scan.weights import weight_scores
 from defense.spec import InputSpec, require
 
-KINDS = ("local patch", "whole image")
-LOCAL = 0.5             # a suspect's mask with at least this share in one window reads as a local patch
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,6 @@ class ScanReport:
 
     backdoored: bool
     suspects: tuple[int, ...]                 # the suspect classes, highest score first
-    kinds: tuple[str, ...]                    # per suspect: local patch | whole image
     score: float                              # the model's score: its highest class score
     class_scores: tuple[float, ...]           # per class, the model's own (the last version's)
     versions: tuple[str, ...]                 # the versions' names, oldest first, the model last
@@ -113,10 +110,6 @@ class ScanReport:
     seconds: float
     seconds_by_stage: Mapping[str, float] = field(default_factory=dict)
 
-    @property
-    def trigger_kind(self) -> Optional[str]:
-        return self.kinds[0] if self.kinds else None
-
     def summary(self) -> str:
         """The human verdict, one line."""
         n = len(self.versions)
@@ -126,13 +119,12 @@ class ScanReport:
         first = self.suspects[0]
         above = sum(v.score[first] > self.threshold for v in self.per_version)
         others = f"; also suspected: {', '.join(map(str, self.suspects[1:]))}" if len(self.suspects) > 1 else ""
-        return (f"backdoor suspected: class {first}, {self.kinds[0]}, score {self.class_scores[first]:.2f} over "
+        return (f"backdoor suspected: class {first}, score {self.class_scores[first]:.2f} over "
                 f"threshold {self.threshold:g} (over it in {above} of {n} version{'s' if n > 1 else ''}){others} "
                 f"({self.seconds:.1f} s)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["trigger_kind"] = self.trigger_kind
         data["summary"] = self.summary()
         return _rounded(data)
 
@@ -204,9 +196,8 @@ def decide(per_version: Sequence[VersionScores], names: Sequence[str], weights: 
     class_scores = tuple(model.score)
     suspects = tuple(sorted((k for k in range(len(class_scores)) if class_scores[k] > config.threshold),
                             key=lambda k: -class_scores[k]))
-    kinds, evidence = [], []
+    evidence = []
     for k in suspects:
-        kinds.append(KINDS[0] if model.mask_concentration[k] >= LOCAL else KINDS[1])
         above = [name for name, v in zip(names, per_version) if v.score[k] > config.threshold]
         evidence.append(f"class {k}: its smallest mask ({100 * model.mask_area[k]:.2f}% of the image, "
                         f"{100 * model.mask_concentration[k]:.0f}% of it in one window) is {class_scores[k]:.2f} "
@@ -216,6 +207,6 @@ def decide(per_version: Sequence[VersionScores], names: Sequence[str], weights: 
         top = max(range(len(class_scores)), key=lambda k: class_scores[k])
         evidence.append(f"no class's smallest mask is more than {config.threshold:g} e-folds below the median "
                         f"class's (highest: class {top}, {class_scores[top]:.2f})")
-    return ScanReport(bool(suspects), suspects, tuple(kinds), max(class_scores), class_scores, tuple(names),
+    return ScanReport(bool(suspects), suspects, max(class_scores), class_scores, tuple(names),
                       tuple(per_version), tuple(weights), config.threshold, tuple(evidence), seconds,
                       dict(stages or {}))
