@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.gpu_check import every_extension_on
-from defense.dhbe import DHBETrainer, Recipe, recipe_config
+from defense.dhbe import Recipe, recipe_config, scanned_trainer
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel
 from defense.models import build_model
 from defense.spec import InputSpec
@@ -67,7 +67,7 @@ def play(recipe: Recipe, teacher: dict[str, torch.Tensor], parallel=SINGLE_PROCE
     try:
         model = build_model(MODEL, SPEC)
         model.load_state_dict(teacher)
-        trainer = DHBETrainer(model, SPEC, recipe, "cpu", parallel=parallel)
+        trainer = scanned_trainer(model, SPEC, recipe, "cpu", parallel=parallel)   # the scan replicated
         seconds = []
         while trainer.epoch < recipe.dhbe.epochs:
             started = time.perf_counter()

@@ -160,7 +160,7 @@ def test_overrides_change_add_and_remove_extensions_and_round_trip_as_plain_data
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ConfigError, match="extensions entry"):
         Recipe.from_dict({"dhbe": {}, "extensions": {"student_ema": {}}})
-    with pytest.raises(ConfigError, match="keys dhbe and extensions"):
+    with pytest.raises(ConfigError, match="keys dhbe, extensions"):
         Recipe.from_dict({"dhbe": {}, "__class__": "os.system"})
 
 
