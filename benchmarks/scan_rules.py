@@ -19,11 +19,13 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from benchmarks.scan_population import CACHE, label, population
 from benchmarks.scan_roc import RESULTS, roc_auc, settings_key, tpr_at_fpr
+from defense.scan import depth   # the adopted statistic, as the scanner computes it
 
 
 def mad(values: Sequence[float]) -> list[float]:
@@ -38,17 +40,11 @@ def gap(values: Sequence[float]) -> list[float]:
     return [min(other for j, other in enumerate(logs) if j != k) - v for k, v in enumerate(logs)]
 
 
-def depth(values: Sequence[float]) -> list[float]:
-    logs = [math.log(max(v, 1e-12)) for v in values]
-    median = statistics.median(logs)
-    return [median - v for v in logs]
-
-
 def absolute(values: Sequence[float]) -> list[float]:
     return [-math.log(max(v, 1e-12)) for v in values]
 
 
-STATISTICS: dict[str, Callable[[Sequence[float]], list[float]]] = {"mad": mad, "gap": gap, "depth": depth,
+STATISTICS: dict[str, Callable[[Sequence[float]], Sequence[float]]] = {"mad": mad, "gap": gap, "depth": depth,
                                                                    "abs": absolute}
 VERSIONS = ("final", "votes2", "median", "mean", "max")
 MEASURES = {"blend": ("blend_loss",), "mask": ("mask_area",), "mask at half": ("mask_half_area",),
@@ -102,6 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cached.exists():
             truth = json.loads((CACHE / member.name / "truth.json").read_text())
             members.append((truth, json.loads(cached.read_text())))
+    if not members:
+        print(f"python -m benchmarks.scan_rules: error: no cached calibration measurements {key} under {CACHE} "
+              "(run python -m benchmarks.scan_roc --split calibration first)", file=sys.stderr)
+        return 2
     rows = []
     for statistic in STATISTICS:
         for measure in MEASURES:

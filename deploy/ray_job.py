@@ -23,6 +23,7 @@ from defense.dhbe import DHBETrainer, EpochRecord, Recipe, scanned_trainer, trai
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel, require_even_split
 from defense.errors import ConfigError
 from defense.modelio import LoadedModel, load_model, save_model
+from defense.scan.versions import check_earlier_versions
 from defense.spec import InputSpec, require
 
 STATE_FILE = "trainer_state.pt"
@@ -208,16 +209,6 @@ class PurifyResult:
     device: str = "cpu"
     resumed_from_epoch: int = 0
     evidence: dict = field(default_factory=dict)   # what the data-free probes found (also in the manifest)
-
-
-def check_earlier_versions(teacher: LoadedModel, earlier: Sequence[LoadedModel]) -> None:
-    """Earlier versions must be the same network on the same input spec as the model purified."""
-    for model in earlier:
-        require(model.model_name == teacher.model_name and model.spec == teacher.spec,
-                f"an earlier version ({model.model_name}, {model.spec.channels}x{model.spec.height}x{model.spec.width}, "
-                f"{model.spec.num_classes} classes) is not the same network and input spec as the model purified "
-                f"({teacher.model_name}, {teacher.spec.channels}x{teacher.spec.height}x{teacher.spec.width}, "
-                f"{teacher.spec.num_classes} classes)")
 
 
 def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,

@@ -91,8 +91,8 @@ def test_with_no_suspect_and_no_hand_back_the_game_runs_blind_on_every_class():
     trainer = DHBETrainer(teacher, SPEC, recipe, scan=nothing)
     trainer.run_epoch()
     search, masks = trainer.extension("blend_search"), trainer.extension("mask_search")
-    assert search.classes == list(range(10)) and len(search.bank) == 10
-    assert len(masks.found) == 10                     # blind: the targeted search aims at every class
+    assert search.suspects == [] and search.classes == list(range(10)) and len(search.bank) == 10
+    assert masks.found == []                          # the targeted search aims at suspects only
     assert trainer.stop_reason is None                # no suspect, and the game still runs (no hand-back)
     x = torch.rand(4, *SPEC.shape)
     assert search.student_terms(trainer, x, trainer.teacher(x), trainer.student(x)) is not None

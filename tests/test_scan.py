@@ -1,6 +1,6 @@
 """The scanner (defense/scan): a stage of its own, before the game. It names a backdoor's target from
-the model alone, data-free; a backdoor that stood out in earlier versions is found even when the last
-model no longer shows it, one version alone does not make a suspect; the game only reads its report.
+the model alone, data-free; earlier versions are scanned on the same samples and reported, but the
+verdict is the model's own; the game only reads its report.
 Its CLI answers one line (or one JSON line), exit 0 for either verdict, 2 with one line on bad input."""
 import json
 import os

@@ -175,26 +175,25 @@ class Recipe:
         `NAME.FIELD` (a field of extension NAME, or of the scan as `scan.FIELD`; added with its
         defaults if absent), `NAME=off` (remove it) or `NAME=on` (add it with its defaults)."""
         core: dict[str, Any] = {}
-        extensions: dict[str, Optional[dict[str, Any]]] = {e.name: asdict(e) for e in self.extensions}
-        scan: Optional[dict[str, Any]] = self.scan.to_dict() if self.scan is not None else None
+        # the scan and every extension by name: its fields, or None when it is off
+        sections: dict[str, Optional[dict[str, Any]]] = {
+            SCAN: self.scan.to_dict() if self.scan is not None else None, **{e.name: asdict(e) for e in self.extensions}}
         for key, value in values.items():
-            if key == SCAN or key.startswith(SCAN + "."):
-                scan = _scan_override(scan, key, value)
-            elif "." in key:
-                name, field_name = key.split(".", 1)
-                cls = EXTENSIONS.get(name)
-                fields_ = extensions.get(name) or {}
-                extensions[name] = {**fields_, **coerce_fields(cls, {field_name: value})}
-            elif key in EXTENSIONS:
+            name, dot, field_name = key.partition(".")
+            if dot:
+                cls = ScanConfig if name == SCAN else EXTENSIONS.get(name)
+                sections[name] = {**(sections.get(name) or {}), **coerce_fields(cls, {field_name: value})}
+            elif key == SCAN or key in EXTENSIONS:
                 switch = str(value).lower()
                 require(switch in ("on", "off", "true", "false", "1", "0"),
-                        f"extension {key} takes on or off, got {value!r} (set its fields as {key}.FIELD=VALUE)")
-                on = switch in ("on", "true", "1")
-                extensions[key] = (extensions.get(key) or {}) if on else None
+                        f"{'the scan' if key == SCAN else 'extension ' + key} takes on or off, got {str(value)[:40]!r} "
+                        f"(set its fields as {key}.FIELD=VALUE)")
+                sections[key] = (sections.get(key) or {}) if switch in ("on", "true", "1") else None
             else:
                 core.update(coerce_fields(DHBEConfig, {key: value}))
+        scan = sections.pop(SCAN)
         return Recipe(replace(self.dhbe, **core), tuple(EXTENSIONS.get(name)(**fields_)
-                                                        for name, fields_ in extensions.items() if fields_ is not None),
+                                                        for name, fields_ in sections.items() if fields_ is not None),
                       ScanConfig(**scan) if scan is not None else None)
 
     # --- plain data ---------------------------------------------------------------------------------
@@ -230,17 +229,7 @@ class Recipe:
 SCAN = "scan"   # the recipe's scan stage, in overrides (scan.FIELD=VALUE, scan=on|off) and plain data
 
 
-def _scan_override(scan: Optional[dict[str, Any]], key: str, value: Any) -> Optional[dict[str, Any]]:
-    if key == SCAN:
-        switch = str(value).lower()
-        require(switch in ("on", "off", "true", "false", "1", "0"),
-                f"scan takes on or off, got {str(value)[:40]!r} (set its fields as scan.FIELD=VALUE)")
-        on = switch in ("on", "true", "1")
-        return (scan or ScanConfig().to_dict()) if on else None
-    return {**(scan or ScanConfig().to_dict()), **_coerce_fields(ScanConfig, {key.split(".", 1)[1]: value}, "scan")}
-
-
 def coerce_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Typed values of `cls`'s fields (DHBEConfig or an extension config) from strings / JSON values."""
-    label = f"DHBE extension {cls.name!r}" if issubclass(cls, ExtensionConfig) else "DHBE"
+    """Typed values of `cls`'s fields (DHBEConfig, an extension config or the scan's) from strings / JSON values."""
+    label = f"DHBE extension {cls.name!r}" if issubclass(cls, ExtensionConfig) else getattr(cls, "FIELDS_LABEL", "DHBE")
     return _coerce_fields(cls, values, label)

@@ -68,19 +68,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--device {args.device[:40]!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
+    from defense.scan.versions import check_earlier_versions
+
     loaded = load_model(model_path)
-    earlier = []
-    for path in earlier_paths:
-        version = load_model(path)
-        if version.model_name != loaded.model_name:
-            raise ConfigError(f"earlier version {path} is another network ({version.model_name[:40]}) than "
-                              f"{model_path} ({loaded.model_name})")
-        if version.spec != loaded.spec:
-            raise ConfigError(f"earlier version {path} has another input spec than {model_path}: "
-                              f"{spec_difference(version.spec, loaded.spec)}")
-        earlier.append(version.model.eval())
+    earlier = [load_model(path) for path in earlier_paths]
+    check_earlier_versions(loaded, earlier, [str(path)[:200] for path in earlier_paths])
     names = [f"earlier {p.stem}" for p in earlier_paths] + ["model"]
-    report = scan(loaded.model.eval(), loaded.spec, earlier, config, device, names)
+    report = scan(loaded.model.eval(), loaded.spec, [version.model.eval() for version in earlier], config, device, names)
     record = {"model": str(model_path), "earlier": [str(p) for p in earlier_paths], **report.to_dict()}
     if out is not None:
         from defense.fileio import atomic_write_json
@@ -88,11 +82,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         atomic_write_json(out, record)
     print(json_line(record) if args.json else report.summary())
     return 0
-
-
-def spec_difference(theirs, ours) -> str:
-    a, b = theirs.to_dict(), ours.to_dict()
-    return "; ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k])[:300]
 
 
 if __name__ == "__main__":

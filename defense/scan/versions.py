@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 from defense.errors import ConfigError
+from defense.modelio import LoadedModel
 
 EARLIER_VERSIONS = 3   # earlier global models the scan weighs: at 1/4, 1/2 and 3/4 of the rounds so far
 MAX_ROUND_FILES = 100_000
@@ -58,3 +59,18 @@ def run_folder_versions(root: Path) -> tuple[Path, list[Path]]:
         rounds[int(match.group(1))] = entry
     last = max(rounds, default=0)   # the final model is the last recorded round's
     return final, [rounds[r] for r in earlier_rounds(last, [r for r in rounds if r < last])]
+
+
+def check_earlier_versions(model: LoadedModel, earlier: Sequence[LoadedModel],
+                           names: Optional[Sequence[str]] = None) -> None:
+    """Every earlier version must be the same network on the same input spec as the model (the
+    scan CLI and the purification job both refuse another, in one line naming what differs)."""
+    for i, version in enumerate(earlier):
+        name = names[i] if names else str(i + 1)
+        if version.model_name != model.model_name:
+            raise ConfigError(f"earlier version {name} is another network ({version.model_name[:40]}) than the "
+                              f"model ({model.model_name})")
+        if version.spec != model.spec:
+            theirs, ours = version.spec.to_dict(), model.spec.to_dict()
+            differing = "; ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in theirs if theirs[k] != ours[k])
+            raise ConfigError(f"earlier version {name} has another input spec than the model: {differing[:300]}")

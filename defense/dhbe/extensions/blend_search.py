@@ -101,11 +101,11 @@ class BlendSearch(Extension):
             classes, cfg.ratio, cfg.steps, cfg.lr, start=None if first else self.bank[-len(classes):])
         if first:
             self.found = found
-            if report is not None:
-                self.suspects = list(classes)
+            if report is not None:   # the scan's suspects; a blind game (none) banks every class
+                self.suspects, self.classes = list(report.suspects), list(classes)
             else:
                 self.suspects = found.suspects(cfg.suspect_threshold) if cfg.suspect_threshold > 0 else classes
-            self.classes = list(self.suspects)
+                self.classes = list(self.suspects)
         kept = found.patterns[[found.classes.index(k) for k in self.classes]] if first else found.patterns
         self.bank = torch.cat([self.bank, kept.to(self.bank)])
 
