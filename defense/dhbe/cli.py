@@ -24,7 +24,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT
     group.add_argument(recipe_flag, dest="recipe", choices=RECIPES.names(), default=default,
                        help="default: needs no knowledge of the attack (a data-free verdict, then the "
                             "regularisers; a model with no backdoor found is handed back unchanged); cpu, "
-                            "federated, cpu-blend: research presets; official: the paper's defaults (docs/dhbe.md)")
+                            "federated: research presets; official: the paper's defaults (docs/dhbe.md)")
     if config_flag:
         group.add_argument(config_flag, dest="recipe_file", default=None,
                            help="JSON file: a whole recipe ({\"dhbe\": {...}, \"extensions\": [[name, {...}], ...]}) "

@@ -181,20 +181,13 @@ class DHBETrainer:
         """G(z) mapped to pixel space (G works in normalised space, like the official code)."""
         return self.spec.denormalise(self.sample_generator(z))
 
-    def patch(self, pixels: torch.Tensor, z_trigger: torch.Tensor, for_student: bool = False) -> torch.Tensor:
-        """x + pad(Gp(z')): Gp's candidate trigger pasted at one random place (`random_pad`)."""
+    def perturb(self, pixels: torch.Tensor, z_trigger: torch.Tensor, use: str = "student") -> torch.Tensor:
+        """The batch S meets perturbed: officially x + pad(Gp(z')), Gp's patch added at one random place
+        (`random_pad`); the `perturbations` part draws it from its sources instead (`use`: the student
+        step, Gp's step or the diagnostics)."""
         patches = self.trigger_generator(z_trigger)
-        if for_student:
-            for ext in self.extensions:
-                patches = ext.student_patches(self, patches)
-        pasted = self.first_answer("paste", pixels, patches)
-        return pasted if pasted is not None else paste_patches(pixels, patches, per_sample=False, generator=self.rng)
-
-    def perturbed_batch(self, clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-        """The batch S meets perturbed, from its clean and fully perturbed versions: officially every
-        sample perturbed; an extension may leave some clean (`mixed_batches`)."""
-        mixed = self.first_answer("perturbed_batch", clean, perturbed)
-        return mixed if mixed is not None else perturbed
+        perturbed = self.first_answer("perturb", pixels, patches, use)
+        return perturbed if perturbed is not None else paste_patches(pixels, patches, per_sample=False, generator=self.rng)
 
     def current_lambda(self) -> float:
         lam = self.config.lam
@@ -225,17 +218,13 @@ class DHBETrainer:
         cfg, own = self.config, self.parallel.shard
         with torch.no_grad():
             x, t_logits = self.student_batch()
-            x_patched = self.perturbed_batch(x, self.patch(x, self.latent(cfg.trigger_latent_dim), for_student=True))
+            x_patched = self.perturb(x, self.latent(cfg.trigger_latent_dim), "student")
         s_logits = self.student(own(x))
         distill = distillation_loss(s_logits, own(t_logits))
         lam = self.current_lambda()
         regulariser = (backdoor_regulariser(self.student(own(x_patched)), s_logits.detach()) if lam > 0
                        else torch.zeros((), device=self.device))
         loss = distill + lam * regulariser
-        for ext in self.extensions:
-            term = ext.student_terms(self, x, t_logits, s_logits)
-            if term is not None:
-                loss = loss + term
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         self.parallel.average_gradients(self.student)
@@ -289,7 +278,7 @@ class DHBETrainer:
             x = self.parallel.gather(self.synthesise(own(self.latent(cfg.latent_dim))))
             self.seen(x)
         with frozen(self.student) as student:
-            patched_logits = student(own(self.perturbed_batch(x, self.patch(x, self.latent(cfg.trigger_latent_dim)))))
+            patched_logits = student(own(self.perturb(x, self.latent(cfg.trigger_latent_dim), "trigger_step")))
             with torch.no_grad():
                 clean_logits = student(own(x))
             loss = -backdoor_regulariser(patched_logits, clean_logits)
@@ -312,7 +301,7 @@ class DHBETrainer:
                 raise DivergenceError(f"DHBE diverged (non-finite loss) in epoch {self.epoch + 1} "
                                       f"after {attempt} recoveries; lower the learning rates")
             self.load_state_dict(snapshot)
-            for opt in self.optimisers + [o for ext in self.extensions for o in ext.optimisers()]:
+            for opt in self.optimisers:
                 for group in opt.param_groups:
                     group["lr"] *= 0.5
             for schedule in self.schedules:
@@ -381,7 +370,7 @@ class DHBETrainer:
         self.sample_generator.eval()
         self.trigger_generator.eval()
         x = self.synthesise(self.latent(cfg.latent_dim))
-        x_patched = self.patch(x, self.latent(cfg.trigger_latent_dim))
+        x_patched = self.perturb(x, self.latent(cfg.trigger_latent_dim), "diagnostics")
         t, s, s_patched, t_patched = (self.teacher(x), output(x), output(x_patched), self.teacher(x_patched))
         self.sample_generator.train()
         self.trigger_generator.train()

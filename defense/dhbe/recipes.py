@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 from defense.dhbe.config import DHBEConfig, Recipe
-from defense.dhbe.extensions import (BatchNormPriorConfig, BlendSearchConfig, ClassBalanceConfig, LambdaStepConfig,
-                                     MaskSearchConfig, MixedBatchesConfig, PriorOnlyGeneratorConfig,
-                                     StampedPatchesConfig, StudentEMAConfig, TriggerBankConfig, VerdictConfig)
+from defense.dhbe.extensions import (BatchNormPriorConfig, ClassBalanceConfig, LambdaStepConfig, PerturbationsConfig,
+                                     PriorOnlyGeneratorConfig, StudentEMAConfig, VerdictConfig)
 from defense.registry import Registry
 from defense.scan import ScanConfig
 
@@ -33,10 +32,10 @@ CPU_SCALE = DHBEConfig(lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, s
 
 @RECIPES.register("cpu")
 def cpu_recipe() -> Recipe:
-    """The project's CPU-scale recipe for small models (docs/dhbe.md, rounds one to four)."""
+    """The project's CPU-scale recipe for small models (docs/dhbe.md, rounds one to four): Gp's patches
+    stamped 1..9 times, most drawn from a bank Gp filled against T before the game, on every sample."""
     return Recipe(CPU_SCALE, (
-        StampedPatchesConfig(copies=9, replaces=True, amplitude=2.0),
-        TriggerBankConfig(warmup_steps=300, size=2400, replay_fraction=0.9),
+        PerturbationsConfig(scan_triggers=False, perturbed_share=1.0),
         StudentEMAConfig(decay=0.995),
         PriorOnlyGeneratorConfig(),
         ClassBalanceConfig(weight=1.0),
@@ -55,35 +54,24 @@ def federated_recipe() -> Recipe:
         BatchNormPriorConfig(weight=1.0, layers=1)).with_extension(LambdaStepConfig(after=0.7, at=0.5))
 
 
-@RECIPES.register("cpu-blend")
-def cpu_blend_recipe() -> Recipe:
-    """The CPU recipe plus the data-free blend search (docs/dhbe.md, sixth round): per-class blend
-    patterns inverted on T, the anomalous classes' patterns in a bank refreshed against S every 5
-    epochs, S on them blended in at ratios up to 0.2 pulled to T's clean answer (weight 1), and 50
-    epochs instead of 30 (ACC and ASR were both still improving at 30)."""
-    return cpu_recipe().replace(epochs=50).with_extension(BlendSearchConfig())
+DEFAULT_EPOCHS = 20
 
 
 @RECIPES.register("default")
 def default_recipe() -> Recipe:
-    """The one default: it needs no knowledge of the attack. First the scan (defense/scan, docs/scan.md):
-    every class's blend pattern and Neural Cleanse mask inverted on G's samples, in the model and in its
-    earlier versions; no suspect class, and T is handed back unchanged. A suspect class, and the
-    cpu-blend game runs (patch regulariser with the trigger bank, blend term on the suspects'
-    patterns) with Neural Cleanse's mask-and-pattern inversion towards the suspects, re-found on S
-    every 5 epochs (`mask_search`: whole-image trigger residue 9.5 -> 3.0% on the blended FedAvg dev
-    case, at about 0.9 ACC points more on average), guarded by the synthetic agreement with T. Every
-    batch S meets perturbed carries the perturbation on half its samples (`mixed_batches`, sixteenth
-    round: on the dev cases the largest ACC drop 7.0 -> 1.4 points)."""
-    blend = cpu_blend_recipe()
-    return Recipe(blend.dhbe, (VerdictConfig(), *blend.extensions, MaskSearchConfig(), MixedBatchesConfig()),
-                  ScanConfig())
+    """The one default: it needs no knowledge of the attack (docs/dhbe.md, "How the default works").
+    First the scan (defense/scan, docs/scan.md): no suspect class, and T is handed back unchanged. A
+    suspect, and the game runs: Eq. 8 with S shown, on half of every perturbed batch, Gp's stamped
+    patches and the scan's own inverted triggers of the suspects, re-found on S every 5 epochs
+    (`perturbations`), S's moving average handed back, guarded by its synthetic agreement with T."""
+    cpu = cpu_recipe()
+    return Recipe(cpu.replace(epochs=DEFAULT_EPOCHS).dhbe,
+                  (VerdictConfig(), PerturbationsConfig(), *cpu.without("perturbations").extensions), ScanConfig())
 
 
 def without_regularisers(recipe: Recipe) -> Recipe:
-    """The same recipe with no backdoor regulariser at all: lambda = 0, no blend or mask term."""
-    return Recipe(recipe.replace(lam=0.0).without("blend_search", "mask_search", "verdict").dhbe,
-                  recipe.without("blend_search", "mask_search", "verdict").extensions)
+    """The same recipe with no backdoor regulariser at all: lambda = 0 (no perturbed batch), no verdict."""
+    return Recipe(recipe.replace(lam=0.0).without("verdict").dhbe, recipe.without("verdict").extensions)
 
 
 def plain_adversarial_distillation(recipe: Recipe) -> Recipe:
@@ -94,8 +82,7 @@ def plain_adversarial_distillation(recipe: Recipe) -> Recipe:
 def smoke_sized(recipe: Recipe) -> Recipe:
     """The same recipe at a seconds-long size (the benchmarks' --tiny runs in CI): one short epoch,
     and the extensions present shrunk in step; nothing is added or removed."""
-    shrink = {"blend_search.warmup_steps": 2, "blend_search.steps": 2, "trigger_bank.warmup_steps": 20,
-              "mask_search.steps": 2}
+    shrink = {"perturbations.warmup_steps": 20, "perturbations.refresh_steps": 2}
     small = recipe.replace(epochs=1, iters_per_epoch=2, batch_size=16).with_overrides(
         {key: value for key, value in shrink.items() if key.split(".")[0] in recipe})
     return small if small.scan is None else Recipe(small.dhbe, small.extensions, small.scan.smoke_sized())

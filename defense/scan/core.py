@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from defense.errors import ConfigError
 from defense.fields import coerce_fields
-from defense.scan.inversion import SamplePool, fit_sample_generator, invert_masks
+from defense.scan.inversion import ScanSamples, fit_sample_generator, invert_masks
 from defense.scan.weights import weight_scores
 from defense.spec import InputSpec, require
 
@@ -94,6 +94,16 @@ class VersionScores:
     score: tuple[float, ...]                 # the mask's depth below the median class's, in e-folds
 
 
+@dataclass(frozen=True, eq=False)
+class SuspectTrigger:
+    """A suspect class's inverted trigger, x' = (1 - mask) x + mask * pattern (the smallest that worked
+    in the model itself): what the erasing game starts from, so it never re-inverts what the scan found."""
+
+    target: int
+    mask: torch.Tensor       # (1, H, W) in [0, 1]
+    pattern: torch.Tensor    # (C, H, W) in [0, 1]
+
+
 @dataclass(frozen=True)
 class ScanReport:
     """What the scan found: a plain, frozen record (to_dict for JSON, the manifest and the game)."""
@@ -109,6 +119,10 @@ class ScanReport:
     evidence: tuple[str, ...]                 # one line per decision
     seconds: float
     seconds_by_stage: Mapping[str, float] = field(default_factory=dict)
+    # what the game is handed (tensors on the CPU; not in to_dict): the suspects' triggers, in the
+    # suspects' order, and the pool of G's samples they were inverted on
+    triggers: tuple[SuspectTrigger, ...] = field(default=(), compare=False, repr=False)
+    samples: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         """The human verdict, one line."""
@@ -124,7 +138,9 @@ class ScanReport:
                 f"({self.seconds:.1f} s)")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("triggers", "samples")}
+        data["per_version"] = [asdict(v) for v in self.per_version]
+        data["seconds_by_stage"] = dict(self.seconds_by_stage)
         data["summary"] = self.summary()
         return _rounded(data)
 
@@ -175,18 +191,20 @@ def scan(model: nn.Module, spec: InputSpec, earlier: Sequence[nn.Module] = (),
         generator = fit_sample_generator(model, spec, config.generator_steps, config.generator_batch,
                                          config.latent_dim, config.generator_width, config.generator_lr,
                                          config.image_prior_weight)
-        pool = SamplePool(generator, spec, config.pool_batches, config.batch_size)
+        pool = ScanSamples.draw(generator, spec, config.pool_batches, config.batch_size)
         stages["sample generator"] = time.perf_counter() - clock
-        per_version = []
+        per_version, inversion = [], None
         for version in models:
             clock = time.perf_counter()
-            masks = invert_masks(version, pool, spec.num_classes, config.mask_steps, config.mask_lr,
-                                 config.mask_cost, config.mask_success, config.max_images)
+            inversion = invert_masks(version, pool, spec.num_classes, config.mask_steps, config.mask_lr,
+                                     config.mask_cost, config.mask_success, config.max_images)
             stages["mask inversions"] = stages.get("mask inversions", 0.0) + time.perf_counter() - clock
-            areas = tuple(masks.areas.tolist())
-            per_version.append(VersionScores(areas, tuple(masks.concentrations.tolist()), depth(areas)))
-    return decide(per_version, names, weight_scores(model, spec.num_classes), config,
-                  time.perf_counter() - started, stages)
+            areas = tuple(inversion.areas.tolist())
+            per_version.append(VersionScores(areas, tuple(inversion.concentrations.tolist()), depth(areas)))
+    report = decide(per_version, names, weight_scores(model, spec.num_classes), config,
+                    time.perf_counter() - started, stages)
+    triggers = tuple(SuspectTrigger(k, inversion.masks[k].cpu(), inversion.patterns[k].cpu()) for k in report.suspects)
+    return replace(report, triggers=triggers, samples=pool.images.cpu())
 
 
 def decide(per_version: Sequence[VersionScores], names: Sequence[str], weights: Sequence[float],

@@ -3,7 +3,7 @@
 1. `fit_sample_generator`: DHBE's sample generator G fitted to the model's own priors only (the
    official total-variation image prior, DeepInversion's batch-norm statistics, DAFL's class balance):
    images the model treats like its training data, without any data.
-2. `SamplePool`: a fixed set of G's batches, drawn once and shared by every inversion and every
+2. `ScanSamples`: a fixed set of G's batches, drawn once and shared by every inversion and every
    version of the model (the same inputs for all, so their scores compare, and G runs once).
 3. `invert_masks`: Neural Cleanse's trigger inversion (Wang et al., S&P 2019) on G's samples, batched
    over the classes: one mask and pattern per class, x' = (1 - m) x + m p, optimised together (one
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -52,15 +53,20 @@ def fit_sample_generator(model: nn.Module, spec: InputSpec, steps: int, batch_si
     return generator.eval()
 
 
-class SamplePool:
-    """`batches` batches of `batch_size` images of G in pixels, drawn once (memory: that many images)."""
+class ScanSamples:
+    """Batches of images in pixels (batches, B, C, H, W), drawn once and shared by every inversion."""
 
-    def __init__(self, generator: SampleGenerator, spec: InputSpec, batches: int, batch_size: int) -> None:
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    @classmethod
+    def draw(cls, generator: SampleGenerator, spec: InputSpec, batches: int, batch_size: int) -> "ScanSamples":
+        """`batches` batches of `batch_size` images of G (memory: that many images)."""
         with torch.no_grad():
             device = next(generator.parameters()).device
-            self.images = torch.stack([spec.denormalise(generator(torch.randn(batch_size, generator.latent_dim,
-                                                                             device=device)))
-                                       for _ in range(batches)]).clamp(0.0, 1.0)
+            return cls(torch.stack([spec.denormalise(generator(torch.randn(batch_size, generator.latent_dim,
+                                                                          device=device)))
+                                    for _ in range(batches)]).clamp(0.0, 1.0))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -86,6 +92,8 @@ class MaskInversion:
     areas: torch.Tensor           # (K,) smallest mask mean that sent `success` of a batch to k (1.0: never)
     concentrations: torch.Tensor  # (K,) share of that mask's mass inside its densest window (a local patch: near 1)
     hit_rates: torch.Tensor       # (K,) share of the last batch each class's trigger sent to it
+    masks: torch.Tensor           # (K, 1, H, W) in [0, 1]: the smallest working mask (the last one if none worked)
+    patterns: torch.Tensor        # (K, C, H, W) in [0, 1]: its pattern
 
 
 def concentration(mask: torch.Tensor) -> torch.Tensor:
@@ -96,34 +104,51 @@ def concentration(mask: torch.Tensor) -> torch.Tensor:
     return windows.flatten(1).amax(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
 
 
-def invert_masks(model: nn.Module, pool: SamplePool, num_classes: int, steps: int, lr: float, cost: float,
-                 success: float, max_images: int = 1024) -> MaskInversion:
-    """Neural Cleanse's mask-and-pattern inversion towards every class at once, each class with its
-    own cost schedule (x1.5 after 5 steps at `success`, / 1.5^1.5 after 5 below, in [1e-6, 1]).
-    Memory is bounded by `max_images` images per forward pass: with more classes than fit, they are
-    inverted in groups (the same maths: every class's trigger has its own parameters and loss)."""
+def invert_masks(model: nn.Module, pool: ScanSamples, num_classes: int, steps: int, lr: float, cost: float,
+                 success: float, max_images: int = 1024, classes: Optional[Sequence[int]] = None,
+                 start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> MaskInversion:
+    """Neural Cleanse's mask-and-pattern inversion towards every class at once (or towards `classes`),
+    each class with its own cost schedule (x1.5 after 5 steps at `success`, / 1.5^1.5 after 5 below, in
+    [1e-6, 1]). `start`: (masks, patterns) to go on from, one per class inverted (the game re-finds the
+    scan's triggers on its student from the latest). Memory is bounded by `max_images` images per
+    forward pass: with more classes than fit, they are inverted in groups (the same maths: every
+    class's trigger has its own parameters and loss)."""
+    class_ids = list(range(num_classes)) if classes is None else list(classes)
     group = max(1, max_images // len(pool.batch(0)))
-    parts = [_invert_mask_group(model, pool, list(range(first, min(first + group, num_classes))), steps, lr, cost,
-                                success) for first in range(0, num_classes, group)]
-    return MaskInversion(*(torch.cat(values) for values in zip(*((p.areas, p.concentrations, p.hit_rates)
-                                                                  for p in parts))))
+    parts = [_invert_mask_group(model, pool, class_ids[first:first + group], steps, lr, cost, success,
+                                None if start is None else (start[0][first:first + group],
+                                                            start[1][first:first + group]))
+             for first in range(0, len(class_ids), group)]
+    return MaskInversion(*(torch.cat(values) for values in zip(
+        *((p.areas, p.concentrations, p.hit_rates, p.masks, p.patterns) for p in parts))))
 
 
-def _invert_mask_group(model: nn.Module, pool: SamplePool, class_ids: list[int], steps: int, lr: float, cost: float,
-                       success: float) -> MaskInversion:
+def _logit(values: torch.Tensor) -> torch.Tensor:
+    return torch.logit(values.clamp(1e-4, 1 - 1e-4))
+
+
+def _invert_mask_group(model: nn.Module, pool: ScanSamples, class_ids: list[int], steps: int, lr: float, cost: float,
+                       success: float, start: Optional[tuple[torch.Tensor, torch.Tensor]]) -> MaskInversion:
     like = pool.batch(0)
     channels, height, width = like.shape[1:]
     device = like.device
     num_classes = len(class_ids)
     classes = torch.tensor(class_ids, device=device)
-    mask_raw = torch.full((num_classes, 1, height, width), -3.0, device=device, requires_grad=True)  # 5% each
-    pattern_raw = torch.zeros(num_classes, channels, height, width, device=device, requires_grad=True)
+    if start is None:
+        mask_raw = torch.full((num_classes, 1, height, width), -3.0, device=device)  # 5% each
+        pattern_raw = torch.zeros(num_classes, channels, height, width, device=device)
+    else:
+        mask_raw, pattern_raw = _logit(start[0].to(device)), _logit(start[1].to(device))
+    mask_raw, pattern_raw = mask_raw.requires_grad_(True), pattern_raw.requires_grad_(True)
     optimiser = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
     costs = torch.full((num_classes,), cost, device=device)
     above = torch.zeros(num_classes, device=device)
     below = torch.zeros(num_classes, device=device)
     best = torch.ones(num_classes, device=device)
     best_concentration = torch.zeros(num_classes, device=device)
+    best_mask = torch.zeros(num_classes, 1, height, width, device=device)
+    best_pattern = torch.zeros(num_classes, channels, height, width, device=device)
+    found = torch.zeros(num_classes, dtype=torch.bool, device=device)
     hits = torch.zeros(num_classes, device=device)
     with _frozen_eval(model):
         for step in range(steps):
@@ -141,11 +166,20 @@ def _invert_mask_group(model: nn.Module, pool: SamplePool, class_ids: list[int],
                 better = works & (area < best)
                 best = torch.where(better, area, best)
                 best_concentration = torch.where(better, concentration(mask), best_concentration)
+                chosen = better.view(-1, 1, 1, 1)
+                best_mask = torch.where(chosen, mask.detach(), best_mask)
+                best_pattern = torch.where(chosen, pattern.detach(), best_pattern)
+                found = found | better
                 above, below = torch.where(works, above + 1, 0.0), torch.where(works, 0.0, below + 1)
                 costs = torch.where(above >= 5, costs * 1.5, torch.where(below >= 5, costs / 1.5 ** 1.5, costs))
                 above, below = torch.where(above >= 5, 0.0, above), torch.where(below >= 5, 0.0, below)
                 costs = costs.clamp(1e-6, 1.0)
-    return MaskInversion(best.nan_to_num(nan=1.0), best_concentration.nan_to_num(nan=0.0), hits.detach())
+        with torch.no_grad():   # a class whose trigger never worked keeps its last one
+            never = (~found).view(-1, 1, 1, 1)
+            best_mask = torch.where(never, torch.sigmoid(mask_raw), best_mask)
+            best_pattern = torch.where(never, torch.sigmoid(pattern_raw), best_pattern)
+    return MaskInversion(best.nan_to_num(nan=1.0), best_concentration.nan_to_num(nan=0.0), hits.detach(),
+                         best_mask, best_pattern)
 
 
 class _frozen_eval:

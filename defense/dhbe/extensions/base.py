@@ -10,16 +10,12 @@ order a run meets them:
 - `epoch_start`           before every epoch's iterations
 - `sample_batch`          a student step's (x, T(x)) instead of a fresh G sample
 - `samples_seen`          every fresh G sample (with T's logits where the step has them)
-- `student_patches`       Gp's patches before a student step pastes them
-- `paste`                 how patches are pasted (the first extension that answers wins)
-- `perturbed_batch`       a batch S meets perturbed (Gp's patches, the blend and mask terms) from its
-                          clean and fully perturbed versions (first answer wins; official: all perturbed)
+- `perturb`               the batch S meets perturbed, from x and Gp's patches (first answer wins;
+                          official: one patch added at one random place)
 - `lambda_at`             lambda of Eq. 8 for the current epoch
 - `generator_adversarial_weight`  G's weight on -L1(S, T) (first answer wins; official 1)
 - `watch_teacher`         T's forward in the G step is being observed (priors on T's activations)
 - `generator_prior`       extra terms of G's loss
-- `student_terms`         extra terms of S's loss (given x and T(x) for the whole batch and S(x) on this
-                          process's slice: a data-parallel term runs S on `trainer.parallel.shard(...)`)
 - `after_student_step`    once S's optimiser has stepped
 - `epoch_end`             after every epoch, with its data-free record
 - `output_model`          the model handed back (first answer wins; official: S)
@@ -62,14 +58,8 @@ class Extension:
     def samples_seen(self, trainer: DHBETrainer, pixels: torch.Tensor, teacher_logits: Optional[torch.Tensor]) -> None:
         ...
 
-    def student_patches(self, trainer: DHBETrainer, patches: torch.Tensor) -> torch.Tensor:
-        return patches
-
-    def paste(self, trainer: DHBETrainer, pixels: torch.Tensor, patches: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
-
-    def perturbed_batch(self, trainer: DHBETrainer, clean: torch.Tensor,
-                        perturbed: torch.Tensor) -> Optional[torch.Tensor]:
+    def perturb(self, trainer: DHBETrainer, pixels: torch.Tensor, patches: torch.Tensor,
+                use: str) -> Optional[torch.Tensor]:
         return None
 
     def lambda_at(self, trainer: DHBETrainer, lam: float) -> float:
@@ -82,10 +72,6 @@ class Extension:
 
     def generator_prior(self, trainer: DHBETrainer, normalised: torch.Tensor,
                         teacher_logits: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
-
-    def student_terms(self, trainer: DHBETrainer, x: torch.Tensor, teacher_logits: torch.Tensor,
-                      student_logits: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
     def after_student_step(self, trainer: DHBETrainer) -> None: ...
@@ -102,7 +88,3 @@ class Extension:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def optimisers(self) -> list[torch.optim.Optimizer]:
-        """Optimisers the divergence rollback halves with the game's own."""
-        return []

@@ -3,8 +3,8 @@
 The scan decides, data-free and before the game, whether the teacher carries a backdoor and towards
 which classes (its `ScanReport`, the trainer's `scan_report`; this extension only reads it). No
 suspect: the game stops before it starts and T is handed back unchanged (a clean model keeps its
-ACC), or, with `hand_back_clean` off, the game runs blind (every class's blend pattern in the bank;
-eleventh round). With a suspect, the recipe's regularisers run as listed, and the guard checks every epoch's
+ACC), or, with `hand_back_clean` off, the game runs blind (Gp's patches only: the scan named no
+trigger to erase). With a suspect, the recipe's regularisers run as listed, and the guard checks every epoch's
 synthetic agreement of the output with T: if the last epoch's falls below `min_agreement`, the
 output of the last epoch that met it is handed back (or T if none did), and the report says so.
 """
@@ -27,7 +27,7 @@ class VerdictConfig(ExtensionConfig):
     name = "verdict"
     reads_scan = True
     hand_back_clean: bool = True     # the scan found nothing: stop and hand T back unchanged (False: erase
-                                     # blind, every class's blend pattern in the bank; eleventh round)
+                                     # blind, on Gp's patches only)
     min_agreement: float = 0.7       # the guard's floor on synthetic agreement with T (0: no guard)
 
     def __post_init__(self) -> None:
