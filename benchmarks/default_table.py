@@ -13,25 +13,36 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.default_cases import CASE_SETS, DEV, history_models, plant
-from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
+from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_path, atomic_write_text
 from defense.metrics import statistics_refitted
 from defense.modelio import load_model
 from defense.report import markdown_table
+from defense.scan import scan
 from defense.scenario import model_file_scenario
 
 RESULTS = Path("benchmarks/results")
 
 
-def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict, earlier: tuple[Path, ...] = ()) -> dict:
+def forced_report(model, spec, recipe, earlier):
+    """A false alarm on purpose: the scan's own highest-scoring class named a suspect, with the trigger
+    the scan inverted for it, whatever its score (the cost of the game on a model the scan would clear)."""
+    found = scan(model, spec, earlier, replace(recipe.scan, threshold=1e-9))
+    return replace(found, backdoored=True, suspects=found.suspects[:1], triggers=found.triggers[:1])
+
+
+def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict, earlier: tuple[Path, ...] = (),
+                      force_game: bool = False) -> dict:
     """One purification of a model file in-process (DHBE's own time), measured by the experimenter with
     the file's experiment record: before, after, the trainer's evidence and DHBE's wall time.
-    `earlier`: model files of earlier versions (a federated run's earlier global models)."""
+    `earlier`: model files of earlier versions (a federated run's earlier global models). `force_game`:
+    the game is played on the scan's highest-scoring class even when the scan clears the model."""
     scenario = model_file_scenario(path)
     before = scenario.evaluate(scenario.teacher)
     recipe = recipe_config(recipe_name, overrides)
@@ -39,7 +50,11 @@ def purify_model_file(path: Path, recipe_name: str, tiny: bool, overrides: dict,
         recipe = smoke_sized(recipe)
     versions = [load_model(p).model.eval() for p in earlier]
     started = time.perf_counter()
-    trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
+    if force_game:
+        report = forced_report(scenario.teacher, scenario.bundle.spec, recipe, versions)
+        trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe, scan=report)
+    else:
+        trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
     train_epochs(trainer)
     wall = time.perf_counter() - started
     output = trainer.output_model().eval()
@@ -58,9 +73,9 @@ def case_model(case, tiny: bool, history: bool) -> tuple[Path, tuple[Path, ...]]
     return final, tuple(earlier)
 
 
-def run_case(case, recipe_name: str, tiny: bool, overrides: dict, history: bool = True) -> dict:
+def run_case(case, recipe_name: str, tiny: bool, overrides: dict, history: bool = True, force_game: bool = False) -> dict:
     model, earlier = case_model(case, tiny, history)
-    result = purify_model_file(model, recipe_name, tiny, overrides, earlier)
+    result = purify_model_file(model, recipe_name, tiny, overrides, earlier, force_game)
     before, after, evidence, wall = result["before"], result["after"], result["evidence"], result["wall_s"]
     verdict = evidence.get("verdict", {})
     pct = lambda v: None if v is None else round(100 * v, 1)
@@ -100,6 +115,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="case names")
     parser.add_argument("--out", default=None, help="file stem under benchmarks/results")
     parser.add_argument("--tiny", action="store_true", help="two cases at smoke size (CI)")
+    parser.add_argument("--force-game", action="store_true",
+                        help="play the game on the scan's highest-scoring class even where it finds no backdoor "
+                             "(the cost of a false alarm)")
     parser.add_argument("--no-history", action="store_true",
                         help="purify federated cases without their earlier global models (the eleventh round's verdict)")
     args = parser.parse_args()
@@ -114,7 +132,7 @@ def main() -> None:
         cases = [DEV[0], DEV[2]]
     rows = []
     for case in cases:
-        rows.append(run_case(case, args.recipe, args.tiny, overrides, not args.no_history))
+        rows.append(run_case(case, args.recipe, args.tiny, overrides, not args.no_history, args.force_game))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
@@ -124,7 +142,8 @@ def main() -> None:
         stem = args.out or f"default_table_{args.cases.replace('-', '_')}"
         with atomic_path(RESULTS / f"{stem}.parquet") as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
-        settings = (f" --set {' '.join(args.set)}" if args.set else "") + (" --no-history" if args.no_history else "")
+        settings = ((f" --set {' '.join(args.set)}" if args.set else "") + (" --no-history" if args.no_history else "")
+                    + (" --force-game" if args.force_game else "") + (f" --only {' '.join(args.only)}" if args.only else ""))
         atomic_write_text(RESULTS / f"{stem}.md", f"# `{args.recipe}` purification, {args.cases} cases "
                           f"(`python -m benchmarks.default_table --cases {args.cases}{settings}`)\n\n" + table + "\n")
 

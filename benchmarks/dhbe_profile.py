@@ -26,7 +26,7 @@ PHASES = ("student steps", "G step", "Gp step")
 def profile_loop(iterations: int, batch_size: int, channels_last: bool = False):
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = cpu_recipe().without("trigger_bank").replace(batch_size=batch_size)
+    config = cpu_recipe().with_overrides({"perturbations.warmup_steps": 0}).replace(batch_size=batch_size)
     trainer = DHBETrainer(build_model("small-cnn", SPEC).eval(), SPEC, config)
     trainer.student.train()
 

@@ -36,6 +36,7 @@ CPU_REFERENCE = PROJECT / "benchmarks" / "results" / "gpu_check_cpu_reference.js
 def every_extension_on():
     """The default at smoke size with every extension forced on (the game runs blind: every class)."""
     recipe = smoke_sized(recipe_config("default", {"verdict.hand_back_clean": False, "sample_pool": "on",
+                                                   "perturbations.refresh_every": 1,
                                                    "lambda_step": "on"}))
     return recipe.replace(epochs=2)
 

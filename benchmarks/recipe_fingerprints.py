@@ -21,12 +21,11 @@ from defense.models import build_model
 from defense.spec import InputSpec
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
-SMALL = {"epochs": 4, "iters_per_epoch": 3, "batch_size": 32, "trigger_bank.warmup_steps": 20, "trigger_bank.size": 200}
+SMALL = {"epochs": 4, "iters_per_epoch": 3, "batch_size": 32, "perturbations.warmup_steps": 20,
+         "perturbations.bank_size": 200}
 CASES = {  # name -> (recipe, overrides, epochs run)
     "cpu": ("cpu", SMALL, 4),
     "federated": ("federated", SMALL, 4),
-    "cpu-blend": ("cpu-blend", {**SMALL, "blend_search.steps": 5, "blend_search.warmup_steps": 5,
-                                "blend_search.every": 2}, 4),
     "cpu+sample_pool": ("cpu", {**SMALL, "sample_pool.capacity": 96}, 4),
     "official": ("official", {"batch_size": 8, "epochs": 2, "iters_per_epoch": 1}, 2),
 }

@@ -99,7 +99,7 @@ def time_dhbe(image_size: int, iterations: int, batch_size: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     spec = load_dataset("digits", None, image_size).spec
-    config = cpu_recipe().without("trigger_bank").replace(batch_size=batch_size, patch_size=min(3, image_size - 1),
+    config = cpu_recipe().with_overrides({"perturbations.warmup_steps": 0}).replace(batch_size=batch_size, patch_size=min(3, image_size - 1),
                                                           iters_per_epoch=iterations, epochs=2)
     trainer = DHBETrainer(build_model("small-cnn", spec).eval(), spec, config)
     trainer.run_epoch()  # warm-up epoch
@@ -111,7 +111,7 @@ def time_dhbe(image_size: int, iterations: int, batch_size: int) -> dict:
     return {"image_size": image_size, "it_per_s": round(it_per_s, 2),
             "recipe_iterations": recipe.dhbe.iterations,
             "recipe_seconds_estimate": round(recipe.dhbe.iterations / it_per_s
-                                             + recipe.get("trigger_bank").warmup_steps / (3 * it_per_s), 0)}
+                                             + recipe.get("perturbations").warmup_steps / (3 * it_per_s), 0)}
 
 
 def sampling_table(rows: list[dict]) -> list[str]:

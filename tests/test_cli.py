@@ -16,7 +16,7 @@ CASES = [
     (["federated.simulate", "--target", "12"], "--target"),
     (["federated.simulate", "--purify-set", "epochs"], "--purify-set expects FIELD=VALUE"),
     (["federated.simulate", "--purify-set", "lamb=1"], "unknown DHBE field 'lamb'"),
-    (["federated.simulate", "--purify-set", "trigger_bank.size=0"], "trigger_bank.size"),
+    (["federated.simulate", "--purify-set", "perturbations.bank_size=0"], "perturbations.bank_size"),
     (["deploy.purify", "m.json", "--out", "o", "--set", "nope.x=1"], "unknown DHBE extension 'nope'"),
     (["defense.evaluate", "/nonexistent/model.json"], "does not exist"),
     (["defense.evaluate", "x.json", "--trigger-size", "0"], "--trigger-size"),
@@ -117,13 +117,13 @@ def test_recipes_are_chosen_by_name_and_overridden_by_set(tmp_path):
     assert (recipe.get("bn_prior").layers, recipe.dhbe.epochs, recipe.get("lambda_step").after,
             recipe.dhbe.seed) == (1, 15, 0.7, 3)
     default = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o"]))
-    assert default.extension_names[0] == "verdict" and "blend_search" in default and default.dhbe.epochs == 50
+    assert default.extension_names[:2] == ["verdict", "perturbations"] and default.dhbe.epochs == 20
     cpu = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--recipe", "cpu"]))
     assert (cpu.get("bn_prior").layers, cpu.dhbe.epochs, "lambda_step" in cpu) == (0, 30, False)
     whole = tmp_path / "recipe.json"
-    whole.write_text(json.dumps(recipe_config("cpu-blend").to_dict()))
+    whole.write_text(json.dumps(recipe_config("default").to_dict()))
     assert recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(whole)])) == \
-        recipe_config("cpu-blend")
+        recipe_config("default")
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"lam": 0.3, "student_ema.decay": 0.99}))
     loaded = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))

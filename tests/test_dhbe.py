@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import defense.data as data_module
 from defense.dhbe import DHBEConfig, DHBETrainer, Recipe, cpu_recipe, purify, recipe_config
-from defense.dhbe.extensions import LambdaStepConfig, SamplePoolConfig, TriggerBankConfig
+from defense.dhbe.extensions import LambdaStepConfig, PerturbationsConfig, SamplePoolConfig
 from defense.priors import BatchNormStatistics, class_imbalance
 from defense.dhbe.losses import l1, total_variation_l2
 from defense.errors import ConfigError
@@ -84,8 +84,9 @@ def one_student_step_by_hand(overrides=None):
     student step perturbs, Eq. 8 computed by hand on them, and the trainer's own student step."""
     torch.manual_seed(0)
     teacher = build_model("small-cnn", SPEC).eval()
-    config = cpu_recipe().without("trigger_bank", "student_ema").replace(
-        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1).with_overrides(overrides or {})
+    config = cpu_recipe().without("student_ema").replace(
+        batch_size=8, lam=0.7, student_steps=1, iters_per_epoch=1, epochs=1).with_overrides(
+        {"perturbations.warmup_steps": 0, **(overrides or {})})
     trainer = DHBETrainer(teacher, SPEC, config)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
@@ -93,13 +94,16 @@ def one_student_step_by_hand(overrides=None):
         student = copy.deepcopy(trainer.student)
         trainer.student.train()
         x = trainer.synthesise(trainer.latent(config.dhbe.latent_dim))
-        xp = trainer.patch(x, trainer.latent(config.dhbe.trigger_latent_dim))
-        perturbed = trainer.perturbed_batch(x, xp)
+        z = trainer.latent(config.dhbe.trigger_latent_dim)
+        placement = trainer.rng.get_state()
+        xp = trainer.perturb(x, z, "diagnostics")      # Gp's patches on every row
+        trainer.rng.set_state(placement)
+        perturbed = trainer.perturb(x, z, "student")   # the same patches, by the mixing rule
         s = student.train()(x)
         expected = F.l1_loss(s, trainer.teacher(x)) + 0.7 * F.l1_loss(student(perturbed), s)
     torch.manual_seed(5)
     trainer.rng.manual_seed(5)
-    return x, xp, perturbed, float(expected), trainer.student_step()
+    return x, xp, perturbed, float(expected), tuple(trainer.student_step().tolist())
 
 
 def test_student_step_minimises_equation_8():
@@ -109,19 +113,20 @@ def test_student_step_minimises_equation_8():
     assert loss == pytest.approx(distill + 0.7 * regulariser, rel=1e-5)
 
 
-def test_mixed_batches_leave_a_share_of_each_perturbed_batch_clean_in_the_student_step():
-    x, xp, mixed, expected, (loss, _, _) = one_student_step_by_hand({"mixed_batches.perturbed_share": 0.25})
+def test_the_mixing_rule_leaves_a_share_of_each_perturbed_batch_clean_in_the_student_step():
+    x, xp, mixed, expected, (loss, _, _) = one_student_step_by_hand({"perturbations.perturbed_share": 0.25})
     changed = (mixed != x).flatten(1).any(1)
     assert changed.tolist() == [False, False, False, True, False, False, False, True]
     assert torch.equal(mixed[changed], xp[changed])
     assert loss == pytest.approx(expected, rel=1e-4)
-    with pytest.raises(ConfigError, match="perturbed_share"):
-        recipe_config("cpu", {"mixed_batches.perturbed_share": 1.0})
+    for share in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="perturbed_share"):
+            recipe_config("cpu", {"perturbations.perturbed_share": share})
 
 
 def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     teacher = build_model("small-cnn", SPEC).eval()
-    config = cpu_recipe().without("trigger_bank").replace(batch_size=8, epochs=15, lam=1.0).with_extension(
+    config = cpu_recipe().replace(batch_size=8, epochs=15, lam=1.0).with_extension(
         LambdaStepConfig(after=0.3, at=0.5))
     trainer = DHBETrainer(teacher, SPEC, config)
     seen = {}
@@ -140,9 +145,10 @@ def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     ("epochs", "2.5", "epochs expects a int"), ("lamb", "1", "unknown DHBE field 'lamb'"),
     ("class_balance.weight", "-0.5", "class_balance.weight"), ("bn_prior.layers", "-1", "bn_prior.layers"),
     ("lambda_step.after", "-0.1", "lambda_step.after"), ("lambda_step.at", "1", "lambda_step.at"),
-    ("sample_pool.capacity", "10", "at least batch_size"), ("stamped_patches.replaces", "maybe", "replaces expects"),
-    ("trigger_bank.replay_fraction", "2", "replay_fraction"), ("student_ema.decay", "1", "student_ema.decay"),
-    ("nope.field", "1", "unknown DHBE extension 'nope'"), ("trigger_bank.depth", "1", "unknown DHBE extension 'trigger_bank' field"),
+    ("sample_pool.capacity", "10", "at least batch_size"), ("perturbations.scan_triggers", "maybe", "scan_triggers expects"),
+    ("perturbations.replay_fraction", "2", "replay_fraction"), ("student_ema.decay", "1", "student_ema.decay"),
+    ("perturbations.patch_copies", "0", "patch_copies"), ("perturbations.refresh_success", "0", "refresh_success"),
+    ("nope.field", "1", "unknown DHBE extension 'nope'"), ("perturbations.depth", "1", "unknown DHBE extension 'perturbations' field"),
     ("student_ema", "perhaps", "takes on or off"),
 ])
 def test_every_override_is_typed_and_validated_with_a_message_naming_it(key, value, message):
@@ -152,10 +158,10 @@ def test_every_override_is_typed_and_validated_with_a_message_naming_it(key, val
 
 def test_overrides_change_add_and_remove_extensions_and_round_trip_as_plain_data():
     recipe = recipe_config("cpu", {"lam": "0.5", "lr_milestones": "0.5,0.7", "student_ema": "off",
-                                   "sample_pool.capacity": "2560", "stamped_patches.replaces": "no"})
+                                   "sample_pool.capacity": "2560", "perturbations.patch_copies": "3"})
     assert recipe.dhbe.lam == 0.5 and recipe.dhbe.lr_milestones == (0.5, 0.7)
     assert "student_ema" not in recipe and recipe.get("sample_pool").capacity == 2560
-    assert recipe.get("stamped_patches").replaces is False
+    assert recipe.get("perturbations").patch_copies == 3
     assert recipe.extension_names[-1] == "sample_pool"          # added at the end, the others keep their order
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ConfigError, match="extensions entry"):
@@ -206,7 +212,7 @@ def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario,
     ASR x1 falls from >= 90% and clean ACC mostly holds."""
     before = badnets_scenario.evaluate(badnets_scenario.teacher)
     config = cpu_recipe().without("student_ema").replace(epochs=4, iters_per_epoch=10).with_overrides(
-        {"trigger_bank.warmup_steps": 100, **({"sample_pool.capacity": sample_pool} if sample_pool else {})})
+        {"perturbations.warmup_steps": 100, **({"sample_pool.capacity": sample_pool} if sample_pool else {})})
     student, history = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     after = badnets_scenario.evaluate(student)
     print("before", before, "after", after)
@@ -217,26 +223,27 @@ def test_dhbe_erases_most_of_a_planted_backdoor_in_a_short_run(badnets_scenario,
 
 def test_lambda_zero_keeps_the_backdoor(badnets_scenario):
     """The ablation: without the regulariser, distillation from a teacher copy keeps the backdoor."""
-    config = cpu_recipe().without("trigger_bank", "student_ema").replace(epochs=2, iters_per_epoch=10, lam=0.0)
+    config = cpu_recipe().without("student_ema").replace(epochs=2, iters_per_epoch=10, lam=0.0)
     student, _ = purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     assert badnets_scenario.evaluate(student)["asr_x1"] >= 0.8
 
 
 def test_divergence_is_detected_not_returned(badnets_scenario):
     config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16, student_lr=1e30,
-                                  max_recoveries=1).with_overrides({"trigger_bank.warmup_steps": 10})
+                                  max_recoveries=1).with_overrides({"perturbations.warmup_steps": 10})
     from defense.errors import DivergenceError
 
     with pytest.raises(DivergenceError, match="non-finite"):
         purify(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
 
 
-def test_warm_up_fills_the_trigger_bank_and_ema_is_handed_back(badnets_scenario):
+def test_warm_up_fills_the_patch_bank_and_ema_is_handed_back(badnets_scenario):
     config = cpu_recipe().replace(epochs=1, iters_per_epoch=2, batch_size=16).with_extension(
-        TriggerBankConfig(warmup_steps=5, size=24))
+        PerturbationsConfig(warmup_steps=5, bank_size=24, scan_triggers=False, perturbed_share=1.0))
     trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     trainer.run_epoch()
-    assert trainer.extension("trigger_bank").bank.shape == (24, 1, 3, 3)  # 5 steps x 8 patches, capped at 24
+    bank = trainer.extension("perturbations").sources[0].bank
+    assert bank.rows[0].shape == (24, 1, 3, 3)  # 5 steps x 8 patches, capped at 24
     assert trainer.output_model() is trainer.extension("student_ema").averaged.module
     student_state = trainer.student.state_dict()
     assert any(not torch.equal(v, student_state[k]) for k, v in trainer.output_model().state_dict().items()
@@ -261,7 +268,7 @@ def prior_only_generator_steps(trainer, steps: int) -> None:
 def test_the_batch_norm_prior_fits_g_to_the_teachers_statistics_and_leaves_s_as_t(badnets_scenario):
     """G's steps on its priors alone: the BN-statistics mismatch on T falls, and S (still a copy of
     T) is not updated by them."""
-    config = cpu_recipe().without("trigger_bank").replace(batch_size=32, generator_lr=1e-2)
+    config = cpu_recipe().replace(batch_size=32, generator_lr=1e-2)
     trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
     trainer.student.eval()  # BN running statistics of S untouched by its forwards in the G step
     statistics = trainer.extension("bn_prior").statistics
@@ -285,7 +292,7 @@ def test_class_balance_prior_spreads_gs_samples_over_the_teachers_classes(badnet
     """With BN statistics alone, T labels G's samples unevenly (on a backdoored T, often its target
     class); the information-entropy prior spreads them out."""
     def imbalance_after_steps(weight: float) -> float:
-        config = cpu_recipe().without("trigger_bank").replace(batch_size=64, generator_lr=1e-2).with_overrides(
+        config = cpu_recipe().replace(batch_size=64, generator_lr=1e-2).with_overrides(
             {"class_balance.weight": weight} if weight else {"class_balance": "off"})
         trainer = DHBETrainer(badnets_scenario.teacher, badnets_scenario.bundle.spec, config)
         trainer.student.train()
@@ -320,7 +327,7 @@ def test_with_a_sample_pool_student_steps_reuse_the_g_and_gp_steps_samples_and_r
     an uninterrupted one."""
     teacher = build_model("small-cnn", SPEC).eval()
     config = cpu_recipe().replace(batch_size=8, epochs=2, iters_per_epoch=3).with_overrides(
-        {"trigger_bank.warmup_steps": 2, "sample_pool.capacity": 64})
+        {"perturbations.warmup_steps": 2, "sample_pool.capacity": 64})
     counts = {"G": 0, "T": 0}
     trainer = DHBETrainer(teacher, SPEC, config)
     trainer.sample_generator.register_forward_hook(lambda *_: counts.__setitem__("G", counts["G"] + 1))
@@ -382,7 +389,7 @@ def test_the_defence_never_reads_the_experiment_record(monkeypatch, tmp_path, ba
 def test_the_default_hands_a_model_without_a_backdoor_back_unchanged(clean_scenario):
     """The scan finds no backdoor in a clean model: the verdict stops the game before any iteration
     and T itself is handed back, with the reason in the evidence."""
-    recipe = recipe_config("default", {"trigger_bank": "off"})
+    recipe = recipe_config("default", {"perturbations.warmup_steps": 0})
     student, history = purify(clean_scenario.teacher, clean_scenario.bundle.spec, recipe)
     for p, q in zip(student.state_dict().values(), clean_scenario.teacher.state_dict().values()):
         assert torch.equal(p, q)
@@ -394,7 +401,7 @@ def test_the_default_suspects_a_backdoors_target_and_its_guard_falls_back(badnet
     runs; a final model whose synthetic agreement with T is under the guard's floor is not handed
     back: the guard falls back (here to T, as no epoch met a floor of 99.9%) and says so."""
     spec = badnets_scenario.bundle.spec
-    recipe = recipe_config("default", {"trigger_bank": "off", "epochs": 1, "iters_per_epoch": 3, "student_lr": 1.0,
+    recipe = recipe_config("default", {"perturbations.warmup_steps": 0, "epochs": 1, "iters_per_epoch": 3, "student_lr": 1.0,
                                        "verdict.min_agreement": 0.999})
     from defense.dhbe import scanned_trainer, train_epochs
 

@@ -62,7 +62,7 @@ def test_the_front_door_plants_a_backdoor_and_its_purification_erases_most_of_it
     out = tmp_path / "run"
     assert main(["--clients", "4", "--malicious", "2", "--rounds", "6", "--local-epochs", "2", "--quiet",
                  "--out", str(out), "--purify-recipe", "cpu", "--purify-set", "epochs=4", "iters_per_epoch=10",
-                 "trigger_bank.warmup_steps=100"]) == 0
+                 "perturbations.warmup_steps=100"]) == 0
     last = pq.read_table(out / "metrics.parquet").to_pylist()[-1]
     print({k: last[k] for k in ("acc", "asr_x1", "asr_x9", "purified_acc", "purified_asr_x1", "purified_asr_x9")})
     assert last["asr_x9"] >= 0.9 and last["asr_x1"] >= 0.6        # the attack planted its backdoor

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 # the hook's mechanics, not the verdict: the default recipe without its verdict, at a tiny size
-TINY_DHBE = ["epochs=1", "iters_per_epoch=2", "batch_size=16", "trigger_bank.warmup_steps=5", "verdict=off",
-             "blend_search.warmup_steps=5", "blend_search.steps=3"]
+TINY_DHBE = ["epochs=1", "iters_per_epoch=2", "batch_size=16", "perturbations.warmup_steps=5", "verdict=off",
+             "perturbations.refresh_steps=3"]
 
 
 def test_in_run_and_final_purification_complete_without_hanging(tmp_path):

@@ -3,6 +3,7 @@ the model alone, data-free; earlier versions are scanned on the same samples and
 verdict is the model's own; the game only reads its report.
 Its CLI answers one line (or one JSON line), exit 0 for either verdict, 2 with one line on bad input."""
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from defense.dhbe import DHBETrainer, recipe_config, smoke_sized
 from defense.errors import ConfigError
 from defense.modelio import save_model
 from defense.models import build_model
-from defense.scan import ScanConfig, VersionScores, decide, scan
+from defense.scan import ScanConfig, SuspectTrigger, VersionScores, decide, scan
 from defense.scan.versions import earlier_rounds, run_folder_versions
 from defense.spec import InputSpec
 from federated.purification import GlobalModelHistory
@@ -48,6 +49,13 @@ def test_the_scan_names_the_target_of_a_patch_backdoor_and_clears_a_clean_model(
     report = scan(badnets_scenario.teacher, spec)
     assert report.backdoored and report.suspects[0] == badnets_scenario.target, report.summary()
     assert report.score > report.threshold and report.seconds > 0 and report.evidence
+    trigger = report.triggers[0]   # what the game is handed: the suspect's trigger, working on the model
+    assert trigger.target == report.suspects[0] and len(report.triggers) == len(report.suspects)
+    stamped = (1 - trigger.mask) * report.samples[0] + trigger.mask * trigger.pattern
+    with torch.no_grad():
+        sent = (badnets_scenario.teacher.eval()(stamped).argmax(1) == trigger.target).float().mean()
+    assert sent >= 0.8 and float(trigger.mask.mean()) < 0.2
+    assert not {"triggers", "samples"} & set(report.to_dict()) and json.dumps(report.to_dict())
     clean = scan(clean_scenario.teacher, spec)
     assert not clean.backdoored and clean.suspects == () and clean.score <= clean.threshold, clean.summary()
 
@@ -64,11 +72,11 @@ def test_earlier_versions_are_scanned_on_the_same_samples_and_reported(badnets_s
 
 def test_classes_inverted_in_groups_give_the_same_masks_as_all_at_once(badnets_scenario):
     """Memory is bounded by the images per forward pass, not by the number of classes."""
-    from defense.scan.inversion import SamplePool, fit_sample_generator, invert_masks
+    from defense.scan.inversion import ScanSamples, fit_sample_generator, invert_masks
 
     spec, model = badnets_scenario.bundle.spec, badnets_scenario.teacher.eval()
     torch.manual_seed(0)
-    pool = SamplePool(fit_sample_generator(model, spec, 20, 32, 64, 16, 1e-3, 1e-4), spec, 2, 8)
+    pool = ScanSamples.draw(fit_sample_generator(model, spec, 20, 32, 64, 16, 1e-3, 1e-4), spec, 2, 8)
     together = invert_masks(model, pool, 10, 40, 0.1, 1e-3, 0.9)
     grouped = invert_masks(model, pool, 10, 40, 0.1, 1e-3, 0.9, max_images=24)   # groups of 3 classes
     assert (together.areas < 1).sum() >= 3
@@ -106,12 +114,15 @@ def test_the_game_reads_the_scan_and_never_rederives_it(badnets_scenario, clean_
     stopped = DHBETrainer(clean_scenario.teacher, spec, recipe, scan=clean)
     stopped.run_epoch()
     assert stopped.stop_reason.startswith("no backdoor found") and stopped.output_model() is stopped.teacher
-    assert stopped.extension("blend_search").found is None        # nothing searched after the verdict
+    assert len(stopped.extension("perturbations").sources[0].bank) == 0   # no warm-up after the verdict
     suspect = decide([version([0.0, 0.0, 0.0, 9.0] + [0.0] * 6)], ["model"], [0.0] * 10, recipe.scan)
+    trigger = SuspectTrigger(3, torch.full((1, *spec.shape[1:]), 0.1), torch.rand(spec.shape))
+    suspect = replace(suspect, triggers=(trigger,), samples=torch.rand(2, 4, *spec.shape))
     game = DHBETrainer(badnets_scenario.teacher, spec, recipe, scan=suspect)
     game.run_epoch()
-    assert game.stop_reason is None and game.extension("blend_search").classes == [3]
-    assert [t.target for t in game.extension("mask_search").found] == [3]
+    triggers = game.extension("perturbations").sources[1]
+    assert game.stop_reason is None and triggers.targets == [3]
+    assert torch.equal(triggers.bank.rows[0][0], trigger.mask)      # the scan's trigger, as found
     assert game.evidence()["scan"]["suspects"] == [3] and game.evidence()["verdict"]["suspected_targets"] == [3]
 
 

@@ -28,30 +28,12 @@ from defense.dhbe.config import DHBEConfig, Recipe
 from defense.dhbe.extensions.base import Extension
 from defense.dhbe.losses import backdoor_regulariser, distillation_loss, l1, total_variation_l2
 from defense.dhbe.parallel import SINGLE_PROCESS, SingleProcess
+from defense.dhbe.precision import game_precision, keep_logits_fp32, searches_in_fp32
 from defense.errors import ConfigError, DivergenceError
 from defense.generators import SampleGenerator, TriggerGenerator, paste_patches
 from defense.models import frozen
 from defense.scan import ScanReport
 from defense.spec import InputSpec
-
-
-class _LogitsInFP32:
-    """Mixed into the class of a model's last linear layer (the logits): under autocast it runs in
-    fp32, so Eq. 8's L1 between T's and S's logits is taken on fp32 values. Outside autocast it
-    changes nothing; the layer's state_dict is the same."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
-
-
-def keep_logits_fp32(model: nn.Module) -> nn.Module:
-    """Swap the class of `model`'s last nn.Linear for one that computes in fp32 under autocast."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if heads and not isinstance(heads[-1], _LogitsInFP32):
-        cls = type(heads[-1])
-        heads[-1].__class__ = type(f"FP32Logits{cls.__name__}", (_LogitsInFP32, cls), {})
-    return model
 
 
 @dataclass
@@ -132,6 +114,8 @@ class DHBETrainer:
         self.rng = torch.Generator(device=self.device).manual_seed(config.seed + 1)  # patch placement, other draws
         self.history: list[EpochRecord] = []
         self.stop_reason: Optional[str] = None   # set by `stop`: the game ends before the next iterations
+        # seconds per phase of this process's game (on a GPU, without synchronisation: where the host waited)
+        self.seconds_by_phase: dict[str, float] = {}
         self.extensions: list[Extension] = [ext.build(self) for ext in recipe.extensions]
         for ext in self.extensions:
             ext.setup(self)
@@ -139,18 +123,13 @@ class DHBETrainer:
         parallel.synchronise_batch_norm(self.student, self.sample_generator)
 
     def precision(self):
-        """The autocast context of the game's forward passes (bf16), or none (fp32)."""
-        if self.config.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return game_precision(self.config.precision, self.device)
 
-    def searches_in_fp32(self):
-        """Autocast off for the probes and the per-epoch searches (the verdict's blend search, the mask
-        search, the trigger bank's warm-up): under bf16 the blend search flagged no class on a
-        backdoored model the fp32 search flags (docs/performance.md)."""
-        if self.config.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, enabled=False)
+    def clocked(self, phase: str, since: float) -> float:
+        """Add the seconds since `since` to `phase` (where the game's time goes); returns now."""
+        now = time.perf_counter()
+        self.seconds_by_phase[phase] = self.seconds_by_phase.get(phase, 0.0) + now - since
+        return now
 
     def stop(self, reason: str) -> None:
         """End the game: no more iterations (e.g. a verdict that there is nothing to erase)."""
@@ -160,7 +139,8 @@ class DHBETrainer:
         """What the scan and the extensions found, data-free, by name (for the purified manifest and the report)."""
         found = {name: rep for name, rep in ((e.name, e.report(self)) for e in self.extensions) if rep}
         scanned = {"scan": self.scan_report.to_dict()} if self.scan_report is not None else {}
-        return {**scanned, **found, **({"stopped": self.stop_reason} if self.stop_reason else {})}
+        clock = {"seconds_by_phase": {k: round(v, 2) for k, v in self.seconds_by_phase.items()}}
+        return {**scanned, **found, **clock, **({"stopped": self.stop_reason} if self.stop_reason else {})}
 
     def extension(self, name: str) -> Optional[Extension]:
         return next((e for e in self.extensions if e.name == name), None)
@@ -212,7 +192,7 @@ class DHBETrainer:
         self.seen(x, t_logits)
         return x, t_logits
 
-    def student_step(self) -> tuple[float, float, float]:
+    def student_step(self) -> torch.Tensor:
         """min over S: L1(S(x), T(x)) + lambda * L1(S(x + delta), S(x)), x and delta detached.
         x, T(x) and the patches are the whole batch; S runs on this process's slice of them."""
         cfg, own = self.config, self.parallel.shard
@@ -231,7 +211,7 @@ class DHBETrainer:
         self.opt_student.step()
         for ext in self.extensions:
             ext.after_student_step(self)
-        return self.parallel.average([float(loss.detach()), float(distill.detach()), float(regulariser.detach())])
+        return torch.stack([loss.detach(), distill.detach(), regulariser.detach()]).double()
 
     def generator_step(self, generator: Optional[nn.Module] = None,
                        optimiser: Optional[torch.optim.Optimizer] = None) -> float:
@@ -311,8 +291,10 @@ class DHBETrainer:
                 schedule.step()
         self.epoch += 1
         loss, distill, regulariser = totals
+        clock = time.perf_counter()
         with self.precision(), self.parallel.replicated():
             diagnostics = self.diagnostics()
+        self.clocked("diagnostics", clock)
         record = EpochRecord(
             epoch=self.epoch, iteration=self.epoch * self.config.iters_per_epoch,
             student_updates=self.epoch * self.config.iters_per_epoch * self.config.student_steps,
@@ -326,9 +308,9 @@ class DHBETrainer:
         return record
 
     def _train_iterations(self) -> tuple[float, float, float]:
-        cfg = self.config
-        # the evidence and the trigger searches: full precision, replicated in every process
-        with self.searches_in_fp32(), self.parallel.replicated():
+        cfg, clock = self.config, time.perf_counter()
+        # the warm-up and the trigger refreshes: full precision, replicated in every process
+        with searches_in_fp32(cfg.precision, self.device), self.parallel.replicated():
             if self.epoch == 0:
                 for ext in self.extensions:
                     if self.stop_reason is None:   # a verdict that there is nothing to erase skips the rest
@@ -336,22 +318,23 @@ class DHBETrainer:
             for ext in self.extensions:
                 if self.stop_reason is None:
                     ext.epoch_start(self)
+        clock = self.clocked("warm-up and trigger refreshes", clock)
         if self.stop_reason is not None:
             return 0.0, 0.0, 0.0
         self.sample_generator.train()
         self.trigger_generator.train()
-        sums = [0.0, 0.0, 0.0]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # on the device: no host sync per step
         for _ in range(cfg.iters_per_epoch):
             self.student.train()
             for _ in range(cfg.student_steps):
-                for i, value in enumerate(self.student_step()):
-                    sums[i] += value
+                sums += self.student_step()
+            clock = self.clocked("student steps", clock)
             self.generator_step()
+            clock = self.clocked("G steps", clock)
             self.trigger_step()
-            if not math.isfinite(sums[0]):
-                break
-        count = cfg.iters_per_epoch * cfg.student_steps
-        return sums[0] / count, sums[1] / count, sums[2] / count
+            clock = self.clocked("Gp steps", clock)
+        totals = self.parallel.average((sums / (cfg.iters_per_epoch * cfg.student_steps)).tolist())
+        return totals[0], totals[1], totals[2]
 
     def output_model(self) -> nn.Module:
         """The purified model: S, or what an extension hands back instead (e.g. S's moving average)."""

@@ -123,6 +123,32 @@ def invert_masks(model: nn.Module, pool: ScanSamples, num_classes: int, steps: i
         *((p.areas, p.concentrations, p.hit_rates, p.masks, p.patterns) for p in parts))))
 
 
+def invert_blend_patterns(model: nn.Module, pool: ScanSamples, classes: Sequence[int], ratio: float, steps: int,
+                          lr: float, start: Optional[torch.Tensor] = None) -> MaskInversion:
+    """Per class k in `classes`, all at once: the pattern p_k in [0, 1] that, blended in at `ratio`,
+    (1 - ratio) x + ratio p_k, sends the samples to k (Adam on its cross-entropy; a blended trigger is
+    the whole image at a small ratio, a form the mask inversion's small masks miss). `start`: patterns
+    to go on from (default flat grey). The mask of every class is the constant `ratio`."""
+    like = pool.batch(0)
+    device = like.device
+    targets = torch.tensor(list(classes), device=device)
+    raw = (torch.zeros(len(targets), *like.shape[1:], device=device) if start is None
+           else _logit(start.to(device))).requires_grad_(True)
+    optimiser = torch.optim.Adam([raw], lr=lr)
+    hits = torch.zeros(len(targets), device=device)
+    with _frozen_eval(model):
+        for step in range(steps):
+            pattern = torch.sigmoid(raw)
+            cross_entropy, hits = _per_class_cross_entropy(
+                model, (1 - ratio) * pool.batch(step).unsqueeze(0) + ratio * pattern.unsqueeze(1), targets)
+            optimiser.zero_grad(set_to_none=True)
+            cross_entropy.sum().backward()
+            optimiser.step()
+    masks = torch.full((len(targets), 1, *like.shape[2:]), ratio, device=device)
+    return MaskInversion(torch.full((len(targets),), ratio, device=device), torch.zeros(len(targets), device=device),
+                         hits.detach(), masks, torch.sigmoid(raw.detach()))
+
+
 def _logit(values: torch.Tensor) -> torch.Tensor:
     return torch.logit(values.clamp(1e-4, 1 - 1e-4))
 

@@ -10,14 +10,18 @@ them:
   per sample at random places (amplified triggers). Before the game, `warmup_steps` Gp steps against
   S = T search T's own backdoor and fill the bank (`bank_size`); a student step draws
   `replay_fraction` of its patches from it and the rest from the live Gp.
+- `blend_patterns`: per suspect, a whole-image pattern inverted on T at a small ratio before the game
+  (on the scan's samples) and blended into S's samples at ratios up to `blend_alpha`: the form of a
+  blended trigger, which Gp's patches never find and the scan's small masks miss.
 - `scan_triggers`: the scan's inverted trigger for each suspect class (mask and pattern, any size, any
   place: a patch or a whole-image blend), taken from the `ScanReport` as found, never re-derived;
   stamped 1..`trigger_copies` times, the copies after the first (and the first on a `trigger_shift`
   share of the samples) moved to a random place.
 
-The refresh rule, one for all: every `refresh_every` epochs each source goes on from its latest
-triggers against S (`refresh_steps` Neural Cleanse steps for the scan's triggers; Gp is trained every
-iteration by the game itself) and adds what it found to its bank.
+The refresh rule, one for all: before the game the sources that search T fill their banks (Gp's
+warm-up, the blend patterns' first inversion); every `refresh_every` epochs each source goes on from
+its latest triggers against S (`refresh_steps` steps at `refresh_lr`; Gp is trained every iteration
+by the game itself) and adds what it found to its bank.
 
 The mixing rule, one for all: of every perturbed batch, a `perturbed_share` of the rows (spread
 evenly) carry a perturbation, the sources taking turns over those rows; the rest stay clean, so a
@@ -34,7 +38,7 @@ import torch
 from defense.dhbe.config import ExtensionConfig, extension
 from defense.dhbe.extensions.base import Extension
 from defense.generators import paste_patches
-from defense.scan.inversion import ScanSamples, invert_masks
+from defense.scan.inversion import ScanSamples, invert_blend_patterns, invert_masks
 from defense.spec import require
 
 USES = ("student", "trigger_step", "diagnostics")   # who asks for a perturbed batch
@@ -54,6 +58,10 @@ class PerturbationsConfig(ExtensionConfig):
     scan_triggers: bool = True
     trigger_copies: int = 3
     trigger_shift: float = 0.5
+    # source `blend_patterns`: per suspect, a whole-image pattern blended in (the form a blended trigger has)
+    blend_patterns: bool = True
+    blend_ratio: float = 0.1        # the patterns are inverted at this ratio
+    blend_alpha: float = 0.2        # and blended into S's samples at ratios up to this
     # the refresh rule
     refresh_every: int = 5          # > 0: every so many epochs each source goes on from its latest against S
     refresh_steps: int = 100
@@ -73,6 +81,8 @@ class PerturbationsConfig(ExtensionConfig):
         require(0 <= self.replay_fraction <= 1, f"perturbations.replay_fraction must be in [0, 1], got {self.replay_fraction}")
         require(0 <= self.trigger_shift <= 1, f"perturbations.trigger_shift must be in [0, 1], got {self.trigger_shift}")
         require(0 <= self.refresh_every <= 100_000, f"perturbations.refresh_every must be in 0..100000, got {self.refresh_every}")
+        require(0 < self.blend_ratio < 1, f"perturbations.blend_ratio must be in (0, 1), got {self.blend_ratio}")
+        require(0 < self.blend_alpha < 1, f"perturbations.blend_alpha must be in (0, 1), got {self.blend_alpha}")
         require(0 < self.refresh_lr <= 10, f"perturbations.refresh_lr must be in (0, 10], got {self.refresh_lr}")
         require(0 < self.refresh_cost <= 10, f"perturbations.refresh_cost must be in (0, 10], got {self.refresh_cost}")
         require(0 < self.refresh_success <= 1, f"perturbations.refresh_success must be in (0, 1], got {self.refresh_success}")
@@ -197,16 +207,55 @@ class ScanTriggers:
         self.success_on_student = [round(float(h), 3) for h in found.hit_rates]
 
 
+class BlendPatterns:
+    """Source `blend_patterns`: per suspect, a whole-image pattern inverted on T at `blend_ratio` (on the
+    scan's samples, before the game), re-found on S by the refresh rule, blended in at ratios up to
+    `blend_alpha` (docs/dhbe.md, sixth round: Gp's patches never find a blended trigger)."""
+
+    name = "blend_patterns"
+
+    def __init__(self, config: PerturbationsConfig, trainer) -> None:
+        self.config, report = config, trainer.scan_report
+        self.targets = list(report.suspects)
+        self.samples = ScanSamples(report.samples.to(trainer.device))
+        self.bank = Bank(64 * len(self.targets), torch.zeros(0, *trainer.spec.shape, device=trainer.device))
+        self.refreshes, self.success_on_student = 0, None
+
+    def fill(self, trainer) -> None:
+        self.search(trainer.teacher, None)
+
+    def search(self, model, start: Optional[torch.Tensor]) -> None:
+        cfg = self.config
+        found = invert_blend_patterns(model, self.samples, self.targets, cfg.blend_ratio, cfg.refresh_steps,
+                                      cfg.refresh_lr, start)
+        self.bank.add(found.patterns)
+        self.success_on_student = [round(float(h), 3) for h in found.hit_rates]
+
+    def refresh(self, trainer) -> None:
+        self.search(trainer.student, self.bank.latest(len(self.targets))[0])
+        self.refreshes += 1
+
+    def stamp(self, trainer, x: torch.Tensor, patches: torch.Tensor, use: str) -> torch.Tensor:
+        (pattern,) = self.bank.draw(len(x), trainer.rng)
+        ratio = self.config.blend_alpha * torch.rand(len(x), generator=trainer.rng, device=x.device, dtype=x.dtype)
+        ratio = ratio.view(-1, 1, 1, 1)
+        return (1 - ratio) * x + ratio * pattern.to(x)
+
+
 class Perturbations(Extension):
     def setup(self, trainer) -> None:
         self.sources: list = [GpPatches(self.config, trainer)]
         report = trainer.scan_report
         if self.config.scan_triggers and report is not None and report.triggers:
             self.sources.append(ScanTriggers(self.config, trainer))
+        if self.config.blend_patterns and report is not None and report.suspects and report.samples is not None:
+            self.sources.append(BlendPatterns(self.config, trainer))
 
     def probe(self, trainer) -> None:
-        if not len(self.sources[0].bank) and self.config.warmup_steps:
-            self.sources[0].fill(trainer)
+        """Before the game: the sources that search T fill their banks (once; a resumed game has them)."""
+        for source in self.sources:
+            if not len(source.bank) and hasattr(source, "fill") and (source.name != "patches" or self.config.warmup_steps):
+                source.fill(trainer)
 
     def epoch_start(self, trainer) -> None:
         every = self.config.refresh_every
@@ -231,8 +280,8 @@ class Perturbations(Extension):
     def report(self, trainer) -> Optional[dict[str, Any]]:
         found: dict[str, Any] = {"sources": [s.name for s in self.sources], "patches_banked": len(self.sources[0].bank)}
         for source in self.sources[1:]:
-            found.update(scan_trigger_targets=source.targets, refreshes=source.refreshes,
-                         trigger_success_on_student=source.success_on_student)
+            found[source.name] = {"targets": source.targets, "refreshes": source.refreshes,
+                                  "success_at_last_search": source.success_on_student}
         return found
 
     def state_dict(self) -> dict[str, Any]:
