@@ -1,6 +1,8 @@
 """Where the default purification's time goes, by phase, on a case as the default table runs it (the
-model, and for a federated case its earlier global models): `python -m benchmarks.default_time --only
-CASE [CASE ...] [--set FIELD=VALUE ...] [--out STEM]`.
+model, and for a federated case its earlier global models) or on a federated run folder as the server
+hook picks its models: `python -m benchmarks.default_time [--only CASE ...] [--run RUN_FOLDER ...]
+[--compare REF] [--set FIELD=VALUE ...] [--out STEM]`. With `--compare REF`, REF's default purification
+of the same model files is timed in the same run, after this tree's (a worktree of REF, in a subprocess).
 
 The phases are the defence's own records: the scan's `seconds_by_stage` and the game's
 `seconds_by_phase` (defense/dhbe/game.py clocks its warm-up and refreshes, student, G and Gp steps and
@@ -16,18 +18,43 @@ import torch
 
 from benchmarks.default_cases import by_name
 from benchmarks.default_table import case_model
+from benchmarks.worktree import run_at_commit
 from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_write_text
 from defense.modelio import load_model
 from defense.report import markdown_table
+from defense.scan.versions import run_folder_versions
 from defense.scenario import model_file_scenario
 
 RESULTS = Path("benchmarks/results")
 
 
-def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list], float, str]:
+REFERENCE = """
+import json, sys, time
+import torch
+from defense.dhbe import recipe_config, scanned_trainer, train_epochs
+from defense.modelio import load_model
+torch.set_num_threads(2)
+final = load_model(sys.argv[1]); earlier = [load_model(p).model.eval() for p in sys.argv[2:]]
+started = time.perf_counter()
+trainer = scanned_trainer(final.model.eval(), final.spec, recipe_config("default"), earlier=earlier)
+train_epochs(trainer)
+print(json.dumps({"seconds": time.perf_counter() - started, "epochs": trainer.epoch,
+                  "suspects": list(trainer.scan_report.suspects)}))
+"""
+
+
+def model_files_of(name: str, tiny: bool) -> tuple[Path, tuple[Path, ...]]:
+    """A case's files (benchmarks/default_cases.py), or a run folder's final model and earlier ones."""
     case = by_name(name)
-    model_file, earlier = case_model(case, tiny=tiny, history=True)
+    if case is not None:
+        return case_model(case, tiny=tiny, history=True)
+    final, earlier = run_folder_versions(Path(name))
+    return final, tuple(earlier)
+
+
+def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list], float, str]:
+    model_file, earlier = model_files_of(name, tiny)
     scenario = model_file_scenario(model_file)
     recipe = recipe_config("default", overrides)
     if tiny:   # the game runs blind, so that it runs
@@ -51,7 +78,11 @@ def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", nargs="+", default=["blended0.2-fedavg"], help="case names (benchmarks/default_cases.py)")
+    parser.add_argument("--only", nargs="*", default=None, help="case names (benchmarks/default_cases.py); "
+                        "default blended0.2-fedavg unless --run is given")
+    parser.add_argument("--run", nargs="*", default=[], metavar="RUN_FOLDER",
+                        help="federated run folders: the final model and the earlier ones the hook weighs")
+    parser.add_argument("--compare", default=None, metavar="REF", help="a commit whose default purification to time beside")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", default="default_time")
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size, printed, not written")
@@ -60,16 +91,25 @@ def main() -> None:
     from defense.cli import field_pairs
 
     overrides = field_pairs(args.set, "--set")
-    unknown = [name for name in args.only if by_name(name) is None]
+    names = (args.only if args.only is not None else ([] if args.run else ["blended0.2-fedavg"])) + args.run
+    unknown = [name for name in (args.only or []) if by_name(name) is None]
     if unknown:
         parser.error(f"unknown case(s): {', '.join(unknown)} (benchmarks/default_cases.py names them)")
-    lines = ["# Where the default's time goes (`python -m benchmarks.default_time`; 2 CPU cores, in-process, "
-             "DHBE's own time)", ""]
-    for name in (args.only[:1] if args.tiny else args.only):
+    command = " ".join(["python -m benchmarks.default_time", *(["--only", *args.only] if args.only else []),
+                        *(["--run", *args.run] if args.run else []), *(["--compare", args.compare] if args.compare else []),
+                        *(["--set", *args.set] if args.set else [])])
+    lines = [f"# Where the default's time goes (`{command}`; 2 CPU cores, in-process, DHBE's own time: no Ray)", ""]
+    for name in (names[:1] if args.tiny else names):
         rows, wall, note = time_case(name, overrides, args.tiny)
         lines += [f"## {name}: {wall:.1f} s ({note})", "",
                   *markdown_table(["phase", "seconds", "share"], rows), ""]
-        print("\n".join(lines[-len(rows) - 4:]), flush=True)
+        if args.compare and not args.tiny:
+            final, earlier = model_files_of(name, False)
+            ref = run_at_commit(args.compare, REFERENCE, [str(final.resolve()), *[str(p.resolve()) for p in earlier]])
+            lines += [f"{args.compare}'s default on the same files, in the same run: {ref['seconds']:.1f} s "
+                      f"({ref['epochs']} epochs, suspects {ref['suspects']}); this tree: {wall:.1f} s, "
+                      f"**{ref['seconds'] / wall:.1f}x faster**.", ""]
+        print("\n".join(lines[-len(rows) - 6:]), flush=True)
     if not args.tiny:
         atomic_write_text(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from benchmarks.scan_population import model_files, plant, population
 from benchmarks.scan_roc import RESULTS
+from benchmarks.worktree import run_at_commit
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMBER = "calibration-27-badnets-fedavg-s127"   # a 20-round FedAvg run: rounds 5, 10, 15 and the final model
 
 REFERENCE_VERDICT = """
@@ -38,17 +35,8 @@ print(json.dumps({"seconds": time.perf_counter() - started, "suspects": search.s
 
 
 def reference_verdict(ref: str, final: Path, earlier: list[Path]) -> dict:
-    """REF's verdict on the same files, in a worktree of REF (removed afterwards)."""
-    with tempfile.TemporaryDirectory(prefix="scan-speed-ref-") as folder:
-        tree = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), ref], check=True)
-        try:
-            done = subprocess.run([sys.executable, "-c", REFERENCE_VERDICT, str(final.resolve()),
-                                   *[str(p.resolve()) for p in earlier]], cwd=tree, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """REF's verdict on the same files, in a worktree of REF."""
+    return run_at_commit(ref, REFERENCE_VERDICT, [str(final.resolve()), *[str(p.resolve()) for p in earlier]])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

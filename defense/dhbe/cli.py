@@ -27,7 +27,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT
                             "federated: research presets; official: the paper's defaults (docs/dhbe.md)")
     if config_flag:
         group.add_argument(config_flag, dest="recipe_file", default=None,
-                           help="JSON file: a whole recipe ({\"dhbe\": {...}, \"extensions\": [[name, {...}], ...]}) "
+                           help="JSON file: a whole recipe ({\"dhbe\": {...}, \"extensions\": [[name, {...}], ...], \"scan\": {...}}) "
                                 "or an object of FIELD: VALUE overrides over the recipe")
     group.add_argument(set_flag, dest="recipe_set", nargs="*", default=[], metavar="FIELD=VALUE",
                        help=SET_HELP + ", ".join(EXTENSIONS.names()))
@@ -53,7 +53,7 @@ def recipe_file(path: Path, base: Recipe) -> Recipe:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and set(data) <= {"dhbe", "extensions"} and data:
+    if isinstance(data, dict) and set(data) <= {"dhbe", "extensions", "scan"} and {"dhbe", "extensions"} & set(data):
         return Recipe.from_dict(data)
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a JSON object")
