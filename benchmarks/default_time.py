@@ -11,6 +11,7 @@ and prints it."""
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,12 +36,13 @@ import torch
 from defense.dhbe import recipe_config, scanned_trainer, train_epochs
 from defense.modelio import load_model
 torch.set_num_threads(2)
-final = load_model(sys.argv[1]); earlier = [load_model(p).model.eval() for p in sys.argv[2:]]
+final = load_model(sys.argv[2]); earlier = [load_model(p).model.eval() for p in sys.argv[3:]]
 started = time.perf_counter()
 trainer = scanned_trainer(final.model.eval(), final.spec, recipe_config("default"), earlier=earlier)
 train_epochs(trainer)
-print(json.dumps({"seconds": time.perf_counter() - started, "epochs": trainer.epoch,
-                  "suspects": list(trainer.scan_report.suspects)}))
+seconds = time.perf_counter() - started
+torch.save(trainer.output_model().state_dict(), sys.argv[1])
+print(json.dumps({"seconds": seconds, "epochs": trainer.epoch, "suspects": list(trainer.scan_report.suspects)}))
 """
 
 
@@ -51,6 +53,12 @@ def model_files_of(name: str, tiny: bool) -> tuple[Path, tuple[Path, ...]]:
         return case_model(case, tiny=tiny, history=True)
     final, earlier = run_folder_versions(Path(name))
     return final, tuple(earlier)
+
+
+def measured(scenario, model) -> str:
+    """The experimenter's ACC and ASR (the file's attack record), for the table only."""
+    found = scenario.evaluate(model.eval())
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in found.items() if v is not None and k in ("acc", "asr_x1", "asr_x9"))
 
 
 def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list], float, str]:
@@ -72,7 +80,8 @@ def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list
                  f"{100 * other / wall:.0f}%"])
     suspects = list(trainer.scan_report.suspects)
     note = (f"{len(earlier)} earlier versions, {trainer.epoch} epochs, suspects {suspects}, "
-            f"{'stopped: ' + trainer.stop_reason[:40] + '...' if trainer.stop_reason else 'game played'}")
+            f"{'stopped: ' + trainer.stop_reason[:40] + '...' if trainer.stop_reason else 'game played'}; "
+            f"before: {measured(scenario, scenario.teacher)}; after: {measured(scenario, trainer.output_model())}")
     return rows, wall, note
 
 
@@ -105,10 +114,16 @@ def main() -> None:
                   *markdown_table(["phase", "seconds", "share"], rows), ""]
         if args.compare and not args.tiny:
             final, earlier = model_files_of(name, False)
-            ref = run_at_commit(args.compare, REFERENCE, [str(final.resolve()), *[str(p.resolve()) for p in earlier]])
+            with tempfile.TemporaryDirectory(prefix="compare-out-") as scratch:
+                weights = Path(scratch) / "purified.pt"   # written by REF's code in this run: ours to read
+                ref = run_at_commit(args.compare, REFERENCE, [str(weights), str(final.resolve()),
+                                                               *[str(p.resolve()) for p in earlier]])
+                scenario = model_file_scenario(final)
+                scenario.teacher.load_state_dict(torch.load(weights, weights_only=True))
+                after = measured(scenario, scenario.teacher)
             lines += [f"{args.compare}'s default on the same files, in the same run: {ref['seconds']:.1f} s "
-                      f"({ref['epochs']} epochs, suspects {ref['suspects']}); this tree: {wall:.1f} s, "
-                      f"**{ref['seconds'] / wall:.1f}x faster**.", ""]
+                      f"({ref['epochs']} epochs, suspects {ref['suspects']}; after: {after}); this tree: "
+                      f"{wall:.1f} s, **{ref['seconds'] / wall:.1f}x faster**.", ""]
         print("\n".join(lines[-len(rows) - 6:]), flush=True)
     if not args.tiny:
         atomic_write_text(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")

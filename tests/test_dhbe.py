@@ -135,8 +135,9 @@ def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
         seen[epoch + 1] = trainer.current_lambda()
     assert {e for e, lam in seen.items() if lam == 1.0} == set(range(1, 9))  # round(0.5 * 15) = 8 epochs
     assert {e for e, lam in seen.items() if lam == 0.3} == set(range(9, 16))
-    trainer.epoch = 14
-    assert DHBETrainer(teacher, SPEC, config.without("lambda_step")).current_lambda() == 1.0
+    plain = DHBETrainer(teacher, SPEC, config.without("lambda_step"))
+    plain.epoch = 14   # the same late epoch: without the step, lambda stays as the recipe has it
+    assert plain.current_lambda() == 1.0
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -149,7 +150,8 @@ def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     ("perturbations.replay_fraction", "2", "replay_fraction"), ("student_ema.decay", "1", "student_ema.decay"),
     ("perturbations.patch_copies", "0", "patch_copies"), ("perturbations.refresh_success", "0", "refresh_success"),
     ("nope.field", "1", "unknown DHBE extension 'nope'"), ("perturbations.depth", "1", "unknown DHBE extension 'perturbations' field"),
-    ("student_ema", "perhaps", "takes on or off"),
+    ("student_ema", "perhaps", "takes on or off"), ("sample_pool.capacity", "1000000000000", "sample_pool.capacity"),
+    ("perturbations.bank_size", "1000000000", "bank_size"), ("perturbations.refresh_steps", "1e9", "refresh_steps"),
 ])
 def test_every_override_is_typed_and_validated_with_a_message_naming_it(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,7 +29,7 @@ class BatchNormPriorConfig(ExtensionConfig):
 
     def __post_init__(self) -> None:
         require(self.weight > 0, f"bn_prior.weight must be > 0, got {self.weight}")
-        require(self.layers >= 0, f"bn_prior.layers must be >= 0, got {self.layers}")
+        require(0 <= self.layers <= 10_000, f"bn_prior.layers must be in 0..10000, got {self.layers}")
 
     def build(self, trainer: Any) -> Extension:
         return BatchNormPrior(self)

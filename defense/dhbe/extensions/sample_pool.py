@@ -65,7 +65,7 @@ class SamplePoolConfig(ExtensionConfig):
     capacity: int = 2560
 
     def __post_init__(self) -> None:
-        require(self.capacity >= 1, f"sample_pool.capacity must be >= 1, got {self.capacity}")
+        require(1 <= self.capacity <= 1_000_000, f"sample_pool.capacity must be in 1..1000000, got {self.capacity}")
 
     def validate(self, core: DHBEConfig) -> None:
         require(self.capacity >= core.batch_size,
