@@ -17,7 +17,7 @@ save_model(s.teacher, Path(sys.argv[1]) / "teacher", "small-cnn", s.bundle.spec,
 PY
 ray start --head --num-cpus 2 --port "$port" --temp-dir "$work/ray" --include-dashboard=false --disable-usage-stats >/dev/null
 RAY_ADDRESS="127.0.0.1:$port" python -m deploy.purify "$work/teacher.json" --out "$work/purified" \
-  --storage "$work/storage" --set epochs=1 iters_per_epoch=2 batch_size=16 trigger_bank.warmup_steps=20 \
-  blend_search.warmup_steps=20 blend_search.steps=10
+  --storage "$work/storage" --set epochs=1 iters_per_epoch=2 batch_size=16 perturbations.warmup_steps=20 \
+  perturbations.refresh_steps=10
 python -m defense.evaluate "$work/purified.json" --attack badnets --trigger-size 3 --target 0
 echo "ray cluster smoke ok"

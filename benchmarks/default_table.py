@@ -125,6 +125,8 @@ def main() -> None:
     from defense.cli import field_pairs
 
     overrides = field_pairs(args.set, "--set")
+    if args.force_game and recipe_config(args.recipe, overrides).scan is None:
+        parser.error(f"--force-game needs a recipe with a scan; {args.recipe} has none")
     cases = CASE_SETS[args.cases]
     if args.only:
         cases = [c for c in cases if c.name in args.only]

@@ -151,7 +151,7 @@ def test_lambda_steps_to_lam_after_once_its_share_of_the_epochs_is_done():
     ("perturbations.patch_copies", "0", "patch_copies"), ("perturbations.refresh_success", "0", "refresh_success"),
     ("nope.field", "1", "unknown DHBE extension 'nope'"), ("perturbations.depth", "1", "unknown DHBE extension 'perturbations' field"),
     ("student_ema", "perhaps", "takes on or off"), ("sample_pool.capacity", "1000000000000", "sample_pool.capacity"),
-    ("perturbations.bank_size", "1000000000", "bank_size"), ("perturbations.refresh_steps", "1e9", "refresh_steps"),
+    ("perturbations.bank_size", "1000000000", "bank_size"), ("perturbations.perturbed_share", "0.001", "perturbs no row"), ("perturbations.refresh_steps", "1e9", "refresh_steps"),
 ])
 def test_every_override_is_typed_and_validated_with_a_message_naming_it(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -124,14 +124,26 @@ def invert_masks(model: nn.Module, pool: ScanSamples, num_classes: int, steps: i
 
 
 def invert_blend_patterns(model: nn.Module, pool: ScanSamples, classes: Sequence[int], ratio: float, steps: int,
-                          lr: float, start: Optional[torch.Tensor] = None) -> MaskInversion:
+                          lr: float, start: Optional[torch.Tensor] = None, max_images: int = 1024) -> MaskInversion:
     """Per class k in `classes`, all at once: the pattern p_k in [0, 1] that, blended in at `ratio`,
     (1 - ratio) x + ratio p_k, sends the samples to k (Adam on its cross-entropy; a blended trigger is
     the whole image at a small ratio, a form the mask inversion's small masks miss). `start`: patterns
-    to go on from (default flat grey). The mask of every class is the constant `ratio`."""
+    to go on from (default flat grey). The mask of every class is the constant `ratio`. Memory: at most
+    `max_images` images per forward pass (more classes are inverted in groups)."""
+    class_ids = list(classes)
+    group = max(1, max_images // len(pool.batch(0)))
+    parts = [_invert_blend_group(model, pool, class_ids[first:first + group], ratio, steps, lr,
+                                 None if start is None else start[first:first + group])
+             for first in range(0, len(class_ids), group)]
+    return MaskInversion(*(torch.cat(values) for values in zip(
+        *((p.areas, p.concentrations, p.hit_rates, p.masks, p.patterns) for p in parts))))
+
+
+def _invert_blend_group(model: nn.Module, pool: ScanSamples, class_ids: list[int], ratio: float, steps: int,
+                        lr: float, start: Optional[torch.Tensor]) -> MaskInversion:
     like = pool.batch(0)
     device = like.device
-    targets = torch.tensor(list(classes), device=device)
+    targets = torch.tensor(class_ids, device=device)
     raw = (torch.zeros(len(targets), *like.shape[1:], device=device) if start is None
            else _logit(start.to(device))).requires_grad_(True)
     optimiser = torch.optim.Adam([raw], lr=lr)

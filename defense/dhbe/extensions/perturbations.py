@@ -89,6 +89,11 @@ class PerturbationsConfig(ExtensionConfig):
         require(0 < self.perturbed_share <= 1,
                 f"perturbations.perturbed_share is a fraction in (0, 1], got {self.perturbed_share}")
 
+    def validate(self, core) -> None:
+        rows = int(self.perturbed_share * core.batch_size)
+        require(rows >= 1, f"perturbations.perturbed_share {self.perturbed_share} perturbs no row of a batch of "
+                           f"{core.batch_size}")
+
     def build(self, trainer: Any) -> Extension:
         return Perturbations(self)
 
@@ -116,8 +121,12 @@ class Bank:
         return {"rows": [kept.clone() for kept in self.rows]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("rows"):
-            self.rows = tuple(state["rows"])
+        rows = state.get("rows")
+        if rows:
+            require(len(rows) == len(self.rows) and all(
+                isinstance(r, torch.Tensor) and r.shape[1:] == kept.shape[1:] for r, kept in zip(rows, self.rows)),
+                "a checkpoint's trigger bank does not fit this game")
+            self.rows = tuple(r.to(kept) for r, kept in zip(rows, self.rows))
 
 
 def evenly_spread(rows: int, share: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -246,7 +255,7 @@ class Perturbations(Extension):
     def setup(self, trainer) -> None:
         self.sources: list = [GpPatches(self.config, trainer)]
         report = trainer.scan_report
-        if self.config.scan_triggers and report is not None and report.triggers:
+        if self.config.scan_triggers and report is not None and report.triggers and report.samples is not None:
             self.sources.append(ScanTriggers(self.config, trainer))
         if self.config.blend_patterns and report is not None and report.suspects and report.samples is not None:
             self.sources.append(BlendPatterns(self.config, trainer))
@@ -285,7 +294,8 @@ class Perturbations(Extension):
         return found
 
     def state_dict(self) -> dict[str, Any]:
-        return {source.name: {"bank": source.bank.state_dict(), "refreshes": getattr(source, "refreshes", 0)}
+        return {source.name: {"bank": source.bank.state_dict(), "refreshes": getattr(source, "refreshes", 0),
+                              "success": getattr(source, "success_on_student", None)}
                 for source in self.sources}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -294,3 +304,4 @@ class Perturbations(Extension):
                 source.bank.load_state_dict(state[source.name]["bank"])
                 if hasattr(source, "refreshes"):
                     source.refreshes = state[source.name]["refreshes"]
+                    source.success_on_student = state[source.name].get("success")
