@@ -83,7 +83,7 @@ def official_iteration(t: DHBETrainer) -> list[float]:
 
 def project_iteration(t: DHBETrainer) -> list[float]:
     t.student.train()
-    losses = [t.student_step()[0] for _ in range(t.config.student_steps)]
+    losses = [float(t.student_step()[0]) for _ in range(t.config.student_steps)]
     t.generator_step()
     t.trigger_step()
     return losses
