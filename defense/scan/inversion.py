@@ -114,13 +114,8 @@ def invert_masks(model: nn.Module, pool: ScanSamples, num_classes: int, steps: i
     forward pass: with more classes than fit, they are inverted in groups (the same maths: every
     class's trigger has its own parameters and loss)."""
     class_ids = list(range(num_classes)) if classes is None else list(classes)
-    group = max(1, max_images // len(pool.batch(0)))
-    parts = [_invert_mask_group(model, pool, class_ids[first:first + group], steps, lr, cost, success,
-                                None if start is None else (start[0][first:first + group],
-                                                            start[1][first:first + group]))
-             for first in range(0, len(class_ids), group)]
-    return MaskInversion(*(torch.cat(values) for values in zip(
-        *((p.areas, p.concentrations, p.hit_rates, p.masks, p.patterns) for p in parts))))
+    return _in_groups(pool, class_ids, max_images, lambda ids, part: _invert_mask_group(
+        model, pool, ids, steps, lr, cost, success, None if start is None else (start[0][part], start[1][part])))
 
 
 def invert_blend_patterns(model: nn.Module, pool: ScanSamples, classes: Sequence[int], ratio: float, steps: int,
@@ -130,11 +125,16 @@ def invert_blend_patterns(model: nn.Module, pool: ScanSamples, classes: Sequence
     the whole image at a small ratio, a form the mask inversion's small masks miss). `start`: patterns
     to go on from (default flat grey). The mask of every class is the constant `ratio`. Memory: at most
     `max_images` images per forward pass (more classes are inverted in groups)."""
-    class_ids = list(classes)
-    group = max(1, max_images // len(pool.batch(0)))
-    parts = [_invert_blend_group(model, pool, class_ids[first:first + group], ratio, steps, lr,
-                                 None if start is None else start[first:first + group])
-             for first in range(0, len(class_ids), group)]
+    return _in_groups(pool, list(classes), max_images, lambda ids, part: _invert_blend_group(
+        model, pool, ids, ratio, steps, lr, None if start is None else start[part]))
+
+
+def _in_groups(pool: ScanSamples, class_ids: list[int], max_images: int, invert_group) -> MaskInversion:
+    """`invert_group(ids, part)` over groups of classes small enough that a forward pass holds at most
+    `max_images` images (`part`: the group's slice of the classes, for their starts), joined in order."""
+    size = max(1, max_images // len(pool.batch(0)))
+    parts = [invert_group(class_ids[first:first + size], slice(first, first + size))
+             for first in range(0, len(class_ids), size)]
     return MaskInversion(*(torch.cat(values) for values in zip(
         *((p.areas, p.concentrations, p.hit_rates, p.masks, p.patterns) for p in parts))))
 

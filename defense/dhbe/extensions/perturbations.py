@@ -180,14 +180,17 @@ class ScanTriggers:
 
     name = "scan_triggers"
 
-    def __init__(self, config: PerturbationsConfig, trainer) -> None:
+    def __init__(self, config: PerturbationsConfig, trainer, samples: ScanSamples) -> None:
         self.config, report = config, trainer.scan_report
         self.targets = [t.target for t in report.triggers]
-        self.samples = report.samples.to(trainer.device)
+        self.samples = samples
         self.bank = Bank(64 * max(len(self.targets), 1),
                          torch.stack([t.mask for t in report.triggers]).to(trainer.device),
                          torch.stack([t.pattern for t in report.triggers]).to(trainer.device))
         self.refreshes, self.success_on_student = 0, None
+
+    def fill(self, trainer) -> None:
+        """The bank starts with the scan's triggers, as found: nothing to search before the game."""
 
     def stamp(self, trainer, x: torch.Tensor, patches: torch.Tensor, use: str) -> torch.Tensor:
         cfg, rng, n, device = self.config, trainer.rng, len(x), x.device
@@ -208,7 +211,7 @@ class ScanTriggers:
     def refresh(self, trainer) -> None:
         """Neural Cleanse on S from the latest triggers, on the scan's own samples."""
         cfg = self.config
-        found = invert_masks(trainer.student, ScanSamples(self.samples), trainer.spec.num_classes, cfg.refresh_steps,
+        found = invert_masks(trainer.student, self.samples, trainer.spec.num_classes, cfg.refresh_steps,
                              cfg.refresh_lr, cfg.refresh_cost, cfg.refresh_success, classes=self.targets,
                              start=self.bank.latest(len(self.targets)))
         self.bank.add(found.masks, found.patterns)
@@ -223,10 +226,10 @@ class BlendPatterns:
 
     name = "blend_patterns"
 
-    def __init__(self, config: PerturbationsConfig, trainer) -> None:
+    def __init__(self, config: PerturbationsConfig, trainer, samples: ScanSamples) -> None:
         self.config, report = config, trainer.scan_report
         self.targets = list(report.suspects)
-        self.samples = ScanSamples(report.samples.to(trainer.device))
+        self.samples = samples
         self.bank = Bank(64 * len(self.targets), torch.zeros(0, *trainer.spec.shape, device=trainer.device))
         self.refreshes, self.success_on_student = 0, None
 
@@ -255,15 +258,18 @@ class Perturbations(Extension):
     def setup(self, trainer) -> None:
         self.sources: list = [GpPatches(self.config, trainer)]
         report = trainer.scan_report
-        if self.config.scan_triggers and report is not None and report.triggers and report.samples is not None:
-            self.sources.append(ScanTriggers(self.config, trainer))
-        if self.config.blend_patterns and report is not None and report.suspects and report.samples is not None:
-            self.sources.append(BlendPatterns(self.config, trainer))
+        if report is None or report.samples is None:
+            return
+        samples = ScanSamples(report.samples.to(trainer.device))   # one copy, shared by the suspects' sources
+        if self.config.scan_triggers and report.triggers:
+            self.sources.append(ScanTriggers(self.config, trainer, samples))
+        if self.config.blend_patterns and report.suspects:
+            self.sources.append(BlendPatterns(self.config, trainer, samples))
 
     def probe(self, trainer) -> None:
-        """Before the game: the sources that search T fill their banks (once; a resumed game has them)."""
+        """Before the game: each source with an empty bank fills it (once; a resumed game has them)."""
         for source in self.sources:
-            if not len(source.bank) and hasattr(source, "fill") and (source.name != "patches" or self.config.warmup_steps):
+            if not len(source.bank):
                 source.fill(trainer)
 
     def epoch_start(self, trainer) -> None:
