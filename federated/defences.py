@@ -63,24 +63,32 @@ def flame_combine(updates: np.ndarray, noise: float, rng: np.random.Generator) -
 
 
 def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
-    """FoolsGold's per-client weights in [0, 1] from the clients' summed update histories."""
+    """FoolsGold's per-client weights in [0, 1] from the clients' summed update histories (the paper's
+    Algorithm 1: max similarity to another client, pardoning, 1 - max, rescaling, the logit).
+
+    Where the paper's arithmetic is undefined it is made so, not guessed: a client's own similarity
+    never enters its maximum (the official code's `cs - eye` leaves 0 there, which beats every
+    negative similarity), and pardoning (cs_ij *= v_i / v_j when v_j > v_i) is applied only for
+    v_j > 0, the case the paper meant (a client resembling a sybil); a zero history is similar to
+    nobody; 1 - cos below 1e-12 is rounding, so identical histories weigh 0, not (rescaled) 1."""
     n = len(histories)
     if n < 2:
         return np.ones(n)
-    similarity = cosine_similarity(histories.astype(np.float64)) - np.eye(n)
+    similarity = cosine_similarity(histories.astype(np.float64))
+    np.fill_diagonal(similarity, -np.inf)
     top = similarity.max(axis=1)
-    for i in range(n):  # pardoning: an honest client that resembles a sybil is not punished as one
-        for j in range(n):
-            if i != j and top[i] < top[j]:
-                similarity[i, j] *= top[i] / top[j]
+    pardon = (top[None, :] > top[:, None]) & (top[None, :] > 0)
+    ratio = np.divide(top[:, None], top[None, :], out=np.ones((n, n)), where=pardon)
+    similarity = np.where(pardon, similarity * ratio, similarity)
     weights = np.clip(1.0 - similarity.max(axis=1), 0.0, 1.0)
+    weights[weights < 1e-12] = 0.0    # identical histories: rounding in the cosine, not dissimilarity
     if weights.max() > 0:
         weights = weights / weights.max()
-    weights[weights == 1.0] = 0.99
-    with np.errstate(divide="ignore"):
-        weights = kappa * (np.log(weights / (1.0 - weights)) + 0.5)
-    weights[np.isposinf(weights)] = 1.0
-    return np.clip(np.nan_to_num(weights, nan=0.0, neginf=0.0), 0.0, 1.0)
+    weights[weights >= 1.0] = 0.99
+    logit = np.full(n, -np.inf)
+    positive = weights > 0
+    logit[positive] = np.log(weights[positive] / (1.0 - weights[positive]))
+    return np.clip(kappa * (logit + 0.5), 0.0, 1.0)
 
 
 def robust_lr_combine(updates: np.ndarray, weights: np.ndarray, threshold: int) -> Combined:

@@ -2,7 +2,9 @@
 
 A reply is accepted only in the one layout aggregation expects, and is rebuilt in it (`ReplyChecker.normalise`):
 - exactly two records: an ArrayRecord "arrays" with exactly the global model's keys, shapes and dtypes,
-  only finite values, and an update norm ||L - G|| of at most `max_relative_norm` * ||G||; and a
+  only finite values, and an update norm ||L - G|| of at most `max_relative_norm` * ||G|| and above
+  zero as float32 arithmetic sees it (a model sent back unchanged, or changed only below float32's
+  range, carries no training, and Flower's clipping divides by that norm); and a
   MetricRecord "metrics" with exactly the keys `METRIC_KEYS`: "client-id" an integer in
   0..clients-1 (one per node for the whole run, and one node per id) and "num-examples" an integer
   in 1..`MAX_EXAMPLES`;
@@ -52,7 +54,7 @@ def check_arrays(record: Any, reference: dict[str, np.ndarray], max_relative_nor
     missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
     if missing or extra:
         raise RejectedReply(f"keys differ (missing {sorted(missing)[:2]}, extra {sorted(map(repr, extra))[:2]})")
-    squared_update, squared_global = 0.0, 0.0
+    squared_update, squared_global, native_norms = 0.0, 0.0, []
     for key, ref in reference.items():
         value = arrays[key]
         if value.shape != ref.shape:
@@ -63,12 +65,17 @@ def check_arrays(record: Any, reference: dict[str, np.ndarray], max_relative_nor
             if not np.isfinite(value).all():
                 raise RejectedReply(f"{key}: non-finite values")
             squared_update += float(np.square(value.astype(np.float64) - ref.astype(np.float64)).sum())
+            with np.errstate(under="ignore", over="ignore"):   # the norm as the aggregations compute it
+                native_norms.append(float(np.linalg.norm((value - ref).ravel())))
             squared_global += float(np.square(ref.astype(np.float64)).sum())
         elif not np.array_equal(value, ref):
             raise RejectedReply(f"{key}: integer state differs from the global model's")
     norm, reference_norm = math.sqrt(squared_update), math.sqrt(squared_global)
     if not math.isfinite(norm) or norm > max_relative_norm * max(reference_norm, 1e-12):
         raise RejectedReply(f"update norm {norm:.3g} exceeds {max_relative_norm} x global norm {reference_norm:.3g}")
+    if norm == 0 or math.sqrt(sum(n * n for n in native_norms)) == 0:
+        raise RejectedReply(f"update norm {norm:.3g} is zero in {next(iter(reference.values())).dtype} "
+                            f"(the global model sent back unchanged): no training to aggregate")
     return arrays
 
 

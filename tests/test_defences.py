@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from federated.defences import (Flame, FoolsGold, RobustLR, flame_combine, foolsgold_weights,
@@ -48,6 +50,36 @@ def test_foolsgold_gives_sybils_no_weight_and_honest_clients_full_weight():
     sybils = sybil + 0.01 * rng.normal(size=(3, 100))      # three sybils pushing one direction
     weights = foolsgold_weights(np.vstack([honest, sybils]))
     assert (weights[6:] < 0.05).all() and (weights[:6] > 0.9).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 10_000), st.sampled_from(["random", "opposite", "zero", "identical", "orthogonal"]))
+def test_foolsgold_weights_follow_the_paper_on_any_update_geometry(n, seed, geometry):
+    """Weights in [0, 1], no division by zero or NaN on any geometry; clients that resemble nobody
+    (opposite pairs, orthogonal, a zero history) keep full weight, identical ones get none. The
+    official code's `cs - eye` let a client's own 0 into its maximum and pardoning divide by it:
+    an honest client of an opposite pair got weight 0."""
+    rng = np.random.default_rng(seed)
+    histories = rng.normal(size=(n, 30))
+    if geometry == "opposite":
+        histories[1] = -histories[0] * rng.uniform(0.1, 10)
+        histories = histories[:2]
+    elif geometry == "zero":
+        histories[0] = 0.0
+    elif geometry == "identical":
+        histories[:] = histories[0]
+    elif geometry == "orthogonal":
+        histories = np.eye(n, 30) * rng.uniform(0.1, 10, size=(n, 1))
+    with np.errstate(all="raise"):
+        weights = foolsgold_weights(histories)
+    assert weights.shape == (len(histories),) and np.isfinite(weights).all()
+    assert ((0 <= weights) & (weights <= 1)).all()
+    if geometry in ("opposite", "orthogonal"):
+        assert (weights == 1.0).all(), weights
+    if geometry == "identical":
+        assert (weights == 0.0).all(), weights
+    if geometry == "zero":
+        assert weights[0] == 1.0, weights
 
 
 def test_robust_lr_flips_the_learning_rate_where_signs_do_not_agree():

@@ -9,10 +9,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from federated.strategies import ObservedStrategy
+from defense.errors import ConfigError
+from federated.config import SimulationConfig
+from federated.strategies import AGGREGATIONS, ObservedStrategy, build_strategy
 from federated.validation import MAX_EXAMPLES, RejectedReply, ReplyChecker
 
 REFERENCE = {"conv.weight": torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0)),
@@ -39,7 +41,8 @@ def nearby(scale=0.01, seed=0) -> dict:
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in REFERENCE.items()}
 
 
-ARRAY_CORRUPTIONS = ["nan", "inf", "-inf", "shape", "dtype", "missing", "extra", "huge", "scalar", "empty"]
+ARRAY_CORRUPTIONS = ["nan", "inf", "-inf", "shape", "dtype", "missing", "extra", "huge", "scalar", "empty",
+                     "unchanged", "below-float32"]
 LAYOUT_CORRUPTIONS = ["no-arrays", "no-metrics", "metrics-as-config", "extra-arrays", "extra-metrics",
                       "extra-config", "arrays-as-metrics", "nothing"]
 METRIC_CORRUPTIONS = ["missing-key", "extra-key", "id-nan", "id-inf", "id-negative", "id-too-large", "id-float",
@@ -72,6 +75,10 @@ def hostile(draw):
         arrays[key] = torch.full_like(arrays[key], draw(st.floats(1e3, 1e30)) * draw(st.sampled_from([-1, 1])))
     elif kind == "scalar":
         arrays[key] = torch.tensor(draw(st.floats(-1, 1)))
+    elif kind == "unchanged":          # the global model sent back: an update of norm zero
+        arrays = dict(REFERENCE)
+    elif kind == "below-float32":      # a change whose square vanishes in float32 (norm 0 there, > 0 in float64)
+        arrays = {k: v + 1e-30 for k, v in REFERENCE.items()}
     elif kind == "empty":
         return kind, RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(good_metrics)})
     if kind in ARRAY_CORRUPTIONS:
@@ -121,7 +128,7 @@ def test_every_hostile_reply_is_rejected_with_a_reason(case):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(0.0, 0.5), st.integers(0, 10_000), st.integers(1, MAX_EXAMPLES), st.integers(0, CLIENTS - 1))
+@given(st.floats(1e-6, 0.5), st.integers(0, 10_000), st.integers(1, MAX_EXAMPLES), st.integers(0, CLIENTS - 1))
 def test_valid_replies_are_rebuilt_with_the_servers_weight(scale, seed, examples, client_id):
     content, cid = checker().normalise(reply(nearby(scale, seed), examples, client_id), node=3)
     assert cid == client_id
@@ -216,3 +223,64 @@ def test_one_accepted_reply_moves_the_aggregate_by_at_most_its_share_of_the_boun
 def test_a_round_with_no_valid_reply_keeps_the_global_model():
     strategy = observed()
     assert strategy.aggregate_train(1, [Reply(reply({"x": torch.zeros(1)}))]) == (None, None)
+
+
+UPDATE_KINDS = ["normal", "unchanged", "below-float32", "at-the-bound", "identical", "opposite", "tiny"]
+
+
+def extreme_replies(kinds: list[str], seed: int) -> list[RecordDict]:
+    """One reply per client: a plain update, the global model sent back, a change float32 cannot
+    square, an update at the norm bound, a copy of the previous client's update, its negation, or a
+    change of 1e-6 of the global norm."""
+    updates: list[dict] = []
+    for i, kind in enumerate(kinds):
+        previous = updates[-1] if updates else {k: torch.zeros_like(v) for k, v in REFERENCE.items()}
+        if kind == "normal":
+            update = {k: v - REFERENCE[k] for k, v in nearby(0.05, seed + i).items()}
+        elif kind == "unchanged":
+            update = {k: torch.zeros_like(v) for k, v in REFERENCE.items()}
+        elif kind == "below-float32":
+            update = {k: torch.full_like(v, 1e-30) for k, v in REFERENCE.items()}
+        elif kind == "at-the-bound":
+            update = {k: v - REFERENCE[k] for k, v in far_update(seed + i).items()}
+        elif kind == "identical":
+            update = previous
+        elif kind == "opposite":
+            update = {k: -v for k, v in previous.items()}
+        else:
+            update = {k: v - REFERENCE[k] for k, v in nearby(1e-6 * REF_NORM, seed + i).items()}
+        updates.append(update)
+    return [reply({k: REFERENCE[k] + u[k] for k in REFERENCE}, SIZES[i], client_id=i) for i, u in enumerate(updates)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(AGGREGATIONS)), st.lists(st.sampled_from(UPDATE_KINDS), min_size=1, max_size=CLIENTS),
+       st.integers(0, 2), st.integers(0, 1000))
+def test_no_valid_but_extreme_reply_raises_inside_any_aggregation(aggregation, kinds, malicious, seed):
+    """Every --aggregation, fed replies that pass or fail the checker at its edges (zero, below
+    float32, at the bound, identical, opposite): the round aggregates to finite arrays in the global
+    layout or keeps the global model; a zero update is rejected with its reason, never divided by."""
+    try:
+        config = SimulationConfig(clients=CLIENTS, malicious=malicious, aggregation=aggregation, max_update_norm=BOUND)
+    except ConfigError:       # e.g. Bulyan's 4f + 3 clients: refused before a run starts
+        assume(False)
+    strategy = ObservedStrategy(build_strategy(config), checker(), lambda server_round: frozenset())
+    arrays = ArrayRecord(dict(REFERENCE))
+    strategy.expect(arrays)
+    inner = strategy.inner          # what configure_train keeps of the global model (it needs a live Grid)
+    if hasattr(inner, "current_arrays"):
+        inner.current_arrays = arrays
+    if hasattr(inner, "global_arrays"):
+        inner.global_arrays = arrays
+    replies = [Reply(c, metadata=node(i)) for i, c in enumerate(extreme_replies(kinds, seed))]
+    with np.errstate(divide="raise", invalid="raise"):
+        result, _ = strategy.aggregate_train(1, replies)
+    zero = sum(kind in ("unchanged", "below-float32") or (kind in ("identical", "opposite") and i and kinds[i - 1] in
+               ("unchanged", "below-float32")) for i, kind in enumerate(kinds))
+    assert strategy.rounds[1]["updates_rejected"] >= zero
+    assert all("zero" in r["reason"] for r in strategy.rejections)
+    if result is not None:
+        assert sorted(result.keys()) == sorted(REFERENCE)
+        for key, ref in REFERENCE.items():
+            value = result[key].numpy()
+            assert value.shape == tuple(ref.shape) and np.isfinite(value).all(), key
