@@ -58,6 +58,40 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
         pq.write_table(table, tmp)
 
 
+def _refuse_links(root: Path) -> None:
+    """A folder to resume is read and written in place: it and its `models/` must be real folders and
+    hold no links, or a crafted folder could make resume read or delete files elsewhere."""
+    if not root.is_dir() or root.is_symlink():
+        raise ConfigError(f"{root} is not a run folder (not a plain folder)")
+    models = root / "models"
+    if models.is_symlink() or (models.exists() and not models.is_dir()):
+        raise ConfigError(f"{root}: models is not a plain folder inside the run (a link or a file); refusing to resume")
+    for folder in (root, models) if models.exists() else (root,):
+        for entry in folder.iterdir():
+            if entry.is_symlink():
+                raise ConfigError(f"{root}: {entry.relative_to(root)} is a link; a run folder holds none, refusing to resume")
+
+
+def _check_round_model(path: Path, loaded: LoadedModel, model_name: str, spec: InputSpec,
+                       experiment: Optional[dict]) -> None:
+    """A round model of the run being resumed must be of the run's network and input spec, and carry the
+    run's experiment record (an A3FL run's record differs only in the trigger values it learned)."""
+    if loaded.model_name != model_name:
+        raise ConfigError(f"{path} holds a {loaded.model_name}, the run's config a {model_name}")
+    if loaded.spec != spec:
+        differs = [k for k, v in spec.to_dict().items() if loaded.spec.to_dict().get(k) != v]
+        raise ConfigError(f"{path} is for another input spec than the run's config ({', '.join(differs) or 'spec'} differ)")
+    record = loaded.manifest.get("experiment")
+    if experiment is not None and record is not None:
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}: its experiment record is not an object")
+        mine = {k: v for k, v in experiment.items() if k != "patch_values"}
+        theirs = {k: v for k, v in record.items() if k != "patch_values"}
+        differs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differs:
+            raise ConfigError(f"{path}: its experiment record differs from the run's config in {', '.join(differs[:5])[:200]}")
+
+
 class RunFolder:
     def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,
                  experiment: Optional[dict] = None, fresh: bool = True) -> None:
@@ -85,6 +119,7 @@ class RunFolder:
         folder that is complete or whose files do not fit one another."""
         import pyarrow.parquet as pq
 
+        _refuse_links(root)
         status = _read_json(root / "status.json", "status.json")
         if status.get("state") == "complete":
             raise ConfigError(f"{root} holds a complete run: nothing to resume")
@@ -105,17 +140,16 @@ class RunFolder:
                 loaded = load_model(path)
             except ConfigError:
                 break
-            if loaded.model_name != model_name:
-                raise ConfigError(f"{path} holds a {loaded.model_name}, the run's config a {model_name}")
+            _check_round_model(path, loaded, model_name, spec, experiment)
             kept.append({k: v for k, v in row.items() if not k.startswith(("purified_", "purify_", "lifespan_"))})
             last_model = loaded
         run = cls(root, config, model_name, spec, quiet, experiment, fresh=False)
         run.rows = kept
-        for stale in (root / "models").glob("round-*.json"):
-            number = stale.stem.split("-", 1)[1]
-            if not number.isdigit() or int(number) > len(kept):   # later rounds, and names no round has
+        for stale in (root / "models").glob("round-*"):   # later rounds' files, by the names this class writes
+            number, dot, suffix = stale.name[len("round-"):].partition(".")
+            if (number.isdigit() and len(number) >= 3 and dot and suffix in ("json", "safetensors")
+                    and int(number) > len(kept) and stale.is_file() and not stale.is_symlink()):
                 stale.unlink()
-                stale.with_suffix(".safetensors").unlink(missing_ok=True)
         if kept:
             write_parquet(root / "metrics.parquet", kept, ROUND_COLUMNS)
         run.set_status("running", resumed_after_round=len(kept))
