@@ -20,6 +20,7 @@ from defense.dhbe import Recipe, cpu_recipe, plain_adversarial_distillation, pur
 from defense.registry import Registry
 from defense.spec import InputSpec, require
 from defense.training import TrainConfig, train_classifier
+from defense.errors import shown
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def defend(name: str, model: nn.Module, spec: InputSpec, clean: Optional[Split],
            config: DefenceConfig = DefenceConfig()) -> nn.Module:
     defence = DEFENCES.get(name)
     require(not defence.needs_clean_data or (clean is not None and len(clean) >= 2),
-            f"defence {name!r} needs a clean set held by the server")
+            f"defence {shown(name)} needs a clean set held by the server")
     torch.manual_seed(config.seed)
     return defence.run(copy.deepcopy(model), spec, clean if defence.needs_clean_data else None, config).eval()
 

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, one_line, shown
+from defense.fields import MAX_SEED
 
 EXIT_USAGE = 2
 
@@ -26,7 +27,7 @@ def field_pairs(words: Sequence[str], flag: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for word in words:
         if "=" not in word:
-            raise ConfigError(f"{flag} expects FIELD=VALUE, got {word!r}")
+            raise ConfigError(f"{flag} expects FIELD=VALUE, got {shown(word)}")
         key, value = word.split("=", 1)
         pairs[key] = value
     return pairs
@@ -71,8 +72,6 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-MAX_SEED = 2**31 - 1
-
 
 def seed_value(text: str) -> int:
     value = int(text)
@@ -82,15 +81,23 @@ def seed_value(text: str) -> int:
 
 
 SYSTEM_TREES = ("/proc", "/sys", "/dev")
+WRITABLE_UNDER_SYSTEM_TREES = ("/dev/shm",)   # a tmpfs for files, not a device tree
+MAX_NAME_BYTES = 240
 
 
 def writable_destination(path: str | Path, flag: str = "--out") -> Path:
-    """`path` (to be created) checked before any work: not inside /proc, /sys or /dev, and its
+    """`path` (to be created) checked before any work: not inside /proc, /sys or /dev (/dev/shm is
+    allowed), no name in it longer than the file system takes, and its
     nearest existing ancestor a folder this process can really write in (tried with a temporary
     file: root passes every permission check). Returns the absolute path."""
     target = Path(path).expanduser().absolute()
+    too_long = next((part for part in target.parts if len(part.encode()) > MAX_NAME_BYTES), None)
+    if too_long is not None:
+        raise ConfigError(f"{flag}: the name {shown(too_long, 40)} is longer than {MAX_NAME_BYTES} bytes (file "
+                          "systems take 255, and the atomic writer's temporary name adds 15)")
     resolved = target.resolve()
-    if any(resolved == Path(tree) or Path(tree) in resolved.parents for tree in SYSTEM_TREES):
+    inside = lambda tree: resolved == Path(tree) or Path(tree) in resolved.parents
+    if any(map(inside, SYSTEM_TREES)) and not any(map(inside, WRITABLE_UNDER_SYSTEM_TREES)):
         raise ConfigError(f"{flag} {path}: not inside a system folder ({', '.join(SYSTEM_TREES)})")
     ancestor = target.parent
     while not ancestor.exists():
@@ -125,12 +132,17 @@ def json_line(value) -> str:
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,
              argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Run `main`; a ConfigError (bad value, bad file) becomes one stderr line and exit code 2."""
+    """Run `main`; a ConfigError (bad value, bad file) becomes one stderr line and exit code 2; an
+    OSError of the machine (disk full, a folder removed under the run) one line and exit code 1."""
     try:
         code = main(argv)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         code = EXIT_USAGE
+    except OSError as exc:
+        where = f" ({shown(str(exc.filename), 120)})" if exc.filename else ""
+        print(f"{prog}: error: {one_line(exc.strerror or type(exc).__name__)}{where}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130

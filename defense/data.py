@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.registry import Registry
 from defense.spec import InputSpec, require
 
@@ -126,17 +126,23 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
             raise ConfigError(f"{path} is not a readable CIFAR batch: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise ConfigError(f"{path} is not a CIFAR batch (missing b'data' or {label_key!r})")
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(batch[label_key], dtype=np.int64)
+    data, labels = batch[b"data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ConfigError(f"{path} is not a CIFAR batch: b'data' must be an N x 3072 uint8 array")
+    if isinstance(labels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        labels = np.array(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != (len(data),):
+        raise ConfigError(f"{path} is not a CIFAR batch: {label_key!r} must be {len(data)} integers")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _find_folder(data_dir: Optional[Path], subfolder: str, required: list[str], dataset: str) -> Path:
     if data_dir is None:
-        raise ConfigError(f"data set {dataset!r} needs --data-dir holding {', '.join(required)}")
+        raise ConfigError(f"data set {shown(dataset)} needs --data-dir holding {', '.join(required)}")
     for candidate in (data_dir, data_dir / subfolder):
         if all(_existing(candidate / name) for name in required):
             return candidate
-    raise ConfigError(f"data set {dataset!r}: {data_dir} must hold {', '.join(required)} (directly or in {subfolder}/)")
+    raise ConfigError(f"data set {shown(dataset)}: {data_dir} must hold {', '.join(required)} (directly or in {subfolder}/)")
 
 
 def _existing(path: Path) -> Optional[Path]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from defense.cli import ArgumentParser, add_trigger_arguments, json_line, run_main
+from defense.cli import ArgumentParser, add_trigger_arguments, json_line, run_main, seed_value
 from defense.data import DATASETS
 from defense.scenario import model_file_scenario
 
@@ -16,7 +16,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("model", help="model file (.json manifest, .safetensors, or weights-only .pt)")
     parser.add_argument("--dataset", default=None, choices=DATASETS.names(), help="default: the record's")
     parser.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
-    parser.add_argument("--trigger-seed", type=int, default=None, help="seed of the trigger pattern (blended)")
+    parser.add_argument("--trigger-seed", type=seed_value, default=None, help="seed of the trigger pattern (blended)")
     add_trigger_arguments(parser, from_record=True)
     return parser
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Optional
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.fields import coerce_fields
-from defense.spec import InputSpec, require
+from defense.spec import MAX_CLASSES, InputSpec, require
 from defense.triggers import ATTACKS, Trigger, TriggerConfig, make_trigger
 
 PATCH_ATTACKS = ("badnets", "dba")
@@ -36,8 +36,8 @@ class Experiment:
     written_by: str = ""             # the tool that planted the backdoor
 
     def __post_init__(self) -> None:
-        require(self.attack in ATTACKS, f"unknown attack {self.attack!r}; choose one of: {', '.join(ATTACKS.names())}")
-        require(self.target >= 0, f"target must be >= 0, got {self.target}")
+        require(self.attack in ATTACKS, f"unknown attack {shown(self.attack)}; choose one of: {', '.join(ATTACKS.names())}")
+        require(0 <= self.target < MAX_CLASSES, f"target must be in 0..{MAX_CLASSES - 1}, got {shown(self.target)}")
         require(0 <= self.poison_rate <= 1, f"poison rate must be in [0, 1], got {self.poison_rate}")
         require(4 <= self.image_size <= 512, f"image size must be in 4..512, got {self.image_size}")
         require(self.patch_values is None or self.attack in PATCH_ATTACKS,

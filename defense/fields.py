@@ -8,7 +8,9 @@ import math
 import typing
 from typing import Any, Mapping, Optional
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
+
+MAX_SEED = 2**31 - 1   # every seed field and flag: 0..MAX_SEED
 
 
 def coerce_fields(cls: type, values: Mapping[str, Any], label: Optional[str] = None) -> dict[str, Any]:
@@ -20,7 +22,7 @@ def coerce_fields(cls: type, values: Mapping[str, Any], label: Optional[str] = N
     out = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown {label} field {key!r}; known: {', '.join(sorted(known)) or 'none'}")
+            raise ConfigError(f"unknown {label} field {shown(key)}; known: {', '.join(sorted(known)) or 'none'}")
         out[key] = _coerce(hints[key], value, f"{label} field {key}")
     return out
 
@@ -59,4 +61,4 @@ def _coerce(kind: Any, value: Any, what: str) -> Any:
     else:
         raise ConfigError(f"{what} has an unsupported type {kind}")
     name = getattr(kind, "__name__", str(kind))
-    raise ConfigError(f"{what} expects a {name}, got {value!r}")
+    raise ConfigError(f"{what} expects a {name}, got {shown(value)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+                f"unknown {self.kind} {shown(name)}; choose one of: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> list[str]:

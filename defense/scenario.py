@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from defense.data import DataBundle, load_dataset
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.experiment import Experiment, experiment_of
 from defense.metrics import evaluate_backdoor
 from defense.modelio import load_model, save_model
@@ -85,7 +85,7 @@ def model_file_scenario(path: str | Path, overrides: Optional[Mapping[str, Any]]
     bundle = load_dataset(experiment.dataset, data_dir, image_size=spec.height)
     if bundle.spec.shape != spec.shape or bundle.spec.num_classes != spec.num_classes:
         raise ConfigError(f"model expects {spec.shape} inputs and {spec.num_classes} classes; "
-                          f"data set {experiment.dataset!r} gives {bundle.spec.shape} and {bundle.spec.num_classes}")
+                          f"data set {shown(experiment.dataset)} gives {bundle.spec.shape} and {bundle.spec.num_classes}")
     if not 0 <= experiment.target < spec.num_classes:
         raise ConfigError(f"--target must be in 0..{spec.num_classes - 1}, got {experiment.target}")
     source = "the file's record" if recorded is not None else "defaults (the file has no record)"

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from defense.data import Split
+from defense.errors import shown
+from defense.fields import MAX_SEED
 from defense.registry import Registry
 from defense.spec import InputSpec, require
 
@@ -44,7 +46,7 @@ def patch_pattern(name: str, size: int, channels: int) -> torch.Tensor:
     """A patch trigger's pattern: `checkerboard` (today's default; the DHBE code's `tri2` at 3x3),
     `tri1` (its inverse, the DHBE code's default `tri1_3x3`: [[0,1,0],[1,0,1],[0,1,0]]) or `white`
     (BackdoorBench's plain white square)."""
-    require(name in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {name!r}")
+    require(name in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {shown(name)}")
     board = checkerboard(size, channels)
     return {"checkerboard": board, "tri1": 1.0 - board, "white": torch.ones_like(board)}[name]
 
@@ -159,13 +161,15 @@ class TriggerConfig:
                                                 # place of the named pattern (an optimised trigger: A3FL)
 
     def __post_init__(self) -> None:
-        require(self.pattern in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {self.pattern!r}")
+        require(self.pattern in PATTERNS, f"trigger pattern must be one of {', '.join(PATTERNS)}, got {shown(self.pattern)}")
         require(self.values is None or all(0.0 <= v <= 1.0 for v in self.values),
                 "a patch trigger's pixel values must lie in [0, 1]")
-        require(self.place in PLACES, f"trigger place must be one of {', '.join(PLACES)}, got {self.place!r}")
+        require(self.place in PLACES, f"trigger place must be one of {', '.join(PLACES)}, got {shown(self.place)}")
         require(1 <= self.trigger_size <= 7, f"trigger size must be in 1..7, got {self.trigger_size}")
         require(0 < self.blend_alpha < 1, f"blend alpha must be in (0, 1), got {self.blend_alpha}")
         require(0 < self.sig_delta <= 1, f"SIG delta must be in (0, 1], got {self.sig_delta}")
+        require(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
+                f"trigger seed must be in 0..{MAX_SEED}, got {shown(self.seed)}")
 
 
 TriggerFactory = Callable[[InputSpec, TriggerConfig], Trigger]

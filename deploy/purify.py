@@ -49,12 +49,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     if out.suffix in (".json", ".safetensors"):
         out = out.with_suffix("")
+    writable_destination(out.with_suffix(".safetensors"))   # names the file system takes, a folder one can write in
     if out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder; name the output model file (OUT.json and OUT.safetensors)")
     for written in (out.with_suffix(".json"), out.with_suffix(".safetensors")):
         if written.exists():
             raise ConfigError(f"--out: {written} already exists")
-    writable_destination(out.with_suffix(".json"))
     if args.storage is not None:
         writable_destination(Path(args.storage) / "x", "--storage")
     local_cpus = os.cpu_count() or 1

@@ -9,6 +9,7 @@ import numpy as np
 
 from defense.spec import require
 from defense.triggers import PATTERNS
+from defense.errors import shown
 
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "clip", "dp", "flame",
                 "foolsgold", "rlr")
@@ -84,7 +85,7 @@ class SimulationConfig:
         require(self.attack_from_round >= 1, f"--attack-rounds must start at round >= 1, got {self.attack_from_round}")
         require(self.attack_until_round == 0 or self.attack_until_round >= self.attack_from_round,
                 f"--attack-rounds K:L needs L >= K, got {self.attack_from_round}:{self.attack_until_round}")
-        require(self.attacker in ATTACKERS, f"--attacker must be one of {', '.join(ATTACKERS)}, got {self.attacker!r}")
+        require(self.attacker in ATTACKERS, f"--attacker must be one of {', '.join(ATTACKERS)}, got {shown(self.attacker)}")
         require(0 < self.neurotoxin_top_k < 1, f"--neurotoxin-top-k must be in (0, 1), got {self.neurotoxin_top_k}")
         require(self.attacker != "a3fl" or self.attack == "badnets",
                 f"--attacker a3fl optimises a patch: it needs --attack badnets, got {self.attack}")
@@ -94,7 +95,7 @@ class SimulationConfig:
         require(0 <= self.sample <= self.clients, f"--sample must be in 0..{self.clients} (--clients), got {self.sample}")
         require(self.sample == 0 or self.sample >= 2, f"--sample must be >= 2 (or 0: every client), got {self.sample}")
         require(self.trigger_pattern in PATTERNS,
-                f"--trigger-pattern must be one of {', '.join(PATTERNS)}, got {self.trigger_pattern!r}")
+                f"--trigger-pattern must be one of {', '.join(PATTERNS)}, got {shown(self.trigger_pattern)}")
         require(self.boost >= 1, f"--boost must be >= 1, got {self.boost}")
         require(self.aggregation in AGGREGATIONS, f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
         require(0 < self.trimmed_beta < 0.5, f"--trimmed-beta must be in (0, 0.5), got {self.trimmed_beta}")
@@ -109,7 +110,7 @@ class SimulationConfig:
         require(self.cpus_per_client > 0, f"cpus per client must be > 0, got {self.cpus_per_client}")
         require(self.max_update_norm > 0, f"--max-update-norm must be > 0, got {self.max_update_norm}")
         require(self.client_weighting in WEIGHTINGS,
-                f"--client-weighting must be one of {', '.join(WEIGHTINGS)}, got {self.client_weighting!r}")
+                f"--client-weighting must be one of {', '.join(WEIGHTINGS)}, got {shown(self.client_weighting)}")
         require(0 < self.node_wait_s <= 86_400, f"--node-wait must be in (0, 86400] s, got {self.node_wait_s}")
         require(self.round_timeout_s > 0, f"--round-timeout must be > 0, got {self.round_timeout_s}")
         require(0 <= self.client_failure_rate < 1, f"client failure rate must be in [0, 1), got {self.client_failure_rate}")

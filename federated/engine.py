@@ -1,6 +1,8 @@
 """Runs the Flower apps on Flower's simulation engine (Ray backend), one CPU per client actor."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from pathlib import Path
@@ -107,6 +109,7 @@ def run_federated(config: SimulationConfig, out: Path, spec: InputSpec, purify: 
         comparison = hook.finish() if hook else None
         run.finish(comparison)
     except BaseException as exc:
-        run.set_status("incomplete", reason=f"{type(exc).__name__}: {exc}"[:300])
+        with contextlib.suppress(OSError):   # a full disk or a removed folder: the last status written stays
+            run.set_status("incomplete", reason=f"{type(exc).__name__}: {exc}"[:300])
         raise
     return run

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from defense.spec import require
+from defense.errors import shown
 
 
 def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -37,4 +38,4 @@ def partition(kind: str, labels: torch.Tensor, num_clients: int, alpha: float, s
         return iid_partition(len(labels), num_clients, seed)
     if kind == "dirichlet":
         return dirichlet_partition(labels, num_clients, alpha, seed)
-    raise ValueError(f"unknown partition {kind!r}")
+    raise ValueError(f"unknown partition {shown(kind)}")

@@ -4,6 +4,7 @@ Everything is written atomically (temporary name, then rename); `status.json` sa
 completed, so an interrupted run is recognisable and never leaves a half-written file."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from defense.fileio import atomic_path, atomic_write_json, atomic_write_text
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.modelio import LoadedModel, load_model, read_json_object, save_model
 from defense.dhbe.loop import evidence_line  # noqa: F401  (the run's one line on the evidence)
 from defense.scan.versions import round_model_file
@@ -92,6 +93,10 @@ def _check_round_model(path: Path, loaded: LoadedModel, model_name: str, spec: I
             raise ConfigError(f"{path}: its experiment record differs from the run's config in {', '.join(differs[:5])[:200]}")
 
 
+class RunFolderLost(OSError):
+    """The run folder (its config.json) disappeared while the run was writing into it."""
+
+
 class RunFolder:
     def __init__(self, root: Path, config: dict, model_name: str, spec: InputSpec, quiet: bool = False,
                  experiment: Optional[dict] = None, fresh: bool = True) -> None:
@@ -106,9 +111,17 @@ class RunFolder:
         self.rows: list[dict] = []
         self.extra_columns: list[str] = []
         if fresh:
-            (root / "models").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(root / "config.json", config)
-            self.set_status("running")
+            created = [p for p in (root, root / "models") if not p.exists()]
+            try:
+                (root / "models").mkdir(parents=True, exist_ok=True)
+                atomic_write_json(root / "config.json", config)
+                self.set_status("running")
+            except OSError:   # e.g. a full disk: leave no half-made run folder behind
+                (root / "config.json").unlink(missing_ok=True)
+                for folder in reversed(created):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                raise
 
     @classmethod
     def reopen(cls, root: Path, model_name: str, spec: InputSpec, quiet: bool = False,
@@ -134,7 +147,7 @@ class RunFolder:
         for index, row in enumerate(rows):
             number = row.get("round")
             if number != index + 1:
-                raise ConfigError(f"{root / 'metrics.parquet'}: rounds are not 1, 2, ... (row {index} says {number!r})")
+                raise ConfigError(f"{root / 'metrics.parquet'}: rounds are not 1, 2, ... (row {index} says {shown(number)})")
             path = round_model_file(root, number)
             try:
                 loaded = load_model(path)
@@ -155,8 +168,18 @@ class RunFolder:
         run.set_status("running", resumed_after_round=len(kept))
         return run, last_model
 
+    def _still_there(self) -> None:
+        """Every write checks that the folder is still this run's: a folder removed during the run is
+        not silently recreated (without its config and earlier rounds) and reported complete."""
+        if not (self.root / "config.json").is_file():
+            import errno
+
+            raise RunFolderLost(errno.ENOENT, "the run folder was removed during the run (its config.json is gone); "
+                                "stopped", str(self.root))
+
     def set_status(self, state: str, **details: Any) -> None:
         self.state = state
+        self._still_there()
         atomic_write_json(self.root / "status.json", {"state": state, "rounds_done": len(self.rows), **details})
 
     @property
@@ -164,6 +187,7 @@ class RunFolder:
         return self.state == "complete"
 
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
+        self._still_there()
         self.rows.append(row)
         save_model(model, round_model_file(self.root, row["round"]).with_suffix(""), self.model_name, self.spec,
                    {"tool": "federated.simulate", "round": row["round"]}, experiment=self.experiment)
@@ -185,6 +209,7 @@ class RunFolder:
 
     def write_rejections(self, rejections: list[dict]) -> None:
         """Every rejected client update: round, node and reason."""
+        self._still_there()
         atomic_write_json(self.root / "rejected_updates.json", rejections)
 
     def add_purification(self, before: dict, after: dict, wall_s: float) -> None:
@@ -217,14 +242,17 @@ class RunFolder:
 
     def add_evidence(self, evidence: dict) -> None:
         """What the purification's data-free probes found (evidence.json; a line in the summary)."""
+        self._still_there()
         self.evidence = evidence
         atomic_write_json(self.root / "evidence.json", evidence)
 
     def save_final(self, model: torch.nn.Module, name: str = "final", extra: Optional[dict] = None) -> Path:
+        self._still_there()
         return save_model(model, self.root / f"{name}", self.model_name, self.spec,
                           {"tool": "federated.simulate", "rounds": len(self.rows)}, extra, self.experiment)
 
     def finish(self, comparison: Optional[list[dict]] = None) -> None:
+        self._still_there()
         self._plot_rounds()
         lines = ["# Federated run", "", f"Rounds: {len(self.rows)}. Config: `config.json`. Per-round metrics: "
                  "`metrics.parquet`. Final model: `final.json` (+ `.safetensors`).", "", "![ACC and ASR per round](metrics.png)", ""]

@@ -13,7 +13,7 @@ from defense.cli import (ArgumentParser, add_trigger_arguments, fraction, non_ne
                          positive_int, run_main, seed_value, writable_destination)
 from defense.data import DATASETS
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.models import MODELS
 from federated.config import ATTACKERS, PARTITIONS, WEIGHTINGS, SimulationConfig
 
@@ -26,7 +26,7 @@ def parse_attack_rounds(text: str) -> tuple[int, int]:
     try:
         window = int(first), int(last) if last else 0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all', 'K', 'from:K' or 'K:L', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'all', 'K', 'from:K' or 'K:L', got {shown(text)}") from None
     if window[0] < 1:
         raise argparse.ArgumentTypeError(f"the first attack round must be >= 1, got {window[0]}")
     return window   # L >= K: SimulationConfig's check
@@ -121,11 +121,11 @@ def prepare_out_dir(out: Optional[str]) -> Path:
     from federated.run_folder import fresh_run_dir
 
     path = Path(out) if out else fresh_run_dir()
+    writable_destination(path / "config.json")   # names the file system takes, a folder one can write in
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file, not a folder")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {path} exists and is not empty")
-    writable_destination(path / "config.json")
     return path
 
 

@@ -26,6 +26,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from federated.config import WEIGHTINGS
+from defense.errors import shown
 
 METRIC_KEYS = ("client-id", "num-examples")
 MAX_EXAMPLES = 10**9
@@ -93,7 +94,7 @@ class ReplyChecker:
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"client weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+            raise ValueError(f"client weighting must be one of {', '.join(WEIGHTINGS)}, got {shown(self.weighting)}")
         if self.weighting == "known" and (self.partition_sizes is None or len(self.partition_sizes) != self.clients):
             raise ValueError("client weighting 'known' needs the size of every client's partition")
 

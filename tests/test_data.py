@@ -105,3 +105,27 @@ def test_parquet_bring_your_own(tmp_path):
 
 def test_registry_lists_every_data_set():
     assert {"digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "parquet"} <= set(DATASETS.names())
+
+
+@pytest.mark.parametrize("data", ["objects", "floats", "short-rows", "labels-as-strings"])
+def test_cifar_batches_of_the_wrong_kind_are_one_line_errors(tmp_path, data):
+    """The allow-listing unpickler lets numpy arrays of any dtype through: an object array of bytes
+    (which `np.asarray(..., uint8)` cannot convert), floats, rows of the wrong length and string
+    labels are refused as not a CIFAR batch, not with a numpy traceback."""
+    folder = tmp_path / "c100"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)
+    labels = [1, 2]
+    if data == "objects":
+        images = np.array([bytes(3072), bytes(3072)], dtype=object)
+    elif data == "floats":
+        images = images.astype(np.float64)
+    elif data == "short-rows":
+        images = images[:, :100]
+    else:
+        labels = ["a", "b"]
+    (folder / "train").write_bytes(pickle.dumps({b"data": images, b"fine_labels": labels}, protocol=2))
+    _cifar_batch(folder / "test", 2, b"fine_labels", 100)
+    with pytest.raises(ConfigError, match="not a CIFAR batch"):
+        load_dataset("cifar100", folder)

@@ -109,6 +109,10 @@ def write_results(grid, space: dict[str, list], out: Path) -> str:
         frame = result.metrics_dataframe
         if frame is None or frame.empty:
             continue
+        # Tune records a result, then (a separate step) its checkpoint: an interrupt between the two
+        # makes --resume run that epoch again from the previous checkpoint (bit for bit): one row per
+        # epoch, the latest
+        frame = frame.drop_duplicates("epoch", keep="last")
         frame = frame.assign(trial=index, **{f"config_{k}": v for k, v in config.items()})
         frames.append(frame)
         last = frame.iloc[-1]

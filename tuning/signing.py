@@ -16,7 +16,7 @@ from pathlib import Path
 from defense.errors import UnsafeFileError
 from defense.fileio import atomic_write_json
 
-SIGNATURE_FORMAT = "backdoor-purify-sweep-signature/1"
+SIGNATURE_FORMAT = "backdoor-purify-sweep-signature/2"   # /2: folders, modes and every kind of entry
 KEY_NAME = "sweep-signing.key"
 
 
@@ -27,7 +27,14 @@ def config_dir() -> Path:
 def signing_key(create: bool) -> bytes | None:
     """This user's key (32 random bytes), created on first use when `create`."""
     path = config_dir() / KEY_NAME
+    if path.exists() and (path.is_symlink() or not path.is_file()):
+        raise UnsafeFileError(f"sweep signing key {path} is not a plain file; remove it")
     if path.is_file():
+        status = path.stat()
+        if status.st_mode & 0o077 or (hasattr(os, "getuid") and status.st_uid != os.getuid()):
+            raise UnsafeFileError(f"sweep signing key {path} can be read or changed by others (mode "
+                                  f"{status.st_mode & 0o777:o}); whoever reads it can sign a folder you would "
+                                  f"resume: `chmod 600 {path}` if it is yours, else remove it")
         key = path.read_bytes()
         if len(key) >= 32:
             return key
@@ -43,14 +50,25 @@ def signing_key(create: bool) -> bytes | None:
 
 
 def _digest(folder: Path, key: bytes) -> tuple[str, int]:
+    """The HMAC over every entry under `folder`: each folder's path and mode, each file's path, mode,
+    size and SHA-256. A link, a FIFO, a socket or a device is refused (a folder this project wrote holds
+    none, and reading a FIFO would block)."""
+    import stat
+
     mac = hmac.new(key, SIGNATURE_FORMAT.encode(), hashlib.sha256)
     count = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-        if path.is_symlink():
-            raise UnsafeFileError(f"{path} is a symbolic link; a sweep folder this project wrote holds none")
-        content = hashlib.sha256(path.read_bytes()).hexdigest()
-        mac.update(json.dumps([path.relative_to(folder).as_posix(), path.stat().st_size, content]).encode())
-        count += 1
+    for path in sorted(folder.rglob("*")):
+        status = path.lstat()
+        name, mode = path.relative_to(folder).as_posix(), stat.S_IMODE(status.st_mode)
+        if stat.S_ISDIR(status.st_mode):
+            mac.update(json.dumps(["folder", name, mode]).encode())
+        elif stat.S_ISREG(status.st_mode):
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+            mac.update(json.dumps(["file", name, mode, status.st_size, content]).encode())
+            count += 1
+        else:
+            kind = "a symbolic link" if stat.S_ISLNK(status.st_mode) else "not a plain file or folder"
+            raise UnsafeFileError(f"{path} is {kind}; a sweep folder this project wrote holds none")
     return mac.hexdigest(), count
 
 

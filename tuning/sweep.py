@@ -56,22 +56,20 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
             raise ConfigError(f"model file {args.model} does not exist")
     out = Path(args.out).resolve()
     writable_destination(out / "sweep")
-    if args.model:
-        from defense.modelio import load_model
-
-        load_model(args.model)   # a model the trials cannot load is refused here, not in every trial
     if args.resume and not (out / "sweep").exists():
         raise ConfigError(f"--resume: no sweep to resume in {out}")
     if not args.resume and (out / "sweep").exists():
         raise ConfigError(f"{out} already holds a sweep; pass --resume or another --out")
     from tuning.runner import SweepIncomplete, SweepInterrupted, run_sweep
-    from tuning.trial import trial
+    from tuning.trial import evaluation_scenario, trial
 
     setup = {"model": str(Path(args.model).resolve()) if args.model else None, "attack": args.attack,
              "trigger_size": args.trigger_size, "target": args.target, "dataset": args.dataset,
              "blend_alpha": args.blend_alpha, "place": args.trigger_place, "pattern": args.trigger_pattern,
              "data_dir": args.data_dir, "image_size": args.image_size, "seed": base.dhbe.seed,
              "base": base.to_dict(), "out": str(out), "cache": str(out / "teachers")}
+    if args.model:   # the model, its experiment record and the flags over it, checked once here, not in every trial
+        evaluation_scenario(setup, args.trigger_size)
     out.mkdir(parents=True, exist_ok=True)
     try:
         table = run_sweep(setup, PRESETS[args.preset], args.samples, args.scheduler, out, args.resume,

@@ -30,7 +30,7 @@ def trial(params: dict[str, Any]) -> None:
         evaluator = scenario.evaluate
     else:
         teacher = load_model(setup["model"])
-        evaluator = _evaluator(setup, setup["trigger_size"])
+        evaluator = evaluation_scenario(setup, setup["trigger_size"]).evaluate
     base = Recipe.from_dict(setup["base"])
     dhbe_fields = {k: v for k, v in params.items() if k not in ("setup", "trigger_size")}
     if "student_lr" in dhbe_fields and setup.get("scale_generator_lrs", True):
@@ -49,11 +49,12 @@ def trial(params: dict[str, Any]) -> None:
                   evaluator=evaluator, device=torch.device("cpu"))
 
 
-def _evaluator(setup: dict, trigger_size: Optional[int]):
-    """The experimenter's ACC/ASR of a loaded model file: its experiment record, the sweep's flags over it."""
+def evaluation_scenario(setup: dict, trigger_size: Optional[int]):
+    """The experimenter's view of a loaded model file (its ACC/ASR): its experiment record, the sweep's
+    flags over it, its data set. The sweep builds it once before any trial: a bad record fails there."""
     from defense.scenario import model_file_scenario
 
     overrides = {"attack": setup["attack"], "trigger_size": trigger_size, "target": setup["target"],
                  "dataset": setup["dataset"], "blend_alpha": setup.get("blend_alpha"), "place": setup.get("place"),
                  "pattern": setup.get("pattern")}
-    return model_file_scenario(setup["model"], overrides, setup["data_dir"]).evaluate
+    return model_file_scenario(setup["model"], overrides, setup["data_dir"])

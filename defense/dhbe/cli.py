@@ -3,7 +3,6 @@ a `Recipe`: `deploy.purify`, `tuning.sweep` and the benchmarks call `recipe_from
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ from defense.cli import field_pairs
 from defense.dhbe.config import EXTENSIONS, Recipe
 from defense.dhbe.recipes import DEFAULT_RECIPE, RECIPES, recipe_config
 from defense.errors import ConfigError
+from defense.modelio import read_json_object
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -49,12 +49,7 @@ def recipe_file(path: Path, base: Recipe) -> Recipe:
         raise ConfigError(f"--config {path} does not exist")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"--config {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and set(data) <= {"dhbe", "extensions", "scan"} and {"dhbe", "extensions"} & set(data):
+    data = read_json_object(path, "--config")   # valid, not nested too deeply, an object
+    if set(data) <= {"dhbe", "extensions", "scan"} and {"dhbe", "extensions"} & set(data):
         return Recipe.from_dict(data)
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a JSON object")
     return base.with_overrides(data)

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional
 
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.fields import coerce_fields as _coerce_fields
 from defense.registry import Registry
 from defense.scan.core import ScanConfig
@@ -78,7 +78,7 @@ class DHBEConfig:
         require(self.image_prior_weight >= 0, f"image_prior_weight must be >= 0, got {self.image_prior_weight}")
         require(self.student_weight_decay >= 0, "student_weight_decay must be >= 0")
         require(0 <= self.max_recoveries <= 100, f"max_recoveries must be in 0..100, got {self.max_recoveries}")
-        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {shown(self.precision)}")
 
     @property
     def iterations(self) -> int:
