@@ -2,7 +2,8 @@
 
 Attacks: 3x3 BadNets patch, blended, SIG on digits 16x16 (small CNN); seeds 0..N-1. Data-needing
 defences get the server a clean set of --per-class samples per class from the training split.
-Writes benchmarks/results/compare.md and .json (like the paper's Tables 3 and 6)."""
+Writes STEM.md and STEM.json (like the paper's Tables 3 and 6; --out STEM, default runs/bench/compare;
+the committed table: --out benchmarks/results/compare)."""
 from __future__ import annotations
 
 import argparse
@@ -14,22 +15,24 @@ from pathlib import Path
 import torch
 
 from defense.report import markdown_table
-from benchmarks.tables import cell, group_rows
+from benchmarks.tables import add_out_argument, cell, group_rows, out_file, out_stem
 from defense.baselines import DEFENCES, DefenceConfig, clean_subset, defend
 from defense.dhbe import cpu_recipe
 from defense.fileio import atomic_write_json, atomic_write_text
 from defense.metrics import defence_effectiveness_rating
 from defense.scenario import backdoored_scenario
+from defense.cli import ArgumentParser
 
 KEYS = ("acc", "asr_x1", "asr_x4", "asr_x9", "ra", "der", "wall_s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=10, help="clean samples per class for data-needing defences")
     parser.add_argument("--defences", nargs="*", default=DEFENCES.names())
+    add_out_argument(parser, "compare")
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = DefenceConfig()
@@ -56,9 +59,11 @@ def main() -> None:
     table = summarise(rows, args.per_class)
     print(table)
     if not args.tiny:
-        atomic_write_json(Path("benchmarks/results/compare.json"), rows)
-        atomic_write_text(Path("benchmarks/results/compare.md"), "# Defences side by side (digits 16x16, small CNN)\n\n"
+        stem = out_stem(args)
+        atomic_write_json(out_file(stem, ".json"), rows)
+        atomic_write_text(out_file(stem, ".md"), "# Defences side by side (digits 16x16, small CNN)\n\n"
                           + table + "\n")
+        print(f"wrote {out_file(stem, '.md')} and .json")
 
 
 def summarise(rows: list[dict], per_class: int) -> str:

@@ -6,8 +6,9 @@ record; the purification gets the model and its input spec only, through the sam
 constructor as the CLIs (`recipe_config`), in-process (DHBE's own time, without Ray Train's fixed
 cost); the experimenter then measures ACC/ASR with the record's trigger, also after re-estimating the
 purified model's batch-norm statistics on the clean training images (what a user's AdaBN or fine-tune
-would do; an erasure that lives in the statistics does not survive it: docs/dhbe.md, fifteenth round). Writes
-benchmarks/results/default_table_<cases>.parquet and .md."""
+would do; an erasure that lives in the statistics does not survive it: docs/research/dhbe-log.md, fifteenth round). Writes
+STEM.parquet and STEM.md (--out STEM; default runs/bench/default_table_<cases>; the committed tables:
+--out benchmarks/results/default_table_<cases>). A run with no case (an --only naming none) writes nothing."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from defense.modelio import load_model
 from defense.report import markdown_table
 from defense.scan import scan
 from defense.scenario import model_file_scenario
-
-RESULTS = Path("benchmarks/results")
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
+from defense.errors import ConfigError
 
 
 def forced_report(model, spec, recipe, earlier):
@@ -108,12 +110,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--cases", choices=tuple(CASE_SETS), default="dev")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
-    parser.add_argument("--out", default=None, help="file stem under benchmarks/results")
+    add_out_argument(parser, "default_table_<cases>", (".parquet", ".md"))
     parser.add_argument("--tiny", action="store_true", help="two cases at smoke size (CI)")
     parser.add_argument("--force-game", action="store_true",
                         help="play the game on the scan's highest-scoring class even where it finds no backdoor "
@@ -128,10 +130,13 @@ def main() -> None:
     if args.force_game and recipe_config(args.recipe, overrides).scan is None:
         parser.error(f"--force-game needs a recipe with a scan; {args.recipe} has none")
     cases = CASE_SETS[args.cases]
-    if args.only:
+    if args.only is not None:
         cases = [c for c in cases if c.name in args.only]
     if args.tiny:
         cases = [DEV[0], DEV[2]]
+    if not cases:
+        raise ConfigError(f"--only {' '.join(args.only) or '(no names)'}: no case of --cases {args.cases} has that name "
+                          "(benchmarks/default_cases.py); nothing run, nothing written")
     rows = []
     for case in cases:
         rows.append(run_case(case, args.recipe, args.tiny, overrides, not args.no_history, args.force_game))
@@ -141,13 +146,14 @@ def main() -> None:
     if not args.tiny:
         import pandas as pd
 
-        stem = args.out or f"default_table_{args.cases.replace('-', '_')}"
-        with atomic_path(RESULTS / f"{stem}.parquet") as tmp:
+        stem = out_stem(args, f"default_table_{args.cases.replace('-', '_')}")
+        with atomic_path(out_file(stem, ".parquet")) as tmp:
             pd.DataFrame(rows).to_parquet(tmp, index=False)
         settings = ((f" --set {' '.join(args.set)}" if args.set else "") + (" --no-history" if args.no_history else "")
                     + (" --force-game" if args.force_game else "") + (f" --only {' '.join(args.only)}" if args.only else ""))
-        atomic_write_text(RESULTS / f"{stem}.md", f"# `{args.recipe}` purification, {args.cases} cases "
+        atomic_write_text(out_file(stem, ".md"), f"# `{args.recipe}` purification, {args.cases} cases "
                           f"(`python -m benchmarks.default_table --cases {args.cases}{settings}`)\n\n" + table + "\n")
+        print(f"wrote {out_file(stem, '.md')} and .parquet")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ of the same model files is timed in the same run, after this tree's (a worktree 
 
 The phases are the defence's own records: the scan's `seconds_by_stage` and the game's
 `seconds_by_phase` (defense/dhbe/game.py clocks its warm-up and refreshes, student, G and Gp steps and
-diagnostics); nothing is wrapped from outside. Writes benchmarks/results/<stem>.md (a table per case)
-and prints it."""
+diagnostics); nothing is wrapped from outside. Writes STEM.md (a table per case; --out STEM, default
+runs/bench/default_time; the committed table: --out benchmarks/results/default_time) and prints it."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +26,9 @@ from defense.modelio import load_model
 from defense.report import markdown_table
 from defense.scan.versions import run_folder_versions
 from defense.scenario import model_file_scenario
-
-RESULTS = Path("benchmarks/results")
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
+from defense.errors import ConfigError
 
 
 REFERENCE = """
@@ -86,14 +87,14 @@ def time_case(name: str, overrides: dict, tiny: bool = False) -> tuple[list[list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", default=None, help="case names (benchmarks/default_cases.py); "
                         "default blended0.2-fedavg unless --run is given")
     parser.add_argument("--run", nargs="*", default=[], metavar="RUN_FOLDER",
                         help="federated run folders: the final model and the earlier ones the hook weighs")
     parser.add_argument("--compare", default=None, metavar="REF", help="a commit whose default purification to time beside")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--out", default="default_time")
+    add_out_argument(parser, "default_time", (".md",))
     parser.add_argument("--tiny", action="store_true", help="one case at smoke size, printed, not written")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -104,6 +105,8 @@ def main() -> None:
     unknown = [name for name in (args.only or []) if by_name(name) is None]
     if unknown:
         parser.error(f"unknown case(s): {', '.join(unknown)} (benchmarks/default_cases.py names them)")
+    if not names:
+        raise ConfigError("no case and no run folder given (--only CASE ... or --run RUN_FOLDER ...); nothing written")
     command = " ".join(["python -m benchmarks.default_time", *(["--only", *args.only] if args.only else []),
                         *(["--run", *args.run] if args.run else []), *(["--compare", args.compare] if args.compare else []),
                         *(["--set", *args.set] if args.set else [])])
@@ -126,7 +129,9 @@ def main() -> None:
                       f"{wall:.1f} s, **{ref['seconds'] / wall:.1f}x faster**.", ""]
         print("\n".join(lines[-len(rows) - 6:]), flush=True)
     if not args.tiny:
-        atomic_write_text(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
+        out = out_file(out_stem(args), ".md")
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The attack x in-training defence x purification matrix:
 
-    python -m benchmarks.defence_matrix [--attacks ...] [--aggregations ...] [--seeds N] [--no-purify] [--tiny]
+    python -m benchmarks.defence_matrix [--attacks ...] [--aggregations ...] [--seeds N] [--no-purify] [--out STEM] [--tiny]
 
 Each cell is one federated run through the project's engine (Flower's simulation, Ray backend; 10
 clients, 20 rounds, attackers poison in rounds 1..15 so the backdoor's lifespan after the attack is
@@ -10,8 +10,9 @@ record; as in the simulation's purification hook, the verdict also weighs the ru
 rounds 5, 10 and 15. A cell whose global model carries no backdoor (ASR x1 < 50%) is not purified; its purified row
 says `skipped: no backdoor`, it is not dropped.
 
-Writes benchmarks/results/defence_matrix.parquet (one row per attack, aggregation, seed and
-purified), defence_matrix.md and defence_matrix.png (ASR x1 heatmaps before and after purification).
+Writes STEM.parquet (one row per attack, aggregation, seed and purified), STEM.md and STEM.png (ASR x1
+heatmaps before and after purification); STEM is --out, default runs/bench/defence_matrix (the committed
+table: --out benchmarks/results/defence_matrix).
 DER is reported in both ASR forms: `der_all` from BackdoorBench's (asr_all_x1: every non-target test
 image), the form BackdoorBench's tables use, and `der` from DHBE's (asr_x1: those the model gets
 right when clean)."""
@@ -31,8 +32,10 @@ from benchmarks.default_cases import MATRIX_ATTACKS, cell_config, earlier_model_
 from defense.fileio import atomic_path, atomic_write_text
 from defense.metrics import defence_effectiveness_rating
 from defense.report import figure, markdown_table
+from benchmarks.tables import BENCH_RUNS, COMMITTED, add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
-RESULTS = Path("benchmarks/results")
+RESULTS = COMMITTED
 
 AGGREGATIONS = ("fedavg", "multikrum", "median", "trimmed-mean", "clip", "flame", "foolsgold", "rlr")
 EXCLUDING = ("flame", "foolsgold")   # in-training defences that give some updates no weight
@@ -120,7 +123,9 @@ def heatmap(rows: list[dict], attacks: list[str], aggregations: list[str], path:
     with figure(path, figsize=(1.5 + 0.75 * len(aggregations) * len(panels_wanted), 1.2 + 0.6 * len(attacks))) as ax:
         fig = ax.figure
         fig.clf()
-        panels = np.atleast_1d(fig.subplots(1, len(panels_wanted), sharey=True))
+        axes = np.atleast_1d(fig.subplots(1, len(panels_wanted) + 1,
+                                          gridspec_kw={"width_ratios": [1.0] * len(panels_wanted) + [0.04]}))
+        panels, bar_axis = axes[:-1], axes[-1]
         for ax, purified in zip(panels, panels_wanted):
             grid = np.full((len(attacks), len(aggregations)), np.nan)
             labels = np.full(grid.shape, "", dtype=object)
@@ -132,34 +137,41 @@ def heatmap(rows: list[dict], attacks: list[str], aggregations: list[str], path:
                     grid[i, j], labels[i, j] = 100 * r["asr_x1"], f"{100 * r['asr_x1']:.0f}"
                 else:
                     labels[i, j] = "skip" if str(r.get("status", "")).startswith("skipped") else "n/a"
-            ax.imshow(grid, vmin=0, vmax=100, cmap="Reds")
-            for (i, j), label in np.ndenumerate(labels):
-                ax.text(j, i, label, ha="center", va="center", fontsize=7)
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="Reds")
+            for (i, j), label in np.ndenumerate(labels):   # white on dark cells, black on light ones
+                dark = grid[i, j] == grid[i, j] and grid[i, j] > 55
+                ax.text(j, i, label, ha="center", va="center", fontsize=7, color="white" if dark else "black")
             ax.set_xticks(range(len(aggregations)), aggregations, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(attacks)), attacks, fontsize=7)
             ax.set_title(f"ASR x1 % {'after purification' if purified else 'after training'}", fontsize=8)
+        fig.colorbar(image, cax=bar_axis, label="ASR x1 %")
 
 
-def redraw(stem: str = "defence_matrix") -> None:
-    """The heatmap again from a written table (`python -c 'from benchmarks.defence_matrix import redraw; redraw()'`)."""
+def redraw(stem: str = "defence_matrix", out: Optional[Path] = None) -> Path:
+    """The heatmap again from a committed table, benchmarks/results/STEM.parquet, drawn into OUT.png (default
+    runs/bench/STEM.png; out=Path("benchmarks/results/STEM") redraws the committed one):
+    `python -c 'from benchmarks.defence_matrix import redraw; redraw()'`."""
     import pandas as pd
 
-    table = pd.read_parquet(RESULTS / f"{stem}.parquet")
+    table = pd.read_parquet(out_file(RESULTS / stem, ".parquet"))
     rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
             for row in table.to_dict("records")]
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     aggregations = list(dict.fromkeys(r["aggregation"] for r in rows))
-    heatmap(rows, attacks, aggregations, RESULTS / f"{stem}.png")
+    path = out_file(out if out is not None else BENCH_RUNS / stem, ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heatmap(rows, attacks, aggregations, path)
+    return path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=list(MATRIX_ATTACKS), choices=list(MATRIX_ATTACKS))
     parser.add_argument("--aggregations", nargs="+", default=list(AGGREGATIONS), choices=list(AGGREGATIONS))
     parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (seed s also sets target s mod 10)")
     parser.add_argument("--no-purify", action="store_true", help="only the trained models (no purified rows)")
     parser.add_argument("--recipe", default="default", help="the purification's recipe")
-    parser.add_argument("--out", default="defence_matrix", help="file stem under benchmarks/results")
+    add_out_argument(parser, "defence_matrix", (".parquet", ".md", ".png"))
     parser.add_argument("--tiny", action="store_true", help="3 attacks x 2 aggregations at smoke size (CI), not written")
     args = parser.parse_args()
     if not 1 <= args.seeds <= 10:
@@ -183,13 +195,15 @@ def main() -> None:
         return
     import pandas as pd
 
-    with atomic_path(RESULTS / f"{args.out}.parquet") as tmp:
+    stem = out_stem(args)
+    with atomic_path(out_file(stem, ".parquet")) as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp, index=False)
-    heatmap(rows, attacks, aggregations, RESULTS / f"{args.out}.png")
+    heatmap(rows, attacks, aggregations, out_file(stem, ".png"))
     command = " ".join(["python -m benchmarks.defence_matrix", *sys.argv[1:]])
-    atomic_write_text(RESULTS / f"{args.out}.md", f"# Attack x defence x purification (`{command}`)\n\n"
+    atomic_write_text(out_file(stem, ".md"), f"# Attack x defence x purification (`{command}`)\n\n"
                       f"{len(rows)} rows, {args.seeds} seed(s), wall time {total:.0f} s on this machine.\n\n"
-                      f"![ASR x1 heatmaps]({args.out}.png)\n\n" + table + "\n")
+                      f"![ASR x1 heatmaps]({stem.name}.png)\n\n" + table + "\n")
+    print(f"wrote {out_file(stem, '.md')}, .parquet and .png")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Trains the main command's federation (`federated.simulate --malicious 2`: FedAvg, 10 clients, 2 of
 them poisoning half their data with the 3x3 patch) for each federation seed, without purification,
 then purifies its global model with the `cpu` and the `federated` recipes (defense.dhbe.RECIPES) for
-each DHBE seed. Writes benchmarks/results/dhbe_federated.md and .json."""
+each DHBE seed. Writes STEM.md and STEM.json (--out STEM, default runs/bench/dhbe_federated; the
+committed tables: --out benchmarks/results/dhbe_federated...)."""
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.dhbe_table import KEYS, summarise
-from defense.cli import field_pairs
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser, field_pairs
 from defense.data import load_dataset
 from defense.dhbe import RECIPES, purify, recipe_config, smoke_sized
 from defense.fileio import atomic_write_json, atomic_write_text
 from defense.scenario import model_file_scenario
 from federated.config import SimulationConfig
-
-RESULTS = Path("benchmarks/results")
 
 
 def federated_global_model(seed: int, folder: Path, rounds: int) -> Path:
@@ -35,13 +35,13 @@ def federated_global_model(seed: int, folder: Path, rounds: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--federations", type=int, default=2, help="federation seeds 0..N-1")
     parser.add_argument("--seeds", type=int, default=3, help="DHBE seeds 0..N-1")
     parser.add_argument("--recipes", nargs="+", default=["cpu", "federated"], choices=RECIPES.names())
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override fields of every recipe")
-    parser.add_argument("--out", default=str(RESULTS / "dhbe_federated"), help="writes OUT.md and OUT.json")
+    add_out_argument(parser, "dhbe_federated")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,9 +71,11 @@ def main() -> None:
     print(table)
     if not args.tiny:
         recipes_used = {name: recipe.to_dict() for name, recipe in recipes.items()}
-        atomic_write_json(Path(args.out + ".json"), {"recipes": recipes_used, "rows": rows})
-        atomic_write_text(Path(args.out + ".md"), "# DHBE on federated global models (digits 16x16, small CNN)\n\n"
+        stem = out_stem(args)
+        atomic_write_json(out_file(stem, ".json"), {"recipes": recipes_used, "rows": rows})
+        atomic_write_text(out_file(stem, ".md"), "# DHBE on federated global models (digits 16x16, small CNN)\n\n"
                           + table + "\n")
+        print(f"wrote {out_file(stem, '.md')} and .json")
 
 
 if __name__ == "__main__":

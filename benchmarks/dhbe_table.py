@@ -3,8 +3,8 @@
 For each attack (3x3 BadNets patch, blended) and seed, a centrally poisoned small CNN on digits
 16x16 is purified with a recipe (default `cpu`), with the same recipe without its regularisers
 (distillation alone), and with the paper's ablation (lambda = 0, G adversarial again); `--variants`
-picks some of them. Writes benchmarks/results/STEM.md and .json (default STEM dhbe_table; mean and
-spread over seeds)."""
+picks some of them. Writes STEM.md and STEM.json (mean and spread over seeds; --out STEM, default
+runs/bench/dhbe_table; the committed tables: --out benchmarks/results/dhbe_table...)."""
 from __future__ import annotations
 
 import json
@@ -18,11 +18,10 @@ from defense.cli import ArgumentParser, run_main
 from defense.dhbe import plain_adversarial_distillation, purify, smoke_sized, without_regularisers
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.fileio import atomic_write_json, atomic_write_text
-from benchmarks.tables import cell, group_rows
+from benchmarks.tables import add_out_argument, cell, group_rows, out_file, out_stem
 from defense.report import markdown_table
 from defense.scenario import backdoored_scenario
 
-RESULTS = Path("benchmarks/results")
 KEYS = ("acc", "asr_x1", "asr_x4", "asr_x9")
 
 
@@ -72,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--attacks", nargs="+", choices=("badnets", "blended"), default=["badnets", "blended"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     add_recipe_arguments(parser)
-    parser.add_argument("--out", default="dhbe_table", help="file stem under benchmarks/results")
+    add_out_argument(parser, "dhbe_table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = recipe_from_args(args)
@@ -85,8 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = summarise(rows)
     print(table)
     if not args.tiny:
-        atomic_write_json(RESULTS / f"{args.out}.json", {"recipe": recipe.to_dict(), "rows": rows})
-        atomic_write_text(RESULTS / f"{args.out}.md", f"# DHBE ({label}) on digits 16x16 (small CNN)\n\n" + table + "\n")
+        stem = out_stem(args)
+        atomic_write_json(out_file(stem, ".json"), {"recipe": recipe.to_dict(), "rows": rows})
+        atomic_write_text(out_file(stem, ".md"), f"# DHBE ({label}) on digits 16x16 (small CNN)\n\n" + table + "\n")
+        print(f"wrote {out_file(stem, '.md')} and .json")
     return 0
 
 

@@ -6,14 +6,15 @@ away) and (c) with the sample pool as well (the student steps draw G's samples a
 a pool the G and Gp steps fill: no G or T forward per student step; this changes the maths, and
 its quality is measured in benchmarks/results/dhbe_table_cpu_pool.md). Same model, batch, seed, config.
 
-    python -m benchmarks.dhbe_throughput [--iterations N] [--sample-pool N] [--tiny] [--bf16]
+    python -m benchmarks.dhbe_throughput [--iterations N] [--sample-pool N] [--out STEM] [--tiny] [--bf16]
 
 Each side runs in its own process (peak RSS per side), every side once per round, 5 rounds. Writes
-benchmarks/results/dhbe_throughput.json: official_it_per_s, project_it_per_s and speedup (median of
+STEM.json (--out STEM, default runs/bench/dhbe_throughput; the committed one: --out
+benchmarks/results/dhbe_throughput): official_it_per_s, project_it_per_s and speedup (median of
 the per-round ratios) of (c), and under `exact_maths` those of (b) with the first iteration's
 student losses of (a) and (b) (equal to float precision: NHWC convolutions sum in another order).
 `--bf16` runs (b) under CPU bfloat16 autocast (a lever that changes the maths; written to
-dhbe_throughput_bf16.json, never over the main result)."""
+STEM_bf16.json, never over the main result)."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,9 @@ from defense.dhbe.losses import total_variation_l2
 from defense.fileio import atomic_write_json
 from defense.generators import paste_patches
 from defense.models import build_model
+from benchmarks.tables import add_out_argument, out_file, out_stem
 from defense.spec import InputSpec
+from defense.cli import ArgumentParser
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
 
@@ -127,14 +129,15 @@ def relative_difference(a: list[float], b: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the sides, each side once per round")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default="small-cnn")
     parser.add_argument("--sample-pool", type=int, default=2560, help="the pooled side's pool (samples)")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="the project's side under bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="the project's side under bfloat16 autocast (writes STEM_bf16.json)")
+    add_out_argument(parser, "dhbe_throughput", (".json",))
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The official structure: per-batch placement, no BN prior; generators sized for the CPU.
@@ -184,8 +187,9 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if not args.tiny:
-        name = "dhbe_throughput_bf16.json" if args.bf16 else "dhbe_throughput.json"
-        atomic_write_json(Path("benchmarks/results") / name, result)
+        out = out_file(out_stem(args), "_bf16.json" if args.bf16 else ".json")
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

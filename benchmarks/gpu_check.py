@@ -13,7 +13,9 @@ tree, no Ray, no Flower, no pytest (the device machine has none of them).
     python -m benchmarks.gpu_check OUT [--device cuda] [--dry-run]
     python -m benchmarks.gpu_check OUT --cpu-reference      # the CPU figures it is compared with
 
-`--dry-run`: every step at a tiny size on the CPU (CI, under 3 minutes). Writes OUT/gpu_check.json."""
+`--dry-run`: every step at a tiny size on the CPU (CI, under 3 minutes). Writes OUT/gpu_check.json;
+`--cpu-reference` writes OUT/gpu_check_cpu_reference.json (`_bf16` with --precision bf16), never the
+committed reference it is compared with: to update that, copy the file into benchmarks/results/."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ from defense.device_check import DeviceDiscipline
 from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_write_json
 from defense.scenario import backdoored_scenario
+from defense.cli import ArgumentParser
 
 PROJECT = Path(__file__).resolve().parents[1]
 CPU_REFERENCE = PROJECT / "benchmarks" / "results" / "gpu_check_cpu_reference.json"
@@ -75,12 +78,13 @@ def default_purification(device: str, scenario, dry_run: bool, precision: str = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("out")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--cpu-reference", action="store_true",
-                        help="only the default purification, on this CPU, into the committed CPU reference")
+                        help="only the default purification, on this CPU: OUT/gpu_check_cpu_reference.json "
+                             "(the committed one, benchmarks/results/gpu_check_cpu_reference.json, is read, not written)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="with --cpu-reference: the precision of that purification (bf16 writes its own file)")
     args = parser.parse_args()
@@ -89,9 +93,12 @@ def main() -> None:
         scenario = backdoored_scenario("badnets", 16, 3, 0.1, target=0, seed=0, epochs=30, cache=Path(args.out) / "teachers")
         reference = {"device": "cpu", "threads": 2, "torch": torch.__version__,
                      **default_purification("cpu", scenario, dry_run=False, precision=args.precision)}
-        target = CPU_REFERENCE if args.precision == "fp32" else CPU_REFERENCE.with_name(f"{CPU_REFERENCE.stem}_{args.precision}.json")
+        suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+        target = Path(args.out) / f"{CPU_REFERENCE.stem}{suffix}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(target, reference)
         print(json.dumps(reference))
+        print(f"wrote {target}")
         return
     device = "cpu" if args.dry_run else args.device
     out = Path(args.out)

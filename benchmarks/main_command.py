@@ -1,11 +1,11 @@
 """The README's main command, end to end, on several seeds, against the project's bar:
-`python -m benchmarks.main_command [--seeds 0 1 2] [--out FILE] [--tiny]`.
+`python -m benchmarks.main_command [--seeds 0 1 2] [--out STEM] [--tiny]`.
 
 Each seed runs `python -m federated.simulate --malicious 2 --seed S` as a user would (a fresh process:
 federated training, then the default purification on Ray Train), timed from outside; the experimenter
 then measures the final and the purified global model with the run's own experiment record (ACC, ASR
-x1/x4/x9, RA). The bar: ASR x1 <= 5%, x9 <= 10%, ACC drop <= 2 points. Writes a Markdown table
-(default runs/bench/main_command.md; the committed one is benchmarks/results/main_command.md)."""
+x1/x4/x9, RA). The bar: ASR x1 <= 5%, x9 <= 10%, ACC drop <= 2 points. Writes a Markdown table,
+STEM.md (--out STEM, default runs/bench/main_command; the committed one: --out benchmarks/results/main_command)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +18,10 @@ from pathlib import Path
 from defense.fileio import atomic_write_text
 from defense.report import markdown_table
 from defense.scenario import model_file_scenario
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
+from defense.metrics import bar_outcome
 
-BAR = {"asr_x1": 0.05, "asr_x9": 0.10, "acc_drop": 0.02}
 TINY = ["--rounds", "2", "--purify-set", "epochs=1", "iters_per_epoch=1", "batch_size=16",
         "perturbations.warmup_steps=2", "perturbations.refresh_steps=2", "scan.generator_steps=2",
         "scan.mask_steps=2", "scan.pool_batches=1", "scan.batch_size=4"]
@@ -36,7 +38,7 @@ def run_seed(seed: int, folder: Path, tiny: bool) -> dict:
     b, a = before.evaluate(before.teacher), after.evaluate(after.teacher)
     verdict = next((line for line in (folder / "summary.md").read_text().splitlines() if line.startswith("scan:")), "")
     drop = b["acc"] - a["acc"]
-    met = a["asr_x1"] <= BAR["asr_x1"] and (a["asr_x9"] or 0) <= BAR["asr_x9"] and drop <= BAR["acc_drop"]
+    met, _ = bar_outcome(b, a)
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
     return {"row": [seed, f"{wall:.0f}", f"{pct(b['acc'])} -> {pct(a['acc'])}", f"{100 * drop:.1f}",
                     f"{pct(b['asr_x1'])} -> {pct(a['asr_x1'])}", pct(a["asr_x4"]), f"{pct(b['asr_x9'])} -> {pct(a['asr_x9'])}",
@@ -45,11 +47,10 @@ def run_seed(seed: int, folder: Path, tiny: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.main_command", description=__doc__,
+    parser = ArgumentParser(prog="python -m benchmarks.main_command", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (default: 0 1 2)")
-    parser.add_argument("--out", default="runs/bench/main_command.md",
-                        help="Markdown file to write (default: runs/bench/main_command.md)")
+    add_out_argument(parser, "main_command", (".md",))
     parser.add_argument("--tiny", action="store_true", help="one seed, 2 rounds, a seconds-long purification (CI)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.tiny else args.seeds
@@ -68,10 +69,11 @@ def main() -> int:
              f"Bar met on {sum(r['met'] for r in results)} of {len(results)}. Scan verdicts:", "",
              *[f"- seed {seed}: {r['verdict']}" for seed, r in zip(seeds, results)]]
     if not args.tiny:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = out_file(out_stem(args), ".md")
         atomic_write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not args.tiny:
+        print(f"wrote {out}")
     return 0
 
 

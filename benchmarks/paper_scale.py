@@ -3,10 +3,12 @@
 iteration of the official loop's structure and of the project's loop (benchmarks/dhbe_throughput.py
 defines both), and what the paper's 15,000 iterations would take.
 
-    python -m benchmarks.paper_scale [--device cpu|cuda] [--iterations N] [--warmup N] [--tiny]
+    python -m benchmarks.paper_scale [--device cpu|cuda] [--iterations N] [--warmup N] [--out STEM] [--tiny]
 
-Writes benchmarks/results/paper_scale.json and adds this device's rows to paper_scale.md (rows of
-another device are kept; a device never measured is marked so)."""
+Writes STEM.json and STEM.md (--out STEM, default runs/bench/paper_scale; the committed table: --out
+benchmarks/results/paper_scale): this device's rows replace its earlier ones, the rows of another device
+are kept (read from STEM.json where it exists, else from the committed benchmarks/results/paper_scale.json),
+and a device never measured is marked so."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +16,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,8 +25,10 @@ from defense.fileio import atomic_write_json, atomic_write_text
 from defense.models import build_model
 from defense.report import markdown_table
 from defense.spec import InputSpec
+from benchmarks.tables import COMMITTED, add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
-RESULTS = Path("benchmarks/results")
+RESULTS = COMMITTED
 PAPER_ITERATIONS = 15_000   # 300 epochs x 50 iterations (the official code)
 SIDES = ("official", "project", "project-bf16")   # the last: the project's loop under bf16 autocast (logits fp32)
 CIFAR = InputSpec(3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -64,13 +67,13 @@ def device_name(device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=0, help="untimed iterations first (GPU: 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI); writes nothing")
-    parser.add_argument("--out", default=str(RESULTS / "paper_scale"), help="writes OUT.json and OUT.md")
+    add_out_argument(parser, "paper_scale", (".json", ".md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -84,11 +87,12 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.tiny:
         return
-    out = Path(args.out)
-    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    out = out_stem(args)
+    earlier = next((path for path in (out_file(out, ".json"), RESULTS / "paper_scale.json") if path.exists()), None)
+    previous = json.loads(earlier.read_text()) if earlier is not None else []
     kept = [r for r in previous if r["device"] != rows[0]["device"]]
     table = kept + rows
-    atomic_write_json(out.with_suffix(".json"), table)
+    atomic_write_json(out_file(out, ".json"), table)
     lines = ["# DHBE at the paper's scale (ResNet-18, 32x32 RGB, batch 256, official settings)", "",
              "`python -m benchmarks.paper_scale --device DEVICE`: seconds per iteration (5 student steps, one G "
              "and one Gp step) of the official loop's structure and of the project's loop (exact maths; "
@@ -99,7 +103,8 @@ def main() -> None:
                               f"{r['timed_iterations']} (+{r['warmup_iterations']} warm-up)", r["torch"]] for r in table])
     if not any(r["device"] == "cuda" for r in table):
         lines += ["| GPU | official / project | not measured (no GPU lent yet) | | | |"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out_file(out, ".md"), "\n".join(lines) + "\n")
+    print(f"wrote {out_file(out, '.md')} and .json (earlier rows from {earlier or 'nowhere'})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ray Train overhead: the same DHBE config in-process (`defense.dhbe.purify`) and as the Ray Train
-job of deploy/ (fresh local Ray, init included). `python -m benchmarks.ray_overhead [--tiny]`
-writes benchmarks/results/ray_overhead.json."""
+job of deploy/ (fresh local Ray, init included). `python -m benchmarks.ray_overhead [--out STEM] [--tiny]`
+writes STEM.json (default runs/bench/ray_overhead; the committed one: --out benchmarks/results/ray_overhead)."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +18,15 @@ from defense.dhbe import cpu_recipe, purify
 from defense.fileio import atomic_write_json
 from defense.modelio import LoadedModel
 from defense.scenario import backdoored_scenario
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--epochs", type=int, default=10)
+    add_out_argument(parser, "ray_overhead", (".json",))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     scenario = backdoored_scenario(epochs=3 if args.tiny else 30, cache=None if args.tiny else Path("runs/teachers"))
@@ -48,7 +51,9 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     print(json.dumps(result))
     if not args.tiny:
-        atomic_write_json(Path("benchmarks/results/ray_overhead.json"), result)
+        out = out_file(out_stem(args), ".json")
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

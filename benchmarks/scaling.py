@@ -1,10 +1,11 @@
 """Scaling: wall time of the federated simulation (no purification) against clients and rounds, and
 DHBE's speed (CPU recipe, small CNN) against image size.
 
-    python -m benchmarks.scaling [--tiny]
+    python -m benchmarks.scaling [--out STEM] [--tiny]
     python -m benchmarks.scaling --mnist-dir DIR [--write-mnist-standin]   # the sampling rows on MNIST files
 
-Writes benchmarks/results/scaling.md and scaling.json (with --mnist-dir: scaling_mnist.md and .json).
+Writes STEM.md and STEM.json (with --mnist-dir: STEM_mnist.md and .json); --out STEM, default
+runs/bench/scaling (the committed tables: --out benchmarks/results/scaling).
 Each federated run is a fresh Flower simulation (Ray start included), so its time is what a user
 waits for."""
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,6 +26,8 @@ from defense.dhbe import DHBETrainer, cpu_recipe
 from defense.fileio import atomic_write_json, atomic_write_text
 from defense.models import build_model
 from federated.config import SimulationConfig
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
 FEDERATED_GRID = [(5, 20), (10, 20), (20, 20), (10, 5), (10, 10)]  # (clients, rounds)
 SAMPLING_GRID = [(100, 10), (1000, 10), (100, 100), (1000, 100)]    # (registered clients, sampled per round)
@@ -157,8 +161,9 @@ def write_mnist_standin(folder: Path, train: int = 60_000, test: int = 10_000, s
     return folder
 
 
-def mnist_sampling(data_dir: Path, tiny: bool) -> None:
-    """The sampling grid's rows on MNIST read from local IDX files (28x28)."""
+def mnist_sampling(data_dir: Path, tiny: bool, stem: Optional[Path] = None) -> None:
+    """The sampling grid's rows on MNIST read from local IDX files (28x28), written to STEM_mnist.md and
+    .json (not with `tiny`)."""
     grid = [(20, 4)] if tiny else [(100, 10), (1000, 10), (1000, 100)]
     rows = [time_sampled(registered, per_round, 2 if tiny else SAMPLING_ROUNDS, "mnist", str(data_dir), 28)
             for registered, per_round in grid]
@@ -171,25 +176,27 @@ def mnist_sampling(data_dir: Path, tiny: bool) -> None:
              "accuracy. Memory as in scaling.md.", "",
              ] + sampling_table(rows)
     print("\n".join(lines))
-    if not tiny:
-        results = Path(__file__).parent / "results"
-        atomic_write_text(results / "scaling_mnist.md", "\n".join(lines) + "\n")
-        atomic_write_json(results / "scaling_mnist.json", {"rows": rows, "cpus": os.cpu_count(),
-                                                           "torch": torch.__version__})
+    if not tiny and stem is not None:
+        atomic_write_text(out_file(stem, "_mnist.md"), "\n".join(lines) + "\n")
+        atomic_write_json(out_file(stem, "_mnist.json"), {"rows": rows, "cpus": os.cpu_count(),
+                                                          "torch": torch.__version__})
+        print(f"wrote {out_file(stem, '_mnist.md')} and .json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="one small setting each, printed, not written")
     parser.add_argument("--mnist-dir", type=Path, default=None,
-                        help="instead: the sampling rows on MNIST read from the IDX files in this folder")
+                        help="instead: the sampling rows on MNIST read from the IDX files in this folder "
+                             "(written to STEM_mnist.md and .json)")
     parser.add_argument("--write-mnist-standin", action="store_true",
                         help="with --mnist-dir: first write MNIST-format files drawn from the digits set there")
+    add_out_argument(parser, "scaling")
     args = parser.parse_args()
     if args.mnist_dir is not None:
         if args.write_mnist_standin:
             write_mnist_standin(args.mnist_dir, *((600, 100) if args.tiny else ()))
-        mnist_sampling(args.mnist_dir, args.tiny)
+        mnist_sampling(args.mnist_dir, args.tiny, None if args.tiny else out_stem(args))
         return
     grid = [(4, 2)] if args.tiny else FEDERATED_GRID
     federated = [time_federated(c, r, local_epochs=1 if args.tiny else 2) for c, r in grid]
@@ -218,8 +225,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.tiny:
-        atomic_write_json(Path("benchmarks/results/scaling.json"), {"federated": federated, "sampled": sampled, "dhbe": dhbe, "machine": machine})
-        atomic_write_text(Path("benchmarks/results/scaling.md"), text)
+        stem = out_stem(args)
+        atomic_write_json(out_file(stem, ".json"), {"federated": federated, "sampled": sampled, "dhbe": dhbe, "machine": machine})
+        atomic_write_text(out_file(stem, ".md"), text)
+        print(f"wrote {out_file(stem, '.md')} and .json")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from defense.cli import ArgumentParser
 
 CACHE = Path("runs/scan_population")
 
@@ -221,7 +222,7 @@ def main() -> None:
     import argparse
     import time
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scan_population", description=__doc__)
+    p = ArgumentParser(prog="python -m benchmarks.scan_population", description=__doc__)
     p.add_argument("--split", choices=("calibration", "held-out"), required=True)
     args = p.parse_args()
     for member in population(args.split):

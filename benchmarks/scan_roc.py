@@ -4,8 +4,9 @@ Plants (once, cached) the split's population (benchmarks/scan_population.py), sc
 its earlier versions where it has them, and reports ROC AUC, the true-positive rate at false-positive
 rates <= 2% and <= 5%, the share of detected backdoors whose true target is the first suspect, per
 attack kind and per federation shape, and seconds per scan; beside it the weight-only baseline
-(defense/scan/weights.py) on the same models. Writes scan_roc_SPLIT.{parquet,md,png} into
-benchmarks/results/ (with --tiny: a temporary folder, two seconds-long members).
+(defense/scan/weights.py) on the same models. Writes STEM.{parquet,md,png} (--out STEM, default
+runs/bench/scan_roc_SPLIT; the committed tables: --out benchmarks/results/scan_roc_SPLIT; with --tiny:
+two seconds-long members, written into a temporary folder unless --out is given).
 
 The measurements of a scan (per version and class) are cached beside each member, keyed by the scan's
 settings; the verdict is re-decided from them (defense.scan.decide), so the same cache serves every
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks.scan_population import CACHE, Member, label, model_files, plant, population, tiny_population
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"   # the committed tables
 
 
 def settings_key(config) -> str:
@@ -126,18 +129,18 @@ def summary(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     return out
 
 
-def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str, out_dir: Path,
+def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str, stem: Path,
                   config) -> list[Path]:
+    """STEM.parquet, STEM.md and (where there are clean and backdoored members) STEM.png."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from defense.fileio import atomic_path, atomic_write_text
     from defense.report import figure, markdown_table
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"scan_roc_{split}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{**r, "suspects": json.dumps(r["suspects"])} for r in rows])
-    with atomic_path(stem.with_suffix(".parquet")) as tmp:
+    with atomic_path(out_file(stem, ".parquet")) as tmp:
         pq.write_table(table, tmp)
     at = stats["at_threshold"]
     lines = [f"# The scanner as a detector: {split} ({stats['clean']} clean, {stats['backdoored']} backdoored, "
@@ -171,11 +174,11 @@ def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str,
         [[r["member"], r["label"], r["target"], f"{100 * r['asr_x1']:.0f} / " + ("-" if r["asr_x9"] is None else f"{100 * r['asr_x9']:.0f}"),
           f"{r['score']:.2f}", ",".join(map(str, r["suspects"])) or "-",
           f"{r['baseline_score']:.2f}", f"{r['seconds']:.1f}"] for r in rows]), ""]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines))
+    atomic_write_text(out_file(stem, ".md"), "\n".join(lines))
     clean = [r for r in rows if r["label"] == "clean"]
     backdoored = [r for r in rows if r["label"] == "backdoored"]
     if clean and backdoored:
-        with figure(stem.with_suffix(".png"), figsize=(4.5, 4)) as ax:
+        with figure(out_file(stem, ".png"), figsize=(4.5, 4)) as ax:
             for name, key in (("scanner", "score"), ("weight baseline", "baseline_score")):
                 points = roc_points([r[key] for r in clean], [r[key] for r in backdoored])
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
@@ -183,26 +186,28 @@ def write_results(rows: list[dict[str, Any]], stats: dict[str, Any], split: str,
             ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
             ax.set_xlabel("false-positive rate"), ax.set_ylabel("true-positive rate")
             ax.set_title(f"scanner ROC, {split}"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    return [stem.with_suffix(s) for s in (".parquet", ".md", ".png")]
+    return [out_file(stem, s) for s in (".parquet", ".md", *((".png",) if clean and backdoored else ()))]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from defense.cli import field_pairs
     from defense.scan import ScanConfig
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scan_roc", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.scan_roc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", choices=("calibration", "held-out"), default="calibration",
                    help="which part of the population (default: calibration; held-out: run once, at the end)")
     p.add_argument("--set", dest="scan_set", nargs="*", default=[], metavar="FIELD=VALUE", help="scanner settings")
     p.add_argument("--tiny", action="store_true", help="two seconds-long members into a temporary folder (CI)")
+    add_out_argument(p, "scan_roc_<split>", (".parquet", ".md", ".png"))
     args = p.parse_args(argv)
     config = ScanConfig.from_values(field_pairs(args.scan_set, "--set"))
     if args.tiny:
         folder = Path(tempfile.mkdtemp(prefix="scan-roc-"))
-        members, cache, out_dir, config = tiny_population(), folder / "population", folder, config.smoke_sized()
+        members, cache, config = tiny_population(), folder / "population", config.smoke_sized()
+        stem = out_stem(args) if args.out else folder / "scan_roc_tiny"
     else:
-        members, cache, out_dir = population(args.split), CACHE, RESULTS
+        members, cache, stem = population(args.split), CACHE, out_stem(args, f"scan_roc_{args.split}")
     rows = []
     for member in members:
         started = time.perf_counter()
@@ -211,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{r['member']}: {r['label']} score {r['score']:.2f} suspects {r['suspects']} (target {r['target']}) "
               f"baseline {r['baseline_score']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
     stats = summary(rows, config.threshold)
-    for path in write_results(rows, stats, "tiny" if args.tiny else args.split, out_dir, config):
+    for path in write_results(rows, stats, "tiny" if args.tiny else args.split, stem, config):
         print(f"wrote {path}")
     print(json.dumps(stats))
     return 0

@@ -11,7 +11,9 @@ in one version, and a way to combine the versions. Statistics (each "large = sus
 - `abs`:   -log v
 Versions: `final` (the model alone), `votes2` (the second largest over the versions), `median`,
 `mean`, `max`.
-Writes benchmarks/results/scan_rules_calibration.md. The held-out part is never read here.
+Writes STEM.md (--out STEM, default runs/bench/scan_rules_calibration; the committed one of the first
+calibration pass: --cache-key ae134c4f90d5 --out benchmarks/results/scan_rules_calibration_pass1). The
+held-out part is never read here.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import json
 import math
 import statistics
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from benchmarks.scan_population import CACHE, label, population
-from benchmarks.scan_roc import RESULTS, roc_auc, settings_key, tpr_at_fpr
+from benchmarks.scan_roc import roc_auc, settings_key, tpr_at_fpr
+from benchmarks.tables import add_out_argument, out_file, out_stem
 from defense.scan import depth   # the adopted statistic, as the scanner computes it
+from defense.cli import ArgumentParser
 
 
 def mad(values: Sequence[float]) -> list[float]:
@@ -81,14 +84,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from defense.scan import ScanConfig
     from defense.cli import field_pairs
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scan_rules", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.scan_rules", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", dest="scan_set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="the scan settings whose cached measurements to read (as given to scan_roc)")
     p.add_argument("--cache-key", default=None,
                    help="the cache key of the measurements to read (default: that of the --set settings; the first "
                         "calibration pass, with blend inversions: ae134c4f90d5)")
-    p.add_argument("--out", default=str(RESULTS / "scan_rules_calibration.md"))
+    add_out_argument(p, "scan_rules_calibration", (".md",))
     args = p.parse_args(argv)
     config = ScanConfig.from_values(field_pairs(args.scan_set, "--set"))
     key = args.cache_key or settings_key(config)
@@ -129,8 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"`python -m benchmarks.scan_rules --cache-key {key}` (cached measurements {key}).", "",
              *markdown_table(["statistic", "measure", "versions", "ROC AUC", "TPR at FPR <= 2%", "TPR at FPR <= 5%",
                               "threshold at 5%", "target is the top class"], rows), ""]
-    atomic_write_text(Path(args.out), "\n".join(lines))
+    out = out_file(out_stem(args), ".md")
+    atomic_write_text(out, "\n".join(lines))
     print("\n".join(lines))
+    print(f"wrote {out}")
     return 0
 
 

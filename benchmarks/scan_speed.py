@@ -2,8 +2,9 @@
 three earlier global models, timed here, and (with --compare) beside the reference commit's verdict on
 the same model files in the same run: REF is checked out into a temporary git worktree and its default
 recipe's verdict (the blend search on the model and on each earlier version, class after class) is
-timed in a subprocess. Writes benchmarks/results/scan_speed.md (with --tiny: a seconds-long scan of an
-untrained model, no comparison, nothing written)."""
+timed in a subprocess. Writes STEM.md (--out STEM, default runs/bench/scan_speed; the committed table:
+--out benchmarks/results/scan_speed; with --tiny: a seconds-long scan of an untrained model, no
+comparison, nothing written)."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from benchmarks.scan_population import model_files, plant, population
-from benchmarks.scan_roc import RESULTS
+from benchmarks.tables import add_out_argument, out_file, out_stem
 from benchmarks.worktree import run_at_commit
+from defense.cli import ArgumentParser
 
 MEMBER = "calibration-27-badnets-fedavg-s127"   # a 20-round FedAvg run: rounds 5, 10, 15 and the final model
 
@@ -47,10 +49,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from defense.scan import ScanConfig, scan
     from defense.spec import InputSpec
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scan_speed", description=__doc__,
+    p = ArgumentParser(prog="python -m benchmarks.scan_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", default=None, metavar="REF", help="a commit whose verdict to time beside (e.g. ad4f791)")
     p.add_argument("--tiny", action="store_true", help="seconds-long, an untrained model, no comparison (CI)")
+    add_out_argument(p, "scan_speed", (".md",))
     args = p.parse_args(argv)
     if args.tiny:
         spec = InputSpec(1, 16, 16, 10, (0.5,), (0.5,))
@@ -79,9 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"Where this tree's scan spends its time: {stages}."]
     if reference:
         lines.append(f"Speed-up: {reference['seconds'] / wall:.1f}x.")
-    out = RESULTS / "scan_speed.md"
+    out = out_file(out_stem(args), ".md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {out}")
     return 0
 
 

@@ -14,8 +14,42 @@ from defense.fields import MAX_SEED
 EXIT_USAGE = 2
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's true default said once: added as "(default: X)" unless the help text
+    already says its default, or there is none to say (None, off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def module_prog() -> str:
+    """How the running script is invoked: `python -m package.module` for a module of this project's
+    packages (argparse's default is the file name), `python path/to/script.py` for a script."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = Path(__file__).resolve().parents[1]
+    if script is None or script.suffix != ".py" or root not in script.parents:
+        return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    relative = script.relative_to(root)
+    folders = [root.joinpath(*relative.parts[:i]) for i in range(1, len(relative.parts))]
+    if not all((folder / "__init__.py").exists() for folder in folders):
+        return f"python {relative.as_posix()}"
+    parts = relative.with_suffix("").parts
+    return "python -m " + ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a single line (no usage block) and exits 2."""
+    """argparse that reports a bad flag as a single line (no usage block) and exits 2; its usage line
+    reads `python -m MODULE` and --help says every flag's default once (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if not args and "prog" not in kwargs:
+            kwargs["prog"] = module_prog()
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")

@@ -14,9 +14,9 @@ from defense.scenario import model_file_scenario
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m defense.evaluate", description=__doc__)
     parser.add_argument("model", help="model file (.json manifest, .safetensors, or weights-only .pt)")
-    parser.add_argument("--dataset", default=None, choices=DATASETS.names(), help="default: the record's")
+    parser.add_argument("--dataset", default=None, choices=DATASETS.names(), help="test data to measure on (default: the model file's experiment record)")
     parser.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
-    parser.add_argument("--trigger-seed", type=seed_value, default=None, help="seed of the trigger pattern (blended)")
+    parser.add_argument("--trigger-seed", type=seed_value, default=None, help="seed of the trigger pattern: blended noise, random places (default: the model file's experiment record)")
     add_trigger_arguments(parser, from_record=True)
     return parser
 

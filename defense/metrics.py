@@ -59,6 +59,23 @@ def defence_effectiveness_rating(before: dict, after: dict, asr: str = "asr_x1")
     return (max(0.0, asr_drop) - max(0.0, acc_drop) + 1.0) / 2.0
 
 
+PURIFICATION_BAR = {"asr_x1": 0.05, "asr_x9": 0.10, "acc_drop": 0.02}   # the project's bar (README)
+
+
+def bar_outcome(before: dict, after: dict) -> tuple[bool, str]:
+    """Whether a purification meets the project's bar where the attack is known (the experimenter's
+    measurements, never the defence's): ASR x1 <= 5%, x9 <= 10%, ACC drop <= 2 points; and one line."""
+    misses = []
+    for key, label in (("asr_x1", "ASR x1"), ("asr_x9", "ASR x9")):
+        if after.get(key) is not None and after[key] > PURIFICATION_BAR[key]:
+            misses.append(f"{label} {100 * after[key]:.1f}% > {100 * PURIFICATION_BAR[key]:.0f}%")
+    drop = (before.get("acc") or 0.0) - (after.get("acc") or 0.0)
+    if drop > PURIFICATION_BAR["acc_drop"]:
+        misses.append(f"ACC drop {100 * drop:.1f} > {100 * PURIFICATION_BAR['acc_drop']:.0f} points")
+    line = "bar (ASR x1 <= 5%, x9 <= 10%, ACC drop <= 2 points): " + ("met" if not misses else "missed: " + "; ".join(misses))
+    return not misses, line
+
+
 def evaluate_backdoor(model: nn.Module, test: Split, trigger: Optional[Trigger], target: int) -> dict:
     """acc, asr_x1/x4/x9 (DHBE form), asr_all_x1/x4/x9 (BackdoorBench form) and ra, as floats in [0, 1]
     (None where a trigger cannot be amplified, e.g. a blended one pasted 4 times)."""
@@ -83,7 +100,7 @@ def statistics_refitted(model: nn.Module, images: torch.Tensor, batch_size: int 
     """A copy of `model` with its batch-norm statistics re-estimated on `images` (the cumulative average
     over batches of `batch_size`, as AdaBN or a fine-tune in train mode would set them); weights as they
     are. The experimenter's check of a purified model: an erasure that lives in the statistics does not
-    survive it (docs/dhbe.md, fifteenth round)."""
+    survive it (docs/research/dhbe-log.md, fifteenth round)."""
     refitted = copy.deepcopy(model)
     norms = [m for m in refitted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]

@@ -5,9 +5,12 @@ On a fresh local Ray by default; on an existing cluster when RAY_ADDRESS (or `ad
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import secrets
 import shutil
+import threading
 import sys
 import tempfile
 import time
@@ -72,6 +75,7 @@ class PurifyJobConfig:
     budget_s: Optional[float] = None        # stop after the epoch in which this much time has passed
     extra_resources: dict = field(default_factory=dict)  # e.g. the simulation's server-job slot
     share_running_ray: bool = False         # inside a Ray someone else owns: take no CPU (see below)
+    progress: bool = True                   # a line per epoch on stdout while the job runs (ProgressLines)
 
     def __post_init__(self) -> None:
         require(isinstance(self.recipe, Recipe), "the purification job needs a DHBE Recipe")
@@ -103,19 +107,23 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
                   after_epoch: Optional[AfterEpoch] = None) -> None:
     """The DHBE job body, shared by Ray Train workers (deploy) and Ray Tune trials (tuning):
     resume from the last checkpoint, run the epoch loop, report metrics and a checkpoint after each."""
-    from defense.models import build_model
+    from defense.models import MODELS
 
     torch.set_num_threads(max(1, int(loop_config["threads"])))
     spec = InputSpec.from_dict(loop_config["spec"])
-    teacher = build_model(loop_config["model_name"], spec)
+    # the driver's own factory (a model the user registered in their app's process is not in a worker's registry)
+    build = loop_config.get("model_factory") or MODELS.get(loop_config["model_name"])
+    teacher = build(spec)
     teacher.load_state_dict(loop_config["teacher_state"])
     earlier = []
     for state in loop_config.get("earlier_states", []):
-        earlier.append(build_model(loop_config["model_name"], spec))
+        earlier.append(build(spec))
         earlier[-1].load_state_dict(state)
     recipe = Recipe.from_dict(loop_config["recipe"])
     # the stages: the scan (replicated in every worker: the same seed, the same report), then the game;
     # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
+    if rank == 0 and loop_config.get("progress") is not None and recipe.scan is not None:
+        loop_config["progress"].put(f"scan: {len(earlier) + 1} version(s) of the model ...")
     trainer = scanned_trainer(teacher, spec, recipe, device, earlier, DataParallel(device) if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
@@ -140,6 +148,8 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
                     trainer.output_model().to(device)
                 report_checkpoint = checkpoint_type.from_directory(folder)
             report(metrics, checkpoint=report_checkpoint)
+        if rank == 0 and loop_config.get("progress") is not None:
+            loop_config["progress"].put(epoch_line(record, trainer.config.epochs))
         if after_epoch is not None:
             after_epoch(record, trainer, loop_config)
 
@@ -149,9 +159,12 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
 def job_loop_config(teacher: LoadedModel, recipe: Recipe, threads: int, storage: Path, name: str,
                     budget_s: Optional[float] = None, produced_by: Optional[dict] = None,
                     earlier: Sequence[LoadedModel] = ()) -> dict[str, Any]:
-    """Everything the job body needs, as plain data Ray can ship to workers."""
+    """Everything the job body needs, as data Ray can ship to workers: plain data, and the registry's
+    factory of the model (a function of this process; Ray pickles it driver to worker, nothing from outside)."""
+    from defense.models import MODELS
+
     return {
-        "spec": teacher.spec.to_dict(), "model_name": teacher.model_name,
+        "spec": teacher.spec.to_dict(), "model_name": teacher.model_name, "model_factory": MODELS.get(teacher.model_name),
         "teacher_state": {k: v.cpu() for k, v in teacher.model.state_dict().items()},
         "earlier_states": [{k: v.cpu() for k, v in model.model.state_dict().items()} for model in earlier],
         "recipe": recipe.to_dict(), "threads": threads, "budget_s": budget_s,
@@ -200,6 +213,62 @@ def shared_ray_resources() -> dict:
     return {"memory": SHARED_JOB_MEMORY}
 
 
+def checkpoint_storage(out: Path, storage_path: Optional[str] = None) -> Path:
+    """Where a purification's Ray Train checkpoints live: `storage_path`, else a hidden folder beside
+    the output (`.OUT.checkpoints`), never a shared /tmp."""
+    return Path(storage_path or out.parent / f".{out.name}.checkpoints").resolve()
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    """One progress line: the epoch and the data-free signals a defender can watch."""
+    return (f"epoch {record.epoch}/{epochs}: synthetic agreement with the input {100 * record.synthetic_agreement:.0f}%, "
+            f"Gp's strongest patch flips {100 * record.trigger_flip_rate:.0f}% of the student's labels, "
+            f"{record.seconds:.1f} s")
+
+
+class ProgressLines:
+    """The job's progress on the driver while `fit()` blocks: rank 0 puts one line per epoch into a Ray
+    queue (an actor holding no CPU, so it also runs inside Flower's simulation), a daemon thread here
+    prints them as `purify: ...`, one plain line each (no carriage returns: a log file reads as a
+    terminal does). Ray's own worker output stays off (`log_to_driver=False`)."""
+
+    def __init__(self, loop_config: Optional[dict]) -> None:
+        self.loop_config, self.queue, self.thread = loop_config, None, None
+        self.done = threading.Event()
+
+    def __enter__(self) -> "ProgressLines":
+        if self.loop_config is None:
+            return self
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.loop_config["progress"] = self.queue
+        self.thread = threading.Thread(target=self._print, daemon=True, name="purify-progress")
+        self.thread.start()
+        return self
+
+    def _print(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                print(f"purify: {self.queue.get(timeout=0.5)}", flush=True)
+            except Empty:
+                if self.done.is_set():
+                    return
+            except Exception:   # the queue is gone (Ray shut down): stop printing, never fail the job
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.queue is None:
+            return
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.loop_config.pop("progress", None)
+        with contextlib.suppress(Exception):
+            self.queue.shutdown()
+
+
 @dataclass
 class PurifyResult:
     model: torch.nn.Module
@@ -241,7 +310,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
         cpus_per_worker = 0.0
         extra_resources.update(shared_ray_resources())
     # checkpoints (weights inside) beside the output, not in a shared /tmp; removed on success
-    storage = Path(job.storage_path or out.parent / f".{out.name}.checkpoints").resolve()
+    storage = checkpoint_storage(out, job.storage_path)
     name = job.name or f"dhbe-{uuid.uuid4().hex[:8]}"
     loop_config = job_loop_config(
         teacher, job.recipe, max(1, int(share)), storage, name, job.budget_s,
@@ -249,15 +318,16 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
          "input_weights_sha256": teacher.weights_sha256, "recipe": job.recipe.to_dict(),
          "earlier_weights_sha256": [model.weights_sha256 for model in earlier],
          "workers": job.workers, "gpu": bool(use_gpu)}, earlier)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(cpus_per_worker, use_gpu, extra_resources)),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    with ProgressLines(loop_config if job.progress else None):   # before the trainer holds the config
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu,
+                                         resources_per_worker=worker_resources(cpus_per_worker, use_gpu, extra_resources)),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=job.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"the purification job failed: {result.error}")
     if result.checkpoint is None:

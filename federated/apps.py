@@ -176,6 +176,7 @@ def serve(grid: Grid, config: SimulationConfig, run: RunFolder,
     if done:
         strategy = OffsetRounds(strategy, done)
     started = time.perf_counter()
+    run.start_rounds()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal trigger, sent

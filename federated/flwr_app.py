@@ -5,8 +5,9 @@ from here ([tool.flwr.app.components] in pyproject.toml) and passes the settings
     flwr run . --run-config "malicious=2 rounds=20 purify=false"
 
 Run-config keys are SimulationConfig's fields in kebab-case (`local-epochs`, `poison-rate`, ...),
-plus `out` (run folder; "" = a fresh folder under runs/), `purify`, `purify-every`, `purify-recipe`
-(defense.dhbe.RECIPES; default "default") and `purify-set` (DHBE fields over the recipe, e.g.
+plus `out` (run folder; "" = a fresh folder under runs/), `purify` (default true, as the CLI),
+`purify-every`, `purify-budget` (seconds; 0 = none), `purify-recipe` (defense.dhbe.RECIPES; default
+"default") and `purify-set` (DHBE fields over the recipe, e.g.
 "epochs=10 lam=0.5"). Clients build the same configuration from the same run config, so server and
 clients agree on who attacks.
 """
@@ -25,7 +26,7 @@ from defense.errors import ConfigError
 from federated.apps import load_bundle, serve, train_client
 from federated.config import SimulationConfig
 
-RUN_KEYS = ("out", "purify", "purify-every", "purify-recipe", "purify-set")  # run-config keys that are not SimulationConfig fields
+RUN_KEYS = ("out", "purify", "purify-every", "purify-budget", "purify-recipe", "purify-set")  # run-config keys that are not SimulationConfig fields
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> SimulationConfig:
@@ -66,7 +67,8 @@ def main(grid: Grid, context: Context) -> None:
     def rounds_on_this_grid(config: SimulationConfig, run, wrap_strategy=None, start=None) -> None:
         serve(grid, config, run, wrap_strategy or (lambda s: s), start)
 
-    purify = bool(context.run_config.get("purify", False))
+    purify = bool(context.run_config.get("purify", True))
+    budget = float(context.run_config.get("purify-budget", 0.0) or 0.0)
     recipe = None
     if purify:
         overrides = field_pairs(str(context.run_config.get("purify-set", "")).split(), "run-config purify-set")
@@ -74,7 +76,8 @@ def main(grid: Grid, context: Context) -> None:
                                      overrides, config.seed)
         recipe.validate_for(spec)
     run = run_federated(config, out, spec, purify=purify, purify_every=int(context.run_config.get("purify-every", 0)),
-                        purify_recipe=recipe, rounds_runner=rounds_on_this_grid)
+                        purify_budget_s=budget if budget > 0 else None, purify_recipe=recipe,
+                        rounds_runner=rounds_on_this_grid)
     print(f"run folder: {out}", flush=True)
     if not run.complete:
         print(f"error: the run is incomplete: {run.failure}", file=sys.stderr, flush=True)

@@ -105,6 +105,7 @@ class RunFolder:
         self.experiment = experiment  # written into every model file's manifest
         self.evidence: Optional[dict] = None
         self.lifespan: Optional[dict] = None
+        self.bar: Optional[str] = None       # the purification against the project's bar (the attack known)
         self.failure: Optional[str] = None   # why the run cannot complete (set by the server)
         self.state = "running"
         self.config, self.progress = config, None
@@ -196,16 +197,26 @@ class RunFolder:
         if not self.quiet:
             from tqdm import tqdm
 
-            if self.progress is None:  # the federated rounds: a bar, with one line per round above it
-                total = self.config.get("simulation", {}).get("rounds")
-                self.progress = tqdm(total=total, desc="federated rounds", unit="round", leave=False)
-            self.progress.write(f"round {row['round']:3d}  acc {_fmt(row['acc'])}  asr x1/x4/x9 {_fmt(row['asr_x1'])}"
-                                f" {_fmt(row.get('asr_x4'))} {_fmt(row.get('asr_x9'))}  malicious "
-                                f"{row.get('malicious_clients', 0)}  trained {row.get('clients_trained', 0)}  failed "
-                                f"{row.get('client_failures', 0)}  {row['wall_time_s']:6.1f}s")
+            self.start_rounds()
+            tqdm.write(f"round {row['round']:3d}  acc {_fmt(row['acc'])}  asr x1/x4/x9 {_fmt(row['asr_x1'])}"
+                       f" {_fmt(row.get('asr_x4'))} {_fmt(row.get('asr_x9'))}  malicious "
+                       f"{row.get('malicious_clients', 0)}  trained {row.get('clients_trained', 0)}  failed "
+                       f"{row.get('client_failures', 0)}  {row['wall_time_s']:6.1f}s")
             self.progress.update(1)
             if self.progress.total is not None and self.progress.n >= self.progress.total:
                 self.progress.close()
+
+    def start_rounds(self) -> None:
+        """The bar over the federated rounds, started when the rounds start (so its clock is right); on a
+        terminal only: in a log file the per-round lines alone, without carriage returns."""
+        import sys
+
+        from tqdm import tqdm
+
+        if self.progress is None and not self.quiet:
+            total = self.config.get("simulation", {}).get("rounds")
+            self.progress = tqdm(total=total, initial=len(self.rows), desc="federated rounds", unit="round", leave=False,
+                                 disable=not sys.stderr.isatty())
 
     def write_rejections(self, rejections: list[dict]) -> None:
         """Every rejected client update: round, node and reason."""
@@ -226,6 +237,9 @@ class RunFolder:
                               "purify_wall_s": wall_s})
         self._add_columns([f"purified_{k}" for k in ("acc", "asr_x1", "asr_x4", "asr_x9", "ra")] +
                           ["purified_der", "purified_der_all", "purify_wall_s"])
+        from defense.metrics import bar_outcome
+
+        self.bar = bar_outcome(before, after)[1]
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
 
     def _add_columns(self, columns: list[str]) -> None:
@@ -264,7 +278,9 @@ class RunFolder:
         if self.lifespan is not None:
             lines += [lifespan_line(self.lifespan), ""]
         if comparison:
-            lines += comparison_table(comparison) + ["", "![before/after](purification.png)", ""]
+            lines += comparison_table(comparison) + [""]
+            lines += [f"Purification {self.bar}.", ""] if self.bar else []
+            lines += ["![before/after](purification.png)", ""]
         if self.evidence is not None:
             lines += [evidence_line(self.evidence) + " (`evidence.json`)", ""]
         lines += ["ASR is the DHBE form (non-target test images the model classifies correctly when clean).", ""]
@@ -274,11 +290,18 @@ class RunFolder:
     def _plot_rounds(self) -> None:
         if not self.rows:
             return
-        with figure(self.root / "metrics.png") as ax:
+        from matplotlib.ticker import MaxNLocator
+
+        with figure(self.root / "metrics.png", figsize=(7, 4)) as ax:
             rounds = [r["round"] for r in self.rows]
-            for key, label in (("acc", "clean ACC"), ("asr_x1", "ASR x1"), ("asr_x9", "ASR x9")):
-                ax.plot(rounds, [100 * (r.get(key) or 0) for r in self.rows], marker=".", label=label)
-            ax.set_xlabel("round"), ax.set_ylabel("%"), ax.set_ylim(-2, 102), ax.legend(), ax.grid(alpha=0.3)
+            for key, label, style in (("acc", "clean ACC", "-"), ("asr_x1", "ASR x1", "-"), ("asr_x4", "ASR x4", "--"),
+                                      ("asr_x9", "ASR x9", ":")):
+                ax.plot(rounds, [100 * (r.get(key) or 0) for r in self.rows], style, marker=".", label=label)
+            ax.set_title("Global model per round", fontsize=10)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("round\nASR x1/x4/x9: the trigger stamped 1/4/9 times; it counts only the non-target images\n"
+                          "the model gets right when clean, so while ACC is low it rests on few images", fontsize=8)
+            ax.set_ylabel("%"), ax.set_ylim(-2, 102), ax.legend(fontsize=8), ax.grid(alpha=0.3)
 
 
 ALIVE = 0.5   # the backdoor counts as alive while ASR x1 >= this

@@ -35,23 +35,25 @@ def parse_attack_rounds(text: str) -> tuple[int, int]:
 def build_parser() -> ArgumentParser:
     from federated.strategies import AGGREGATIONS
 
-    p = ArgumentParser(prog="python -m federated.simulate", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m federated.simulate", description=__doc__)
     p.add_argument("--clients", type=positive_int, default=10, help="number of clients (supernodes)")
     p.add_argument("--malicious", type=non_negative_int, default=2, help="how many clients attack")
     p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds")
     p.add_argument("--local-epochs", type=positive_int, default=2, help="local epochs per round")
     p.add_argument("--local-lr", type=positive_float, default=0.05, help="clients' SGD learning rate")
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--dataset", default="digits", choices=DATASETS.names())
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seeds partitions, clients, attacks and the purification (the same seed, the same run)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS.names(),
+                   help="digits is embedded (scikit-learn's handwritten digits); the others load from --data-dir")
     p.add_argument("--data-dir", default=None, help="folder (or Parquet file) of a local data set")
     p.add_argument("--image-size", type=positive_int, default=16, help="resize images to this side")
-    p.add_argument("--model", default="small-cnn", choices=MODELS.names())
-    p.add_argument("--partition", default="iid", choices=PARTITIONS)
+    p.add_argument("--model", default="small-cnn", choices=MODELS.names(), help="the network every client trains")
+    p.add_argument("--partition", default="iid", choices=PARTITIONS,
+                   help="how the training set is split over clients: iid, or dirichlet (non-IID, see --alpha)")
     p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
     add_trigger_arguments(p)
     p.add_argument("--poison-rate", type=fraction, default=0.5, help="fraction of a malicious client's data poisoned")
-    p.add_argument("--attack-rounds", type=parse_attack_rounds, default=(1, 0), metavar="all|K|from:K|K:L",
+    p.add_argument("--attack-rounds", type=parse_attack_rounds, default="all", metavar="all|K|from:K|K:L",
                    help="rounds in which attackers poison: from round K on, or rounds K to L (then the summary "
                         "reports the backdoor's lifespan after round L)")
     p.add_argument("--attacker", default="plain", choices=ATTACKERS,
@@ -68,7 +70,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sample", type=non_negative_int, default=0,
                    help="clients trained per round, a seeded draw out of --clients (0 = every client)")
     p.add_argument("--boost", type=float, default=1.0, help="model-replacement scaling of malicious updates")
-    p.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS.names())
+    p.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS.names(),
+                   help="the server's aggregation: FedAvg, Flower's robust strategies, or an in-training "
+                        "defence (flame, foolsgold, rlr, clip, dp)")
     p.add_argument("--clip-norm", type=positive_float, default=1.0, help="update norm bound for --aggregation clip and dp")
     p.add_argument("--dp-noise", type=float, default=0.1,
                    help="--aggregation dp: noise multiplier (std = this x --clip-norm / clients)")
@@ -83,16 +87,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--client-weighting", default="known", choices=WEIGHTINGS,
                    help="aggregation weights: known (a client's num-examples capped at the size of the partition the "
                         "server assigned it) or equal (every accepted reply weight 1)")
-    p.add_argument("--node-wait", type=positive_float, default=120.0,
+    p.add_argument("--node-wait-s", "--node-wait", dest="node_wait_s", type=positive_float, default=120.0,
                    help="seconds the server waits for every client's node to connect before it stops")
-    p.add_argument("--round-timeout", type=positive_float, default=600.0, help="seconds to wait for clients per round")
+    p.add_argument("--round-timeout-s", "--round-timeout", dest="round_timeout_s", type=positive_float, default=600.0,
+                   help="seconds to wait for clients per round")
     p.add_argument("--client-failure-rate", type=fraction, default=0.0,
                    help="fraction of clients that fail every round (an unreliable-clients experiment)")
     p.add_argument("--local-batch-size", type=positive_int, default=32, help="clients' mini-batch size")
     p.add_argument("--trimmed-beta", type=float, default=0.2,
                    help="fraction trimmed at each end by --aggregation trimmed-mean, in (0, 0.5)")
     p.add_argument("--cpus-per-client", type=positive_float, default=1.0, help="CPUs each client actor holds")
-    p.add_argument("--out", default=None, help="run folder (default: a fresh folder under runs/)")
+    p.add_argument("--out", default=None, help="run folder (default: a fresh folder runs/sim-DATE-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_FOLDER",
                    help="go on with an interrupted run from its last saved round, with the run's own settings "
                         "(its config.json; the purification flags are this command's)")
@@ -106,13 +111,10 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-FLAG_FIELDS = {"round_timeout": "round_timeout_s", "node_wait": "node_wait_s"}  # flag dest -> field
-
-
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    """Every SimulationConfig field from its flag (the flag's name is the field's, in kebab-case,
-    but for FLAG_FIELDS), through the one typed constructor."""
-    values = {FLAG_FIELDS.get(dest, dest): value for dest, value in vars(args).items()}
+    """Every SimulationConfig field from its flag (the flag's name is the field's, in kebab-case, as
+    the `flwr run` config's keys), through the one typed constructor."""
+    values = dict(vars(args))
     values["attack_from_round"], values["attack_until_round"] = values.pop("attack_rounds")
     return SimulationConfig.from_values({name: values[name] for name in SimulationConfig.field_names()})
 

@@ -129,7 +129,7 @@ def test_recipes_are_chosen_by_name_and_overridden_by_set(tmp_path):
     loaded = recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))
     assert loaded.dhbe.lam == 0.3 and loaded.get("student_ema").decay == 0.99
     partial.write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="JSON object"):
+    with pytest.raises(ConfigError, match="JSON list, not an object"):
         recipe_from_args(build_parser().parse_args(["m.json", "--out", "o", "--config", str(partial)]))
 
 

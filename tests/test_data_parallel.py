@@ -2,10 +2,10 @@
 plays with the whole batch. In float64 they agree to 1e-5 after 2 iterations (measured: ~1e-13), the
 official game and the default with every extension on; with one part of the split left out they do
 not, so the check can fail. (float32 drifts at rounding level, amplified by L1's sign and Adam's first
-steps: benchmarks/data_parallel_check.py prints both.)"""
+steps: tests/helpers/data_parallel_check.py prints both.)"""
 import pytest
 
-from benchmarks.data_parallel_check import compare, every_extension_tiny, official_tiny
+from helpers.data_parallel_check import compare, every_extension_tiny, official_tiny
 from defense.errors import ConfigError
 
 

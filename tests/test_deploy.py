@@ -26,6 +26,7 @@ def teacher_file(tmp_path, badnets_scenario):
     return load_model(save_model(badnets_scenario.teacher, tmp_path / "teacher", "small-cnn", spec, {"tool": "test"}))
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local, tmp_path, teacher_file):
     """The two workers play one game, each on its slice of the batch (defense/dhbe/parallel.py): their
     students, batch-norm statistics included, are the same after every epoch. The test reads both
@@ -64,6 +65,7 @@ def test_two_cpu_workers_average_their_gradients_and_hand_back_a_model(ray_local
             assert torch.equal(first[key], second[key]), key
 
 
+@pytest.mark.slow
 def test_a_worker_process_killed_with_sigkill_resumes_from_its_checkpoint(ray_local, tmp_path, teacher_file):
     """A real SIGKILL of the Ray Train worker process mid-purification (after epoch 2 reported; the
     epoch-1 checkpoint is registered by then): Ray restarts the worker and the job resumes from a
@@ -95,6 +97,7 @@ def test_a_worker_process_killed_with_sigkill_resumes_from_its_checkpoint(ray_lo
     assert not (tmp_path / "ray" / "resume-test").exists()   # checkpoints removed once it succeeded
 
 
+@pytest.mark.slow
 def test_a_local_ray_the_project_starts_refuses_a_process_without_its_token(tmp_path):
     """Ray 2.55 binds every interface; the project's local Ray requires a token only its own
     processes hold (deploy.ray_job.protect_local_ray): a stranger is refused, the token admits."""

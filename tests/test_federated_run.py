@@ -1,4 +1,5 @@
 """A tiny run through the real Flower simulation engine (Ray backend)."""
+import pytest
 import json
 import math
 
@@ -9,6 +10,7 @@ from federated.run_folder import ROUND_COLUMNS
 from federated.simulate import main
 
 
+@pytest.mark.slow
 def test_tiny_federated_run_writes_a_complete_run_folder(tmp_path):
     out = tmp_path / "run"
     code = main(["--clients", "4", "--malicious", "1", "--rounds", "2", "--local-epochs", "1",
@@ -31,6 +33,7 @@ def test_tiny_federated_run_writes_a_complete_run_folder(tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_model_files_carry_their_experiment_and_evaluate_measures_against_it(tmp_path, capsys):
     """A run with a non-default attack, target and seed: `defense.evaluate` with no attack flags
     measures the global model with the run's own trigger (the same ASR the run reported); a flag
@@ -56,6 +59,7 @@ def test_model_files_carry_their_experiment_and_evaluate_measures_against_it(tmp
     assert other["asr_x1"] < measured["asr_x1"] - 0.5
 
 
+@pytest.mark.slow
 def test_the_front_door_plants_a_backdoor_and_its_purification_erases_most_of_it(tmp_path):
     """End to end through `federated.simulate`: two of four clients poison, FedAvg carries the
     backdoor into the global model, and the server-side DHBE job (a short CPU recipe) lowers its ASR."""

@@ -101,6 +101,7 @@ def spec16():
     return InputSpec(channels=1, height=16, width=16, num_classes=10, mean=(0.5,), std=(0.5,))
 
 
+@pytest.mark.slow
 def test_a_sampled_flame_run_with_an_attack_window_reports_sampling_exclusions_and_lifespan(tmp_path):
     out = tmp_path / "run"
     assert main(["--clients", "6", "--sample", "3", "--malicious", "2", "--rounds", "3", "--local-epochs", "1",
@@ -154,6 +155,7 @@ def test_a_model_files_patch_values_are_checked(values, message):
         SimulationConfig(attacker="a3fl", attack="blended")
 
 
+@pytest.mark.slow
 def test_an_a3fl_run_measures_asr_with_the_latest_trigger_and_records_it(tmp_path):
     from defense.modelio import load_model
     from defense.scenario import model_file_scenario

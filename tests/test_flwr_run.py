@@ -28,6 +28,25 @@ def test_run_config_maps_onto_the_simulation_config():
         config_from_run_config({"clients": 4, "malicious": 5})
 
 
+def test_the_run_config_declares_every_simulation_field_with_the_clis_defaults():
+    """Flower refuses a --run-config key the app does not declare: [tool.flwr.app.config] holds every
+    SimulationConfig field (kebab-case) with its default, which is the CLI's, and the run's own keys;
+    `purify` is on, as on the CLI."""
+    import tomllib
+    from dataclasses import fields
+
+    from federated.config import SimulationConfig
+    from federated.flwr_app import RUN_KEYS
+    from federated.simulate import build_parser, config_from_args
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    names = {f.name.replace("_", "-"): f.name for f in fields(SimulationConfig)}
+    assert set(declared) == set(names) | set(RUN_KEYS)
+    assert config_from_run_config(declared) == config_from_args(build_parser().parse_args([])) == SimulationConfig()
+    assert declared["purify"] is True and not build_parser().parse_args([]).no_purify
+    assert declared["purify-every"] == build_parser().parse_args([]).purify_every
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,6 +63,7 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="the flwr CLI is not on PATH")
 def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
     home = tmp_path / "flwr-home"
@@ -61,7 +81,7 @@ def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
     out = tmp_path / "run"
     try:
         done = subprocess.run(["flwr", "run", str(ROOT), "--stream", "--run-config",
-                               f"clients=4 malicious=1 rounds=2 local-epochs=1 out='{out}'"],
+                               f"clients=4 malicious=1 rounds=2 local-epochs=1 purify=false out='{out}'"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     finally:  # the managed SuperLink is detached: stop it whatever happened
         subprocess.run(["pkill", "-f", f"flower-superlink.*--port {http_port}"], check=False)
@@ -74,6 +94,7 @@ def test_flwr_run_trains_the_same_apps_into_a_run_folder(tmp_path):
     assert (out / "final.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's deployment CLIs are not on PATH")
 def test_the_same_apps_run_on_the_deployment_engine(tmp_path):
     """Stretch of the federated issue: a SuperLink and two SuperNodes on loopback, one round."""
@@ -102,7 +123,7 @@ def test_the_same_apps_run_on_the_deployment_engine(tmp_path):
             if i == 0:
                 _wait_for_port(ports["http"])
         done = subprocess.run(["flwr", "run", str(ROOT), "loopback", "--stream", "--run-config",
-                               f"clients=2 malicious=1 rounds=1 local-epochs=1 out='{out}'"],
+                               f"clients=2 malicious=1 rounds=1 local-epochs=1 purify=false out='{out}'"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
         for process in processes:

@@ -117,6 +117,7 @@ def test_with_no_suspect_and_no_hand_back_the_game_runs_blind_on_gps_patches():
     assert trainer.evidence()["verdict"]["backdoor_suspected"] is False
 
 
+@pytest.mark.slow
 def test_the_suspects_sources_erase_a_blended_backdoor_that_gps_patches_alone_leave(blended_scenario):
     """Given the scan's suspect (the blended backdoor's target) and its trigger, a short default game
     lowers the ASR; the same game on Gp's patches alone (DHBE's patch regulariser) leaves it near 100%."""

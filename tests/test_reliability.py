@@ -1,4 +1,5 @@
 """Faults in a federated run: failing clients, determinism, interrupted runs."""
+import pytest
 import json
 
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ def _metrics(out):
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
 
 
+@pytest.mark.slow
 def test_failing_clients_do_not_stop_the_run(tmp_path):
     out = tmp_path / "run"
     assert main(["--clients", "10", "--malicious", "2", "--rounds", "2", "--local-epochs", "1", "--no-purify",
@@ -24,6 +26,7 @@ def test_failing_clients_do_not_stop_the_run(tmp_path):
         assert row["clients_trained"] + row["client_failures"] == 10
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_identical_metrics(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     assert main([*TINY, "--seed", "3", "--out", str(first)]) == 0
@@ -74,6 +77,7 @@ def always_failing_clients(config):
     return app
 
 
+@pytest.mark.slow
 def test_a_run_in_which_every_round_fails_ends_clearly_and_exits_non_zero(tmp_path, monkeypatch, capsys):
     import federated.apps as apps
 
@@ -88,6 +92,7 @@ def test_a_run_in_which_every_round_fails_ends_clearly_and_exits_non_zero(tmp_pa
     assert not (out / "final.json").exists() and not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_killed_simulation_keeps_every_finished_round_intact(tmp_path):
     """SIGKILL to a running `federated.simulate` (its whole process group, Ray included): every round
     saved before the kill loads and verifies, metrics.parquet reads, and nothing is half-written."""

@@ -32,6 +32,7 @@ def whole(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, whole):
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
@@ -71,6 +72,7 @@ def test_resume_refuses_what_is_not_an_interrupted_run_folder(tmp_path):
         main(["--resume", str(tmp_path), "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_crafted_folder_and_touches_nothing_outside_it(tmp_path, whole):
     """A round model of another network or spec, or with another experiment record, is refused before
     anything is written; `models` as a link to a folder elsewhere is refused and the files there stay."""

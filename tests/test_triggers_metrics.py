@@ -96,7 +96,7 @@ def test_evaluate_backdoor_on_a_model_that_obeys_the_trigger():
 
 
 def test_statistics_refitted_on_clean_images_undo_statistics_polluted_by_perturbed_inputs(clean_scenario):
-    """The experimenter's refit check (docs/dhbe.md, fifteenth round): batch-norm statistics estimated on
+    """The experimenter's refit check (docs/research/dhbe-log.md, fifteenth round): batch-norm statistics estimated on
     perturbed inputs cost a model its accuracy; re-estimated on clean images they give it back, and
     only the statistics change."""
     import copy

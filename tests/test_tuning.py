@@ -63,6 +63,7 @@ def test_a_signature_covers_folders_modes_and_odd_entries_and_the_key_is_kept_pr
         sign_folder(folder)
 
 
+@pytest.mark.slow
 def test_two_trial_sweep_writes_tables_and_plots(tmp_path, model_file, monkeypatch):
     from tuning.sweep import main
 
@@ -80,6 +81,7 @@ def test_two_trial_sweep_writes_tables_and_plots(tmp_path, model_file, monkeypat
     assert (out / "sweep_lam.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, model_file, monkeypatch):
     from tuning.sweep import main
 
@@ -161,6 +163,7 @@ def test_a_signed_sweep_folder_that_was_changed_is_refused(tmp_path):
         verify_folder(folder)
 
 
+@pytest.mark.slow
 def test_sigint_to_a_real_sweep_driver_then_resume_reaches_the_uninterrupted_result(tmp_path, model_file):
     """A real driver process gets SIGINT while its third trial runs: it exits 130 and says how to
     resume; the resumed sweep ends exactly as an uninterrupted one with the same seed (ASHA, trials one

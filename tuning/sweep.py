@@ -6,7 +6,6 @@ test ASR. The experimenter's test ACC/ASR are reported beside it (`eval_*` colum
 them is printed as "oracle"."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -25,20 +24,23 @@ PRESETS = {
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m tuning.sweep", description=__doc__)
     p.add_argument("model", nargs="?", default=None,
                    help="backdoored model file (not needed for --preset patch-size, which plants its own)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="lambda")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="lambda",
+                   help="what is swept: " + "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in grid.items())}"
+                                                      for name, grid in PRESETS.items()))
     p.add_argument("--samples", type=bounded_int(1, 1000), default=1, help="repeats (seeds) of every grid point")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+                   help="asha: stop weak trials early by the data-free defender score; none: run every trial to the end")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (Tune storage, tables, plots)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="SWEEP_FOLDER",
+                   help="continue an interrupted sweep: the folder given, else --out (as federated.simulate --resume)")
     p.add_argument("--dataset", default=None, choices=DATASETS.names(),
                    help="evaluation data (oracle only; default: the model file's experiment record)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="folder of a local data set (for --dataset other than digits)")
     p.add_argument("--image-size", type=positive_int, default=16, help="for teachers planted by the preset")
-    p.add_argument("--max-concurrent", type=bounded_int(1, 1024), default=None, help="default: the cluster's CPUs")
+    p.add_argument("--max-concurrent", type=bounded_int(1, 1024), default=None, help="trials at once (default: the cluster's CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress table while the trials run")
     add_trigger_arguments(p, from_record=True)
     add_recipe_arguments(p)
@@ -54,6 +56,8 @@ def main(argv: Optional[Sequence[str]] = None, trainable: Optional[Callable[[dic
             raise ConfigError(f"--preset {args.preset} needs a MODEL file")
         if not Path(args.model).exists():
             raise ConfigError(f"model file {args.model} does not exist")
+    if isinstance(args.resume, str):
+        args.out = args.resume
     out = Path(args.out).resolve()
     writable_destination(out / "sweep")
     if args.resume and not (out / "sweep").exists():

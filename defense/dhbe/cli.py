@@ -19,9 +19,13 @@ SET_HELP = ("override recipe fields: an official field (lam=0.5 epochs=10), an e
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_RECIPE,
-                         recipe_flag: str = "--recipe", set_flag: str = "--set", config_flag: Optional[str] = "--config") -> None:
+                         recipe_flag: str = "--recipe", set_flag: str = "--set", config_flag: Optional[str] = "--config",
+                         purify_aliases: bool = False) -> None:
+    """`purify_aliases`: also take the names federated.simulate gives these flags (`--purify-recipe`,
+    `--purify-set`), so one name works in every command that purifies."""
     group = parser.add_argument_group("DHBE recipe")
-    group.add_argument(recipe_flag, dest="recipe", choices=RECIPES.names(), default=default,
+    aliases = purify_aliases and recipe_flag == "--recipe" and set_flag == "--set"
+    group.add_argument(recipe_flag, *(("--purify-recipe",) if aliases else ()), dest="recipe", choices=RECIPES.names(), default=default,
                        help="default: needs no knowledge of the attack (a data-free verdict, then the "
                             "regularisers; a model with no backdoor found is handed back unchanged); cpu, "
                             "federated: research presets; official: the paper's defaults (docs/dhbe.md)")
@@ -29,7 +33,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT
         group.add_argument(config_flag, dest="recipe_file", default=None,
                            help="JSON file: a whole recipe ({\"dhbe\": {...}, \"extensions\": [[name, {...}], ...], \"scan\": {...}}) "
                                 "or an object of FIELD: VALUE overrides over the recipe")
-    group.add_argument(set_flag, dest="recipe_set", nargs="*", default=[], metavar="FIELD=VALUE",
+    group.add_argument(set_flag, *(("--purify-set",) if aliases else ()), dest="recipe_set", nargs="*", default=[], metavar="FIELD=VALUE",
                        help=SET_HELP + ", ".join(EXTENSIONS.names()))
     parser.set_defaults(recipe_set_flag=set_flag)
 

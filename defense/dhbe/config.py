@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Optional
 
-from defense.errors import ConfigError, shown
+from defense.errors import shown
 from defense.fields import coerce_fields as _coerce_fields
 from defense.registry import Registry
 from defense.scan.core import ScanConfig

@@ -77,12 +77,16 @@ def purify(model: nn.Module, spec: InputSpec, recipe: Recipe | DHBEConfig,
 
 
 def evidence_line(evidence: dict) -> str:
-    """One line for a user: what the scan found, and what the purification did."""
+    """One plain line for a user: what the scan found, and what the purification did with it (handed
+    back unchanged, erased, or erased with the guard's fallback)."""
     scan, verdict = evidence.get("scan"), evidence.get("verdict") or {}
     if not scan:
         return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
     if evidence.get("stopped"):
         return f"scan: {evidence['stopped']}"
-    line = f"scan: {scan['summary']}; erased: final synthetic agreement with the input " \
-           f"{100 * (verdict.get('final_synthetic_agreement') or 0):.0f}%"
+    line = f"scan: {scan['summary']}; erased"
+    agreement, floor = verdict.get("final_synthetic_agreement"), verdict.get("min_agreement")
+    if agreement is not None:
+        line += (f" (the purified model agrees with the input on {100 * agreement:.0f}% of synthetic samples"
+                 + (f"; the guard's floor is {100 * floor:.0f}%" if floor else "") + ")")
     return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")

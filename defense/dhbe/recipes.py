@@ -32,7 +32,7 @@ CPU_SCALE = DHBEConfig(lam=1.0, epochs=30, iters_per_epoch=10, batch_size=128, s
 
 @RECIPES.register("cpu")
 def cpu_recipe() -> Recipe:
-    """The project's CPU-scale recipe for small models (docs/dhbe.md, rounds one to four): Gp's patches
+    """The project's CPU-scale recipe for small models (docs/research/dhbe-log.md, rounds one to four): Gp's patches
     stamped 1..9 times, most drawn from a bank Gp filled against T before the game, on every sample."""
     return Recipe(CPU_SCALE, (
         PerturbationsConfig(scan_triggers=False, perturbed_share=1.0),
@@ -45,7 +45,7 @@ def cpu_recipe() -> Recipe:
 
 @RECIPES.register("federated")
 def federated_recipe() -> Recipe:
-    """The CPU recipe for a federated (FedAvg) global model (docs/dhbe.md, fifth round): G's batch-norm
+    """The CPU recipe for a federated (FedAvg) global model (docs/research/dhbe-log.md, fifth round): G's batch-norm
     prior on T's first BN layer only (the deeper statistics made G's samples re-teach ASR x9), 15
     epochs (x9 relapsed in the second half of 30), and lambda 1 -> 0.7 after half of them (ACC).
     On centrally poisoned models it cost more ACC than `cpu`, which stays their recipe."""

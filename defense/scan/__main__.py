@@ -16,8 +16,7 @@ MAX_EARLIER = 32   # earlier versions (each costs one pair of inversions)
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m defense.scan", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m defense.scan", description=__doc__)
     p.add_argument("model", nargs="?", default=None,
                    help="model file (.json manifest, .safetensors or weights-only .pt); with --run, not given")
     p.add_argument("--earlier", nargs="+", default=[], metavar="MODEL",
@@ -28,7 +27,7 @@ def build_parser() -> ArgumentParser:
                         "weighs (rounds at 1/4, 1/2 and 3/4 of the run)")
     p.add_argument("--json", action="store_true", help="print one JSON line with every field of the report")
     p.add_argument("--out", default=None, help="also write the report as JSON to this file (default: nothing written)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1; default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     p.add_argument("--set", dest="scan_set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="scanner settings, e.g. threshold=1.2 mask_steps=200 (fields of defense.scan.ScanConfig)")
     return p

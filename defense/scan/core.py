@@ -142,7 +142,13 @@ class ScanReport:
         data["per_version"] = [asdict(v) for v in self.per_version]
         data["seconds_by_stage"] = dict(self.seconds_by_stage)
         data["summary"] = self.summary()
+        data["how_to_read"] = READING
         return _rounded(data)
+
+
+READING = ("score: how much smaller the smallest trigger mask that sends a class's inputs to it is than the "
+           "median class's, in e-folds (log of the ratio), per class and per version; a class whose score is at or "
+           "over `threshold` is a suspect; `backdoored` when any is")
 
 
 def _rounded(value: Any) -> Any:

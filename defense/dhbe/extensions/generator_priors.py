@@ -5,7 +5,7 @@
 - `class_balance`: DAFL's information-entropy prior (Chen et al., ICCV 2019): G's batch spreads
   evenly over T's classes.
 - `prior_only_generator`: G drops its adversarial -L1(S, T) term and follows its priors only.
-Measurements: docs/dhbe.md (first, second and fifth rounds).
+Measurements: docs/research/dhbe-log.md (first, second and fifth rounds).
 """
 from __future__ import annotations
 

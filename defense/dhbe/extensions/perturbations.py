@@ -222,7 +222,7 @@ class ScanTriggers:
 class BlendPatterns:
     """Source `blend_patterns`: per suspect, a whole-image pattern inverted on T at `blend_ratio` (on the
     scan's samples, before the game), re-found on S by the refresh rule, blended in at ratios up to
-    `blend_alpha` (docs/dhbe.md, sixth round: Gp's patches never find a blended trigger)."""
+    `blend_alpha` (docs/research/dhbe-log.md, sixth round: Gp's patches never find a blended trigger)."""
 
     name = "blend_patterns"
 

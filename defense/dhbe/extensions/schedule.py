@@ -1,7 +1,7 @@
 """Departures in the schedule and in the model handed back.
 
 - `lambda_step`: lambda becomes `after` once the share `at` of the epochs is done (erase at full
-  strength, then let the distillation restore ACC; docs/dhbe.md, fifth round).
+  strength, then let the distillation restore ACC; docs/research/dhbe-log.md, fifth round).
 - `student_ema`: hand back an exponential moving average of S (decay per student step).
 """
 from __future__ import annotations

@@ -81,6 +81,7 @@ class Verdict(Extension):
                                  "verdict": report.summary()}
         if trainer.history and trainer.stop_reason is None:
             found["final_synthetic_agreement"] = trainer.history[-1].synthetic_agreement
+            found["min_agreement"] = self.config.min_agreement
             found["final_trigger_sensitivity"] = trainer.history[-1].trigger_sensitivity
         if self.fallback:
             found["guard"] = self.fallback

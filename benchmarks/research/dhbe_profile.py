@@ -1,15 +1,15 @@
 """Where DHBE's time goes: torch.profiler over the project's loop (CPU recipe, small CNN, 16x16),
 split by phase (student steps, G step, Gp step) and by operator.
 
-    python -m benchmarks.dhbe_profile [--iterations N] [--tiny]
+    python -m benchmarks.research.dhbe_profile [--iterations N] [--out STEM] [--tiny]
 
-Writes benchmarks/results/dhbe_profile.md (phase shares and the top operators by self CPU time)."""
+Writes STEM.md (phase shares and the top operators by self CPU time; --out STEM, default
+runs/bench/dhbe_profile; the committed table: --out benchmarks/results/dhbe_profile)."""
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -18,6 +18,8 @@ from defense.dhbe import DHBETrainer, cpu_recipe
 from defense.fileio import atomic_write_text
 from defense.models import build_model
 from defense.spec import InputSpec
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
 PHASES = ("student steps", "G step", "Gp step")
@@ -67,16 +69,19 @@ def report(prof, iterations: int, batch_size: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
+    add_out_argument(parser, "dhbe_profile", (".md",))
     parser.add_argument("--tiny", action="store_true", help="2 iterations of batch 16, printed, not written")
     args = parser.parse_args()
     iterations, batch = (2, 16) if args.tiny else (args.iterations, args.batch_size)
     text = report(profile_loop(iterations, batch), iterations, batch)
     print(text)
     if not args.tiny:
-        atomic_write_text(Path("benchmarks/results/dhbe_profile.md"), text)
+        out = out_file(out_stem(args), ".md")
+        atomic_write_text(out, text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Per-epoch trajectory of the default purification on named cases (a research diagnostic):
-`python -m benchmarks.default_trajectory --only CASE [CASE ...] [--set FIELD=VALUE ...] [--out STEM]`.
+`python -m benchmarks.research.default_trajectory --only CASE [CASE ...] [--set FIELD=VALUE ...] [--out STEM]`.
 
 Each epoch records the data-free signals the defence can see (synthetic agreement with T, Gp's
 trigger sensitivity and flip rate) beside the experimenter's test ACC/ASR of the output model. The
 test figures are for reading the trajectory only: no rule of the defence may be fitted to them.
-Writes benchmarks/results/<stem>.jsonl (one line per case and epoch)."""
+Writes STEM.jsonl (one line per case and epoch; --out STEM, default runs/bench/default_trajectory; a
+committed trajectory: --out benchmarks/results/default_trajectory_...)."""
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -17,8 +17,9 @@ from benchmarks.default_cases import by_name, plant
 from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.fileio import atomic_write_text
 from defense.scenario import model_file_scenario
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
 
-RESULTS = Path("benchmarks/results")
 SIGNALS = ("synthetic_agreement", "trigger_sensitivity", "trigger_flip_rate")
 
 
@@ -39,12 +40,12 @@ def trajectory(case, recipe_name: str, overrides: dict, tiny: bool = False) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", default=["badnets3-corner-central"],
                         help="case names (benchmarks/default_cases.py)")
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--out", default="default_trajectory")
+    add_out_argument(parser, "default_trajectory", (".jsonl",))
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -60,10 +61,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             lines.append(json.dumps(row))
     if not args.tiny:
-        atomic_write_text(RESULTS / f"{args.out}.jsonl", "\n".join(lines) + "\n")
+        out = out_file(out_stem(args), ".jsonl")
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     from defense.cli import run_main
 
-    run_main(lambda argv: main() or 0, "python -m benchmarks.default_trajectory")   # a bad --set value: one line, exit 2
+    run_main(lambda argv: main() or 0, "python -m benchmarks.research.default_trajectory")   # a bad --set value: one line, exit 2

@@ -1,10 +1,10 @@
-"""A research probe of the early ACC shock (docs/dhbe.md, tenth round): the default purification of one
+"""A research probe of the early ACC shock (docs/research/dhbe-log.md, tenth round): the default purification of one
 case, measured every 5 epochs (and after epochs 1 and 2) four ways: the output model (S's moving
 average), the same with its batch-norm statistics re-estimated on 20 batches of G's samples (SWA's
 update_bn, data-free), S itself, and S re-estimated the same way. Test ACC / ASR x1 / x9 are the
 experimenter's, for reading only.
 
-    python -m benchmarks.shock_probe [--case NAME] [--epochs N] [--set FIELD=VALUE ...] [--tiny]
+    python -m benchmarks.research.shock_probe [--case NAME] [--epochs N] [--set FIELD=VALUE ...] [--tiny]
 
 The re-estimation draws latent batches from the global random stream, so the run's later draws
 differ from an unprobed run of the same recipe (that is how the tenth round saw the spread of one
@@ -20,6 +20,7 @@ import torch
 from benchmarks.default_cases import by_name, plant
 from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized
 from defense.scenario import model_file_scenario
+from defense.cli import ArgumentParser
 
 
 def reestimated(trainer: DHBETrainer, model: torch.nn.Module, batches: int) -> torch.nn.Module:
@@ -38,7 +39,7 @@ def reestimated(trainer: DHBETrainer, model: torch.nn.Module, batches: int) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="badnets2-random-central")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
@@ -70,4 +71,4 @@ def main() -> None:
 if __name__ == "__main__":
     from defense.cli import run_main
 
-    run_main(lambda argv: main() or 0, "python -m benchmarks.shock_probe")   # a bad --set value: one line, exit 2
+    run_main(lambda argv: main() or 0, "python -m benchmarks.research.shock_probe")   # a bad --set value: one line, exit 2

@@ -1,5 +1,5 @@
 """Markdown summary of the DHBE probe log (benchmarks/results/dhbe_experiments.jsonl):
-`python -m benchmarks.experiments_summary` prints one row per logged run."""
+`python -m benchmarks.research.experiments_summary` prints one row per logged run."""
 from __future__ import annotations
 
 import json

@@ -1,9 +1,10 @@
 """Compute to quality: ACC and ASR against student updates, read from the logged DHBE probes
 (benchmarks/results/dhbe_experiments.jsonl; each probe logs the evaluation after every epoch).
 
-    python -m benchmarks.compute_to_quality [--tags TAG ...]
+    python -m benchmarks.research.compute_to_quality [--tags TAG ...] [--out STEM]
 
-Default: the CPU recipe's three seeds. Writes benchmarks/results/compute_to_quality.md with the
+Default: the CPU recipe's three seeds. Writes STEM.md (--out STEM, default runs/bench/compute_to_quality;
+the committed table: --out benchmarks/results/compute_to_quality; the log is read where it is) with the
 mean over the chosen runs at each logged number of student updates, and the first point at which
 the DHBE issue's bar (ASR x1 <= 5%, ASR x9 <= 10%, ACC drop <= 2 points) holds for every run."""
 from __future__ import annotations
@@ -14,6 +15,9 @@ import statistics
 from pathlib import Path
 
 from defense.fileio import atomic_write_text
+from benchmarks.tables import add_out_argument, out_file, out_stem
+from defense.cli import ArgumentParser
+from defense.errors import ConfigError
 
 LOG = Path("benchmarks/results/dhbe_experiments.jsonl")
 RECIPE_TAGS = ("s3-advw0-ms89-bal1-s0", "s3-advw0-ms89-bal1-s1", "s3-advw0-ms89-bal1-s2")  # the CPU recipe
@@ -25,7 +29,7 @@ def load_runs(tags: tuple[str, ...]) -> list[dict]:
     chosen = [r for r in runs if r["tag"] in tags]
     missing = set(tags) - {r["tag"] for r in chosen}
     if missing:
-        raise SystemExit(f"no logged run with tag(s) {sorted(missing)} in {LOG}")
+        raise ConfigError(f"no logged run with tag(s) {sorted(missing)} in {LOG}; nothing written")
     return chosen
 
 
@@ -55,17 +59,23 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tags", nargs="*", default=list(RECIPE_TAGS))
-    parser.add_argument("--out", default="benchmarks/results/compute_to_quality.md")
+    add_out_argument(parser, "compute_to_quality", (".md",))
     args = parser.parse_args()
+    if not args.tags:
+        raise ConfigError("--tags names no run; nothing written")
     runs = load_runs(tuple(args.tags))
     text = (f"# Compute to quality (runs: {', '.join(args.tags)}; mean over runs)\n\n{table(runs)}\n\n"
             "Bar: ASR x1 <= 5%, ASR x9 <= 10%, ACC drop <= 2 points (the DHBE issue's). "
             "The learning-rate schedule is that of each run's full length.\n")
     print(text)
-    atomic_write_text(Path(args.out), text)
+    out = out_file(out_stem(args), ".md")
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    from defense.cli import run_main
+
+    run_main(lambda argv: main() or 0, "python -m benchmarks.research.compute_to_quality")   # no such run: one line, exit 2

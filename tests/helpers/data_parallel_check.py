@@ -6,7 +6,7 @@ S's, G's and Gp's weights and batch-norm statistics, and in the epoch's losses, 
 (tests/test_data_parallel.py asserts it under 1e-5 after 2 iterations; defense/dhbe/parallel.py says
 how the game is split).
 
-    python -m benchmarks.data_parallel_check [--workers 2] [--recipe official|every-extension]
+    python tests/helpers/data_parallel_check.py [--workers 2] [--recipe official|every-extension]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from defense.dhbe import Recipe, recipe_config, scanned_trainer
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel
 from defense.models import build_model
 from defense.spec import InputSpec
+from defense.cli import ArgumentParser
 
 SPEC = InputSpec(channels=1, height=16, width=16, num_classes=10, mean=(0.5,), std=(0.5,))
 MODEL = "small-cnn"
@@ -141,7 +142,7 @@ def timing(recipe: Recipe, workers: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, choices=range(2, 9), metavar="2..8")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="official")
     parser.add_argument("--leave-out", choices=PARTS, help="switch one part of the split off (the check must fail)")

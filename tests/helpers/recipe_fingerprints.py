@@ -1,9 +1,9 @@
 """Fingerprints of each DHBE recipe: per-epoch losses and diagnostics and a SHA-256 of the model
 handed back, on a fixed random teacher at a small size (4 epochs x 3 iterations, batch 32). Used to
-show that a refactoring changed no maths: `python -m benchmarks.recipe_fingerprints --check FILE`
+show that a refactoring changed no maths: `python tests/helpers/recipe_fingerprints.py --check FILE`
 compares against a stored run (bit for bit, same machine and torch build).
 
-    python -m benchmarks.recipe_fingerprints [--out FILE] [--check FILE] [--tiny]
+    python tests/helpers/recipe_fingerprints.py [--out FILE] [--check FILE] [--tiny]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from defense.dhbe import DHBETrainer, recipe_config
 from defense.fileio import atomic_write_json
 from defense.models import build_model
 from defense.spec import InputSpec
+from defense.cli import ArgumentParser
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
 SMALL = {"epochs": 4, "iters_per_epoch": 3, "batch_size": 32, "perturbations.warmup_steps": 20,
@@ -48,7 +49,7 @@ def fingerprint(recipe_name: str, overrides: dict, epochs: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write the fingerprints here (JSON)")
     parser.add_argument("--check", default=None, help="compare with a stored run; exit 1 on any difference")
     parser.add_argument("--tiny", action="store_true", help="only the official case (CI smoke run)")
