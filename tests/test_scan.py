@@ -229,5 +229,9 @@ def test_the_run_report_says_what_the_scan_found():
     line = evidence_line({"scan": {"summary": "backdoor suspected: class 1, local patch, score 6.0 over threshold 3"},
                           "verdict": {"final_synthetic_agreement": 0.9}})
     assert line.startswith("scan: backdoor suspected: class 1") and "90%" in line
+    assert "erased" in line
     stopped = evidence_line({"scan": {"summary": "no backdoor found"}, "stopped": "no backdoor found: ...; handed back"})
     assert stopped.startswith("scan: no backdoor found")
+    guarded = evidence_line({"scan": {"summary": "backdoor suspected: class 1"}, "verdict": {
+        "final_synthetic_agreement": 0.56, "min_agreement": 0.7, "guard": "guard: ...; handed back the input model"}})
+    assert "erased" not in guarded and guarded.endswith("handed back the input model")

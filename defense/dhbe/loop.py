@@ -84,9 +84,11 @@ def evidence_line(evidence: dict) -> str:
         return "evidence: " + (", ".join(sorted(evidence)) or "none recorded")
     if evidence.get("stopped"):
         return f"scan: {evidence['stopped']}"
+    if verdict.get("guard"):   # the erasure cost too much agreement: what was handed back instead
+        return f"scan: {scan['summary']}; {verdict['guard']}"
     line = f"scan: {scan['summary']}; erased"
     agreement, floor = verdict.get("final_synthetic_agreement"), verdict.get("min_agreement")
     if agreement is not None:
         line += (f" (the purified model agrees with the input on {100 * agreement:.0f}% of synthetic samples"
                  + (f"; the guard's floor is {100 * floor:.0f}%" if floor else "") + ")")
-    return line + (f"; {verdict['guard']}" if verdict.get("guard") else "")
+    return line
