@@ -6,7 +6,6 @@ Writes STEM.md and STEM.json (like the paper's Tables 3 and 6; --out STEM, defau
 the committed table: --out benchmarks/results/compare)."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace

@@ -11,7 +11,6 @@ STEM.parquet and STEM.md (--out STEM; default runs/bench/default_table_<cases>; 
 --out benchmarks/results/default_table_<cases>). A run with no case (an --only naming none) writes nothing."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace

@@ -10,7 +10,6 @@ diagnostics); nothing is wrapped from outside. Writes STEM.md (a table per case;
 runs/bench/default_time; the committed table: --out benchmarks/results/default_time) and prints it."""
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +20,11 @@ from benchmarks.default_cases import by_name
 from benchmarks.default_table import case_model
 from benchmarks.worktree import run_at_commit
 from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
-from defense.fileio import atomic_write_text
 from defense.modelio import load_model
 from defense.report import markdown_table
 from defense.scan.versions import run_folder_versions
 from defense.scenario import model_file_scenario
-from benchmarks.tables import add_out_argument, out_file, out_stem
+from benchmarks.tables import add_out_argument, write_output
 from defense.cli import ArgumentParser
 from defense.errors import ConfigError
 
@@ -129,9 +127,7 @@ def main() -> None:
                       f"{wall:.1f} s, **{ref['seconds'] / wall:.1f}x faster**.", ""]
         print("\n".join(lines[-len(rows) - 6:]), flush=True)
     if not args.tiny:
-        out = out_file(out_stem(args), ".md")
-        atomic_write_text(out, "\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        write_output(args, ".md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ each DHBE seed. Writes STEM.md and STEM.json (--out STEM, default runs/bench/dhb
 committed tables: --out benchmarks/results/dhbe_federated...)."""
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time

@@ -18,7 +18,6 @@ tree, no Ray, no Flower, no pytest (the device machine has none of them).
 committed reference it is compared with: to update that, copy the file into benchmarks/results/."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

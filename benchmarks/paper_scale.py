@@ -11,7 +11,6 @@ are kept (read from STEM.json where it exists, else from the committed benchmark
 and a device never measured is marked so."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform

@@ -3,22 +3,19 @@ job of deploy/ (fresh local Ray, init included). `python -m benchmarks.ray_overh
 writes STEM.json (default runs/bench/ray_overhead; the committed one: --out benchmarks/results/ray_overhead)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from defense.dhbe import cpu_recipe, purify
-from defense.fileio import atomic_write_json
 from defense.modelio import LoadedModel
 from defense.scenario import backdoored_scenario
-from benchmarks.tables import add_out_argument, out_file, out_stem
+from benchmarks.tables import add_out_argument, write_output
 from defense.cli import ArgumentParser
 
 
@@ -51,9 +48,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     print(json.dumps(result))
     if not args.tiny:
-        out = out_file(out_stem(args), ".json")
-        atomic_write_json(out, result)
-        print(f"wrote {out}")
+        write_output(args, ".json", result)
 
 
 if __name__ == "__main__":

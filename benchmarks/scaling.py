@@ -10,12 +10,10 @@ Each federated run is a fresh Flower simulation (Ray start included), so its tim
 waits for."""
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 

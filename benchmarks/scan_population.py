@@ -219,7 +219,6 @@ def model_files(folder: Path) -> tuple[Path, list[Path]]:
 
 
 def main() -> None:
-    import argparse
     import time
 
     p = ArgumentParser(prog="python -m benchmarks.scan_population", description=__doc__)

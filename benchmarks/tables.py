@@ -61,3 +61,14 @@ def out_file(stem: Path, suffix: str) -> Path:
     """STEM + suffix (not Path.with_suffix: a stem may hold a dot, e.g. `..._lam0.5`)."""
     return stem.with_name(stem.name + suffix)
 
+
+
+def write_output(args: argparse.Namespace, suffix: str, content: object) -> Path:
+    """Write `content` (text, or a JSON-able object for ".json") atomically to the --out stem + `suffix`,
+    say where, and return the path."""
+    from defense.fileio import atomic_write_json, atomic_write_text
+
+    out = out_file(out_stem(args), suffix)
+    atomic_write_json(out, content) if suffix == ".json" else atomic_write_text(out, str(content))
+    print(f"wrote {out}")
+    return out

@@ -9,7 +9,6 @@ mean over the chosen runs at each logged number of student updates, and the firs
 the DHBE issue's bar (ASR x1 <= 5%, ASR x9 <= 10%, ACC drop <= 2 points) holds for every run."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path

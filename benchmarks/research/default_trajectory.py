@@ -8,16 +8,14 @@ Writes STEM.jsonl (one line per case and epoch; --out STEM, default runs/bench/d
 committed trajectory: --out benchmarks/results/default_trajectory_...)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from benchmarks.default_cases import by_name, plant
 from defense.dhbe import recipe_config, scanned_trainer, smoke_sized, train_epochs
-from defense.fileio import atomic_write_text
 from defense.scenario import model_file_scenario
-from benchmarks.tables import add_out_argument, out_file, out_stem
+from benchmarks.tables import add_out_argument, write_output
 from defense.cli import ArgumentParser
 
 SIGNALS = ("synthetic_agreement", "trigger_sensitivity", "trigger_flip_rate")
@@ -61,9 +59,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             lines.append(json.dumps(row))
     if not args.tiny:
-        out = out_file(out_stem(args), ".jsonl")
-        atomic_write_text(out, "\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        write_output(args, ".jsonl", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

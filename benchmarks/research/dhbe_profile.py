@@ -7,7 +7,6 @@ Writes STEM.md (phase shares and the top operators by self CPU time; --out STEM,
 runs/bench/dhbe_profile; the committed table: --out benchmarks/results/dhbe_profile)."""
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 
@@ -15,10 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from defense.dhbe import DHBETrainer, cpu_recipe
-from defense.fileio import atomic_write_text
 from defense.models import build_model
 from defense.spec import InputSpec
-from benchmarks.tables import add_out_argument, out_file, out_stem
+from benchmarks.tables import add_out_argument, write_output
 from defense.cli import ArgumentParser
 
 SPEC = InputSpec(1, 16, 16, 10, (0.3,), (0.4,))
@@ -79,9 +77,7 @@ def main() -> None:
     text = report(profile_loop(iterations, batch), iterations, batch)
     print(text)
     if not args.tiny:
-        out = out_file(out_stem(args), ".md")
-        atomic_write_text(out, text)
-        print(f"wrote {out}")
+        write_output(args, ".md", text)
 
 
 if __name__ == "__main__":

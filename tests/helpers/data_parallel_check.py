@@ -10,7 +10,6 @@ how the game is split).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile

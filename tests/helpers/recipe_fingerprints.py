@@ -7,7 +7,6 @@ compares against a stored run (bit for bit, same machine and torch build).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
