@@ -140,3 +140,21 @@ def test_json_lines_never_carry_nan_or_infinity():
 
     line = json_line({"agreement": float("nan"), "rows": [1.0, float("inf")], "ok": 0.5})
     assert json.loads(line) == {"agreement": None, "rows": [1.0, None], "ok": 0.5} and "NaN" not in line
+
+
+@pytest.mark.parametrize("module", ["federated.simulate", "deploy.purify", "tuning.sweep", "defense.scan", "defense.evaluate"])
+def test_every_flag_has_help_and_says_its_default_once(module):
+    """--help of every CLI: help on every flag, "(default: ...)" at most once per flag and never a
+    Python repr of a tuple or None, and a usage line naming the command as it is run."""
+    import importlib
+
+    parser = importlib.import_module(module if module != "defense.scan" else "defense.scan.__main__").build_parser()
+    formatter = parser._get_formatter()
+    assert parser.format_usage().startswith(f"usage: python -m {module}")
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{module} {action.option_strings[0]} has no help"
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("(default") <= 1, (module, action.option_strings[0], text)
+        assert "(default: None)" not in text and "(default: (" not in text, (module, action.option_strings[0], text)
