@@ -20,7 +20,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("(default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
+        default = action.default
+        if ("(default" in text or not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS or (isinstance(default, list) and not default)
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
@@ -175,7 +177,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], prog: str,
         code = EXIT_USAGE
     except OSError as exc:
         where = f" ({shown(str(exc.filename), 120)})" if exc.filename else ""
-        print(f"{prog}: error: {one_line(exc.strerror or type(exc).__name__)}{where}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc.strerror or str(exc) or type(exc).__name__)}{where}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

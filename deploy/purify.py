@@ -2,6 +2,7 @@
 Ray Train (a fresh local Ray, or the cluster named by RAY_ADDRESS / --address)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,16 @@ from defense.dhbe.loop import evidence_line
 from defense.errors import ConfigError
 
 MAX_EARLIER = 32   # earlier versions the scan weighs (each costs one pair of inversions)
+
+
+def job_name(text: str) -> str:
+    """A job's name names its checkpoint folder: letters, digits, '.', '_', '-', never '.' or '..'."""
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,100}", text) is None or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"a job name is 1-100 letters, digits, '.', '_' or '-' (not '.' or '..'), "
+                                         f"got {text[:40]!r}")
+    return text
 
 
 def build_parser() -> ArgumentParser:
@@ -34,8 +45,8 @@ def build_parser() -> ArgumentParser:
                    help="folder for Ray Train checkpoints (default: a hidden folder beside --out)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the job's checkpoints after it succeeds (default: removed; needed to resume by --name)")
-    p.add_argument("--name", default=None, help="the job's name (default: a fresh one); reusing one resumes that run")
-    p.add_argument("--resume", default=None, metavar="NAME",
+    p.add_argument("--name", type=job_name, default=None, help="the job's name (default: a fresh one); reusing one resumes that run")
+    p.add_argument("--resume", type=job_name, default=None, metavar="NAME",
                    help="go on with the interrupted job NAME from its last checkpoint (kept with --keep-checkpoints, "
                         "or left by a crash), as federated.simulate --resume goes on with a run")
     p.add_argument("--max-failures", type=bounded_int(0, 100), default=2, help="worker failures to recover from")
@@ -65,19 +76,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.address is None and not os.environ.get("RAY_ADDRESS") and args.workers > local_cpus:
         raise ConfigError(f"--workers {args.workers}: a local Ray has {local_cpus} CPUs; use at most that many "
                           "(or a cluster: --address / RAY_ADDRESS)")
-    teacher = load_model(args.model)
-    recipe.validate_for(teacher.spec)
-    if len(args.earlier) > MAX_EARLIER:
-        raise ConfigError(f"--earlier: at most {MAX_EARLIER} earlier versions, got {len(args.earlier)}")
-    earlier = [load_model(path) for path in args.earlier]
-    from deploy.ray_job import PurifyJobConfig, checkpoint_storage, run_purify_job
-
     if args.resume is not None:
+        from deploy.ray_job import checkpoint_storage
+
         if args.name not in (None, args.resume):
             raise ConfigError(f"--resume {args.resume} and --name {args.name}: give one job name")
         if not (checkpoint_storage(out, args.storage) / args.resume).is_dir():
             raise ConfigError(f"--resume {args.resume}: no checkpoints of that job in {checkpoint_storage(out, args.storage)}")
         args.name = args.resume
+    teacher = load_model(args.model)
+    recipe.validate_for(teacher.spec)
+    if len(args.earlier) > MAX_EARLIER:
+        raise ConfigError(f"--earlier: at most {MAX_EARLIER} earlier versions, got {len(args.earlier)}")
+    earlier = [load_model(path) for path in args.earlier]
+    from deploy.ray_job import PurifyJobConfig, run_purify_job
+
 
     job = PurifyJobConfig(recipe=recipe, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
                           storage_path=args.storage, keep_checkpoints=args.keep_checkpoints, name=args.name, max_failures=args.max_failures,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -84,6 +85,9 @@ class PurifyJobConfig:
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
         require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")
+        require(self.name is None or (re.fullmatch(r"[A-Za-z0-9._-]{1,100}", self.name) is not None
+                                      and self.name not in (".", "..")),
+                f"a job name is 1-100 letters, digits, '.', '_' or '-' (not '.' or '..'), got {str(self.name)[:40]!r}")
 
 
 AfterEpoch = Callable[[EpochRecord, DHBETrainer, dict], None]
@@ -122,8 +126,8 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
     recipe = Recipe.from_dict(loop_config["recipe"])
     # the stages: the scan (replicated in every worker: the same seed, the same report), then the game;
     # K workers play one game: the same seed, each on its slice of the batch (defense/dhbe/parallel.py)
-    if rank == 0 and loop_config.get("progress") is not None and recipe.scan is not None:
-        loop_config["progress"].put(f"scan: {len(earlier) + 1} version(s) of the model ...")
+    if rank == 0 and recipe.scan is not None:
+        tell(loop_config, f"scan: {len(earlier) + 1} version(s) of the model ...")
     trainer = scanned_trainer(teacher, spec, recipe, device, earlier, DataParallel(device) if world > 1 else SINGLE_PROCESS)
 
     checkpoint = get_checkpoint()
@@ -148,8 +152,8 @@ def run_dhbe_loop(loop_config: dict[str, Any], report: Callable, get_checkpoint:
                     trainer.output_model().to(device)
                 report_checkpoint = checkpoint_type.from_directory(folder)
             report(metrics, checkpoint=report_checkpoint)
-        if rank == 0 and loop_config.get("progress") is not None:
-            loop_config["progress"].put(epoch_line(record, trainer.config.epochs))
+        if rank == 0:
+            tell(loop_config, epoch_line(record, trainer.config.epochs))
         if after_epoch is not None:
             after_epoch(record, trainer, loop_config)
 
@@ -211,6 +215,26 @@ def shared_ray_resources() -> dict:
     if ray.cluster_resources().get(SERVER_JOB_RESOURCE, 0) >= 1:
         return {SERVER_JOB_RESOURCE: 1.0}
     return {"memory": SHARED_JOB_MEMORY}
+
+
+def tell(loop_config: dict, line: str) -> None:
+    """A progress line for the driver (ProgressLines), sent and forgotten: a lost queue never fails the job."""
+    queue = loop_config.get("progress")
+    if queue is not None:
+        with contextlib.suppress(Exception):
+            queue.actor.put_nowait.remote(line)
+
+
+def ship_model_code(model_name: str) -> None:
+    """A network the user registered in their own module (not this project's) goes to the workers by
+    value: a worker cannot import a module from the user's app folder or, on a cluster, from this machine."""
+    from ray import cloudpickle
+
+    from defense.models import MODELS
+
+    module = sys.modules.get(MODELS.get(model_name).__module__)
+    if module is not None and module.__name__.split(".")[0] not in ("defense", "deploy", "federated", "tuning", "__main__"):
+        cloudpickle.register_pickle_by_value(module)
 
 
 def checkpoint_storage(out: Path, storage_path: Optional[str] = None) -> Path:
@@ -318,6 +342,7 @@ def run_purify_job(teacher: LoadedModel, job: PurifyJobConfig, out: Path,
          "input_weights_sha256": teacher.weights_sha256, "recipe": job.recipe.to_dict(),
          "earlier_weights_sha256": [model.weights_sha256 for model in earlier],
          "workers": job.workers, "gpu": bool(use_gpu)}, earlier)
+    ship_model_code(teacher.model_name)
     with ProgressLines(loop_config if job.progress else None):   # before the trainer holds the config
         trainer = TorchTrainer(
             train_loop, train_loop_config=loop_config,

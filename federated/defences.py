@@ -69,7 +69,7 @@ def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
     Where the paper's arithmetic is undefined it is made so, not guessed: a client's own similarity
     never enters its maximum (the official code's `cs - eye` leaves 0 there, which beats every
     negative similarity), and pardoning (cs_ij *= v_i / v_j when v_j > v_i) is applied only for
-    v_j > 0, the case the paper meant (a client resembling a sybil); a zero history is similar to
+    v_i > 0, the case the paper meant (a client resembling a sybil); a zero history is similar to
     nobody; 1 - cos below 1e-12 is rounding, so identical histories weigh 0, not (rescaled) 1."""
     n = len(histories)
     if n < 2:
@@ -77,7 +77,7 @@ def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
     similarity = cosine_similarity(histories.astype(np.float64))
     np.fill_diagonal(similarity, -np.inf)
     top = similarity.max(axis=1)
-    pardon = (top[None, :] > top[:, None]) & (top[None, :] > 0)
+    pardon = (top[None, :] > top[:, None]) & (top[:, None] > 0)   # both maxima positive: a ratio in (0, 1)
     ratio = np.divide(top[:, None], top[None, :], out=np.ones((n, n)), where=pardon)
     similarity = np.where(pardon, similarity * ratio, similarity)
     weights = np.clip(1.0 - similarity.max(axis=1), 0.0, 1.0)

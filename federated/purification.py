@@ -89,8 +89,9 @@ class PurifyingStrategy(DelegatingStrategy):
 
     def __init__(self, inner: Strategy, model_name: str, spec: InputSpec, every: int = 0,
                  final_round: Optional[int] = None, recipe: Optional[Recipe] = None,
-                 out_dir: Optional[Path] = None, share_running_ray: bool = True) -> None:
+                 out_dir: Optional[Path] = None, share_running_ray: bool = True, progress: bool = True) -> None:
         super().__init__(inner)
+        self.progress = progress   # the job's per-epoch lines
         MODELS.get(model_name)   # an unknown network is refused now, not at the purification round
         if every < 0 or (final_round is not None and final_round < 1) or (every == 0 and final_round is None):
             raise ConfigError(f"PurifyingStrategy purifies nothing with every={every}, final_round={final_round}; "
@@ -115,7 +116,7 @@ class PurifyingStrategy(DelegatingStrategy):
                 self.history.add(server_round, arrays)
             return arrays, metrics
         started = time.perf_counter()
-        job = PurifyJobConfig(recipe=self.recipe, share_running_ray=self.share_running_ray)
+        job = PurifyJobConfig(recipe=self.recipe, share_running_ray=self.share_running_ray, progress=self.progress)
         with contextlib.ExitStack() as stack:
             folder = self.out_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="purified-")))
             arrays, result = purify_arrays(arrays, self.model_name, self.spec, job,
@@ -140,11 +141,12 @@ class FederatedPurification:
         if self.every <= 0:
             return strategy
         return PurifyingStrategy(strategy, self.config.model, self.spec, every=self.every, recipe=self.recipe,
-                                 out_dir=self.run.root / "models")
+                                 out_dir=self.run.root / "models", progress=not self.run.quiet)
 
     def finish(self) -> list[dict]:
         from defense.scenario import model_file_scenario
 
+        self.run._still_there()   # a folder removed during the run is not recreated by the job's outputs
         backdoored = load_model(self.run.root / "final.json")
         earlier = self.earlier_global_models()
         print(f"purifying the global model with DHBE on Ray Train ({self.recipe.dhbe.iterations} iterations; "

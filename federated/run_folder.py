@@ -84,10 +84,12 @@ def _check_round_model(path: Path, loaded: LoadedModel, model_name: str, spec: I
         raise ConfigError(f"{path} is for another input spec than the run's config ({', '.join(differs) or 'spec'} differ)")
     record = loaded.manifest.get("experiment")
     if experiment is not None and record is not None:
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}: its experiment record is not an object")
-        mine = {k: v for k, v in experiment.items() if k != "patch_values"}
-        theirs = {k: v for k, v in record.items() if k != "patch_values"}
+        from defense.experiment import Experiment
+
+        # both through the record's one reader: an older file lacking a newer field reads as its default
+        mine = {k: v for k, v in Experiment.from_dict(experiment).to_dict().items() if k != "patch_values"}
+        theirs = {k: v for k, v in Experiment.from_dict(record, f"{path}'s experiment record").to_dict().items()
+                  if k != "patch_values"}
         differs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differs:
             raise ConfigError(f"{path}: its experiment record differs from the run's config in {', '.join(differs[:5])[:200]}")
@@ -189,9 +191,9 @@ class RunFolder:
 
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
         self._still_there()
-        self.rows.append(row)
         save_model(model, round_model_file(self.root, row["round"]).with_suffix(""), self.model_name, self.spec,
                    {"tool": "federated.simulate", "round": row["round"]}, experiment=self.experiment)
+        self.rows.append(row)   # after its model is saved: rounds_done never counts a round without its model
         write_parquet(self.root / "metrics.parquet", self.rows, ROUND_COLUMNS + self.extra_columns)
         self.set_status("running")
         if not self.quiet:

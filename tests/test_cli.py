@@ -47,6 +47,8 @@ CASES = [
     (["federated.simulate", "--trigger-pattern", "stripes"], "--trigger-pattern"),
     (["federated.simulate", "--resume", "/nonexistent/run"], "not a run folder"),
     (["deploy.purify", "m.json", "--out", "o", "--set", "precision=fp16"], "precision must be one of"),
+    (["deploy.purify", "m.json", "--out", "o", "--name", ".."], "a job name is"),      # would name the output's parent
+    (["deploy.purify", "m.json", "--out", "o", "--resume", "never-ran"], "no checkpoints of that job"),
 ]
 
 

@@ -82,6 +82,13 @@ def test_foolsgold_weights_follow_the_paper_on_any_update_geometry(n, seed, geom
         assert weights[0] == 1.0, weights
 
 
+def test_foolsgold_never_pardons_a_client_whose_best_match_is_negative():
+    """A client dissimilar to everyone (its maximum < 0): pardoning would multiply a negative
+    similarity by a negative ratio and turn it into +2.8 (weight 0); it keeps full weight."""
+    histories = np.array([[1.0, 0.0, 0.0], [-0.9, 0.436, 0.0], [-0.6, -0.8, 0.0]])
+    assert (foolsgold_weights(histories) == 1.0).all()
+
+
 def test_robust_lr_flips_the_learning_rate_where_signs_do_not_agree():
     updates = np.array([[1.0, 1.0, -2.0], [1.0, -1.0, -2.0], [1.0, 1.0, 2.0], [1.0, -1.0, -2.0]])
     result = robust_lr_combine(updates, np.ones(4), threshold=2)

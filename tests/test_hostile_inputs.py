@@ -105,8 +105,9 @@ def test_a_run_folder_removed_during_the_run_stops_and_is_not_recreated(tmp_path
 
 def test_a_full_disk_stops_the_run_with_a_status_the_next_command_reads(tmp_path, digits16, monkeypatch):
     """(10) The disk fills while round 2's model is written: the run stops with the OSError, the
-    status stays the last one written (running, 1 round done: --resume can go on), no half-written
-    file is left; a disk full before the run folder exists leaves no half-made folder."""
+    status says incomplete with 1 round done (round 2 never counted without its model: --resume goes
+    on from round 1), no half-written file is left; a disk full before the run folder exists leaves no
+    half-made folder."""
     import federated.run_folder as run_folder
     from defense.models import build_model
 
@@ -127,7 +128,7 @@ def test_a_full_disk_stops_the_run_with_a_status_the_next_command_reads(tmp_path
     with pytest.raises(OSError, match="No space left"):
         _run(tmp_path, digits16, runner)
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["state"] == "incomplete" and status["rounds_done"] == 2 and "No space" in status["reason"]
+    assert status["state"] == "incomplete" and status["rounds_done"] == 1 and "No space" in status["reason"]
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
     def no_space(path, data):

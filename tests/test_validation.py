@@ -77,8 +77,8 @@ def hostile(draw):
         arrays[key] = torch.tensor(draw(st.floats(-1, 1)))
     elif kind == "unchanged":          # the global model sent back: an update of norm zero
         arrays = dict(REFERENCE)
-    elif kind == "below-float32":      # a change whose square vanishes in float32 (norm 0 there, > 0 in float64)
-        arrays = {k: v + 1e-30 for k, v in REFERENCE.items()}
+    elif kind == "below-float32":      # a change whose square vanishes in float32 (norm 0 there, > 0 in float64):
+        arrays = {k: v + (v == 0) * 1e-30 for k, v in REFERENCE.items()}   # only zero entries keep a 1e-30
     elif kind == "empty":
         return kind, RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(good_metrics)})
     if kind in ARRAY_CORRUPTIONS:
@@ -125,6 +125,15 @@ def test_every_hostile_reply_is_rejected_with_a_reason(case):
     with pytest.raises(RejectedReply) as rejected:
         checker().normalise(content, node=7)
     assert str(rejected.value), kind
+
+
+def test_a_change_float32_cannot_square_is_zero_there_and_rejected():
+    """The below-float32 case is what it claims: > 0 in float64, 0 as float32 computes the norm."""
+    arrays = {k: v + (v == 0) * 1e-30 for k, v in REFERENCE.items()}
+    update = arrays["head.bias"].double() - REFERENCE["head.bias"].double()
+    assert float(update.norm()) > 0 and float(np.linalg.norm((arrays["head.bias"] - REFERENCE["head.bias"]).numpy())) == 0
+    with pytest.raises(RejectedReply, match="zero"):
+        checker().normalise(reply(arrays), node=3)
 
 
 @settings(max_examples=200, deadline=None)
@@ -239,8 +248,8 @@ def extreme_replies(kinds: list[str], seed: int) -> list[RecordDict]:
             update = {k: v - REFERENCE[k] for k, v in nearby(0.05, seed + i).items()}
         elif kind == "unchanged":
             update = {k: torch.zeros_like(v) for k, v in REFERENCE.items()}
-        elif kind == "below-float32":
-            update = {k: torch.full_like(v, 1e-30) for k, v in REFERENCE.items()}
+        elif kind == "below-float32":    # on the zero entries (head.bias): 1e-30 survives there, squared it does not
+            update = {k: (v == 0) * 1e-30 for k, v in REFERENCE.items()}
         elif kind == "at-the-bound":
             update = {k: v - REFERENCE[k] for k, v in far_update(seed + i).items()}
         elif kind == "identical":

@@ -93,9 +93,12 @@ def verify_folder(folder: Path) -> None:
         raise UnsafeFileError(refusal + f"was signed under a key this user does not have ({config_dir() / KEY_NAME})")
     try:
         recorded = json.loads(signature.read_text())
-        expected = str(recorded["hmac"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        expected, version = str(recorded["hmac"]), recorded.get("format")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UnsafeFileError(refusal + f"has an unreadable signature ({signature.name})") from None
+    if version != SIGNATURE_FORMAT:
+        raise UnsafeFileError(refusal + f"was signed in another format ({str(version)[:40]}; this version writes "
+                              f"{SIGNATURE_FORMAT}): run the sweep again in a fresh --out")
     digest, _ = _digest(folder, key)
     if not hmac.compare_digest(digest, expected):
         raise UnsafeFileError(refusal + "was changed after this project signed it (or signed under another key)")
