@@ -274,9 +274,9 @@ class RunFolder:
                  "`metrics.parquet`. Final model: `final.json` (+ `.safetensors`).", "", "![ACC and ASR per round](metrics.png)", ""]
         if self.rows:
             last = self.rows[-1]
-            lines += markdown_table(["round", "ACC %", "ASR x1 %", "ASR x4 %", "ASR x9 %"],
-                                    [[last["round"], *(_fmt(last.get(k)) for k in ("acc", "asr_x1", "asr_x4", "asr_x9"))]])
-            lines += [""]
+            lines += [f"After round {last['round']} the global model has ACC {_fmt(last.get('acc')).strip()}% and ASR "
+                      f"x1 / x4 / x9 {' / '.join(_fmt(last.get(k)).strip() for k in ('asr_x1', 'asr_x4', 'asr_x9'))}% "
+                      "(the trigger stamped 1, 4 or 9 times).", ""]
         if self.lifespan is not None:
             lines += [lifespan_line(self.lifespan), ""]
         if comparison:
