@@ -12,18 +12,17 @@ from defense.cli import (ArgumentParser, bounded_int, json_line, positive_float,
                          writable_destination)
 from defense.dhbe.cli import add_recipe_arguments, recipe_from_args
 from defense.dhbe.loop import evidence_line
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 
 MAX_EARLIER = 32   # earlier versions the scan weighs (each costs one pair of inversions)
 
 
 def job_name(text: str) -> str:
-    """A job's name names its checkpoint folder: letters, digits, '.', '_', '-', never '.' or '..'."""
-    import re
+    """An argparse type: deploy.ray_job's rule for a job's name, checked before anything is loaded."""
+    from deploy.ray_job import JOB_NAME_RULE, job_name_ok
 
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,100}", text) is None or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"a job name is 1-100 letters, digits, '.', '_' or '-' (not '.' or '..'), "
-                                         f"got {text[:40]!r}")
+    if not job_name_ok(text):
+        raise argparse.ArgumentTypeError(f"{JOB_NAME_RULE}, got {shown(text)}")
     return text
 
 
@@ -81,8 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if args.name not in (None, args.resume):
             raise ConfigError(f"--resume {args.resume} and --name {args.name}: give one job name")
-        if not (checkpoint_storage(out, args.storage) / args.resume).is_dir():
-            raise ConfigError(f"--resume {args.resume}: no checkpoints of that job in {checkpoint_storage(out, args.storage)}")
+        storage = checkpoint_storage(out, args.storage)
+        if not (storage / args.resume).is_dir():
+            raise ConfigError(f"--resume {args.resume}: no checkpoints of that job in {storage}")
         args.name = args.resume
     teacher = load_model(args.model)
     recipe.validate_for(teacher.spec)
@@ -90,7 +90,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--earlier: at most {MAX_EARLIER} earlier versions, got {len(args.earlier)}")
     earlier = [load_model(path) for path in args.earlier]
     from deploy.ray_job import PurifyJobConfig, run_purify_job
-
 
     job = PurifyJobConfig(recipe=recipe, workers=args.workers, use_gpu=args.use_gpu, address=args.address,
                           storage_path=args.storage, keep_checkpoints=args.keep_checkpoints, name=args.name, max_failures=args.max_failures,

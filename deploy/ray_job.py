@@ -6,14 +6,13 @@ On a fresh local Ray by default; on an existing cluster when RAY_ADDRESS (or `ad
 from __future__ import annotations
 
 import contextlib
-
 import os
 import re
 import secrets
 import shutil
-import threading
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -25,7 +24,7 @@ import torch
 
 from defense.dhbe import DHBETrainer, EpochRecord, Recipe, scanned_trainer, train_epochs
 from defense.dhbe.parallel import SINGLE_PROCESS, DataParallel, require_even_split
-from defense.errors import ConfigError
+from defense.errors import ConfigError, shown
 from defense.modelio import LoadedModel, load_model, save_model
 from defense.scan.versions import check_earlier_versions
 from defense.spec import InputSpec, require
@@ -85,9 +84,15 @@ class PurifyJobConfig:
         require(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         require(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus per worker must be >= 0")
         require(self.budget_s is None or self.budget_s > 0, "the time budget must be > 0 seconds")
-        require(self.name is None or (re.fullmatch(r"[A-Za-z0-9._-]{1,100}", self.name) is not None
-                                      and self.name not in (".", "..")),
-                f"a job name is 1-100 letters, digits, '.', '_' or '-' (not '.' or '..'), got {str(self.name)[:40]!r}")
+        require(self.name is None or job_name_ok(self.name), f"{JOB_NAME_RULE}, got {shown(self.name)}")
+
+
+JOB_NAME_RULE = "a job name is 1-100 letters, digits, '.', '_' or '-' (not '.' or '..')"
+
+
+def job_name_ok(name: str) -> bool:
+    """A job's name names its checkpoint folder (which a successful job removes): a plain name only."""
+    return re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name) is not None and name not in (".", "..")
 
 
 AfterEpoch = Callable[[EpochRecord, DHBETrainer, dict], None]

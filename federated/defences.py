@@ -79,7 +79,7 @@ def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
     top = similarity.max(axis=1)
     pardon = (top[None, :] > top[:, None]) & (top[:, None] > 0)   # both maxima positive: a ratio in (0, 1)
     ratio = np.divide(top[:, None], top[None, :], out=np.ones((n, n)), where=pardon)
-    similarity = np.where(pardon, similarity * ratio, similarity)
+    similarity = similarity * ratio   # 1 where no pardon
     weights = np.clip(1.0 - similarity.max(axis=1), 0.0, 1.0)
     weights[weights < 1e-12] = 0.0    # identical histories: rounding in the cosine, not dissimilarity
     if weights.max() > 0:

@@ -146,7 +146,7 @@ class FederatedPurification:
     def finish(self) -> list[dict]:
         from defense.scenario import model_file_scenario
 
-        self.run._still_there()   # a folder removed during the run is not recreated by the job's outputs
+        self.run.check_still_there()   # a folder removed during the run is not recreated by the job's outputs
         backdoored = load_model(self.run.root / "final.json")
         earlier = self.earlier_global_models()
         print(f"purifying the global model with DHBE on Ray Train ({self.recipe.dhbe.iterations} iterations; "

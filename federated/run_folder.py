@@ -171,7 +171,7 @@ class RunFolder:
         run.set_status("running", resumed_after_round=len(kept))
         return run, last_model
 
-    def _still_there(self) -> None:
+    def check_still_there(self) -> None:
         """Every write checks that the folder is still this run's: a folder removed during the run is
         not silently recreated (without its config and earlier rounds) and reported complete."""
         if not (self.root / "config.json").is_file():
@@ -182,7 +182,7 @@ class RunFolder:
 
     def set_status(self, state: str, **details: Any) -> None:
         self.state = state
-        self._still_there()
+        self.check_still_there()
         atomic_write_json(self.root / "status.json", {"state": state, "rounds_done": len(self.rows), **details})
 
     @property
@@ -190,7 +190,7 @@ class RunFolder:
         return self.state == "complete"
 
     def record_round(self, row: dict, model: torch.nn.Module) -> None:
-        self._still_there()
+        self.check_still_there()
         save_model(model, round_model_file(self.root, row["round"]).with_suffix(""), self.model_name, self.spec,
                    {"tool": "federated.simulate", "round": row["round"]}, experiment=self.experiment)
         self.rows.append(row)   # after its model is saved: rounds_done never counts a round without its model
@@ -222,7 +222,7 @@ class RunFolder:
 
     def write_rejections(self, rejections: list[dict]) -> None:
         """Every rejected client update: round, node and reason."""
-        self._still_there()
+        self.check_still_there()
         atomic_write_json(self.root / "rejected_updates.json", rejections)
 
     def add_purification(self, before: dict, after: dict, wall_s: float) -> None:
@@ -258,17 +258,17 @@ class RunFolder:
 
     def add_evidence(self, evidence: dict) -> None:
         """What the purification's data-free probes found (evidence.json; a line in the summary)."""
-        self._still_there()
+        self.check_still_there()
         self.evidence = evidence
         atomic_write_json(self.root / "evidence.json", evidence)
 
     def save_final(self, model: torch.nn.Module, name: str = "final", extra: Optional[dict] = None) -> Path:
-        self._still_there()
+        self.check_still_there()
         return save_model(model, self.root / f"{name}", self.model_name, self.spec,
                           {"tool": "federated.simulate", "rounds": len(self.rows)}, extra, self.experiment)
 
     def finish(self, comparison: Optional[list[dict]] = None) -> None:
-        self._still_there()
+        self.check_still_there()
         self._plot_rounds()
         lines = ["# Federated run", "", f"Rounds: {len(self.rows)}. Config: `config.json`. Per-round metrics: "
                  "`metrics.parquet`. Final model: `final.json` (+ `.safetensors`).", "", "![ACC and ASR per round](metrics.png)", ""]

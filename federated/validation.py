@@ -66,15 +66,17 @@ def check_arrays(record: Any, reference: dict[str, np.ndarray], max_relative_nor
             if not np.isfinite(value).all():
                 raise RejectedReply(f"{key}: non-finite values")
             squared_update += float(np.square(value.astype(np.float64) - ref.astype(np.float64)).sum())
-            with np.errstate(under="ignore", over="ignore"):   # the norm as the aggregations compute it
-                native_norms.append(float(np.linalg.norm((value - ref).ravel())))
+            with np.errstate(under="ignore", over="ignore"):   # per array, in the array's dtype, as Flower's clipping
+                native_norms.append(np.linalg.norm((value - ref).ravel()))
             squared_global += float(np.square(ref.astype(np.float64)).sum())
         elif not np.array_equal(value, ref):
             raise RejectedReply(f"{key}: integer state differs from the global model's")
     norm, reference_norm = math.sqrt(squared_update), math.sqrt(squared_global)
     if not math.isfinite(norm) or norm > max_relative_norm * max(reference_norm, 1e-12):
         raise RejectedReply(f"update norm {norm:.3g} exceeds {max_relative_norm} x global norm {reference_norm:.3g}")
-    if norm == 0 or math.sqrt(sum(n * n for n in native_norms)) == 0:
+    with np.errstate(under="ignore", over="ignore"):   # ... and combined as it does (a float64 zero is one too)
+        native_norm = float(np.sqrt(sum(n ** 2 for n in native_norms)))
+    if native_norm == 0:
         raise RejectedReply(f"update norm {norm:.3g} is zero in {next(iter(reference.values())).dtype} "
                             f"(the global model sent back unchanged): no training to aggregate")
     return arrays
