@@ -3,6 +3,7 @@ purification of cases or run folders, in-process, with recipe overrides, measure
 (ACC drop, ASR x1/x9, and after a clean batch-norm refit) after the game, and optionally every epoch.
 
     python -m benchmarks.research.game_probe NAME ... [--set FIELD=VALUE ...] [--force-game] [--every-epoch]
+        [--path] [--save DIR] [--g-from-scan] [--anchor MU [--fisher]] [--anchor-per-source] [--tiny]
 
 NAME: a case of benchmarks/default_cases.py (with its earlier global models) or a federated run folder
 (`python -m federated.simulate --malicious 2 --no-purify --out runs/main-s0`). Prints one JSON line per
@@ -17,7 +18,7 @@ import torch
 from benchmarks.default_table import forced_report
 from benchmarks.default_time import model_files_of
 from defense.cli import ArgumentParser, field_pairs
-from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, train_epochs
+from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized, train_epochs
 from defense.metrics import statistics_refitted
 from defense.modelio import load_model
 from defense.scenario import model_file_scenario
@@ -93,14 +94,16 @@ def anchor_suspects_on_teacher(trainer) -> None:
     trainer.student_step = student_step
 
 
-def probe(name: str, overrides: dict, force_game: bool, every_epoch: bool, g_from_scan: bool = False,
+def probe(name: str, tiny: bool, overrides: dict, force_game: bool, every_epoch: bool, g_from_scan: bool = False,
           along_path: bool = False, save: str = "",
           anchor: float = 0.0, fisher: bool = False, anchor_per_source: bool = False) -> dict:
     FITTED.clear()
-    final, earlier = model_files_of(name, False)
+    final, earlier = model_files_of(name, tiny)
     scenario = model_file_scenario(final)
     before = scenario.evaluate(scenario.teacher)
     recipe = recipe_config("default", overrides)
+    if tiny:
+        recipe = smoke_sized(recipe)
     versions = [load_model(p).model.eval() for p in earlier]
     started = time.perf_counter()
     if force_game:
@@ -176,7 +179,8 @@ def probe(name: str, overrides: dict, force_game: bool, every_epoch: bool, g_fro
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="+")
+    parser.add_argument("names", nargs="*", help="cases or run folders")
+    parser.add_argument("--tiny", action="store_true", help="every variant at once on a tiny case (CI)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--force-game", action="store_true")
     parser.add_argument("--every-epoch", action="store_true")
@@ -189,10 +193,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     overrides = field_pairs(args.set, "--set")
+    if args.tiny:   # every variant at once, so none of them rots
+        args.names, args.force_game, args.every_epoch, args.path = ["badnets3-corner-central"], True, True, True
+        args.anchor, args.fisher, args.anchor_per_source, args.g_from_scan = 1.0, True, True, True
+    if not args.names:
+        parser.error("name at least one case or run folder (or --tiny)")
     if args.g_from_scan:
         capture_scan_generator()
     for name in args.names:
-        print(json.dumps(probe(name, overrides, args.force_game, args.every_epoch, args.g_from_scan, args.path, args.save, args.anchor, args.fisher, args.anchor_per_source)), flush=True)
+        print(json.dumps(probe(name, args.tiny, overrides, args.force_game, args.every_epoch, args.g_from_scan, args.path, args.save, args.anchor, args.fisher, args.anchor_per_source)), flush=True)
 
 
 if __name__ == "__main__":
