@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmarks.scan_population import CACHE, Member, label, model_files, plant, population, tiny_population
+from benchmarks.scan_population import CACHE, SPLITS, Member, label, model_files, plant, population, tiny_population
 from benchmarks.tables import add_out_argument, out_file, out_stem
 from defense.cli import ArgumentParser
 
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = ArgumentParser(prog="python -m benchmarks.scan_roc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", choices=("calibration", "held-out"), default="calibration",
+    p.add_argument("--split", choices=tuple(SPLITS), default="calibration",
                    help="which part of the population (default: calibration; held-out: run once, at the end)")
     p.add_argument("--set", dest="scan_set", nargs="*", default=[], metavar="FIELD=VALUE", help="scanner settings")
     p.add_argument("--tiny", action="store_true", help="two seconds-long members into a temporary folder (CI)")
