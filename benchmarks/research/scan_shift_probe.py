@@ -5,7 +5,7 @@ A backdoor trained with a trigger at random places (or amplified by many copies)
 works wherever it is stamped; the smallest mask of a naturally easy class completes a digit's strokes
 where they are. Per member of the population's calibration part and per class: the scan's own
 measurements on the final model (G fitted with the scan's seed, the same pool, Neural Cleanse for
-every class at once), then the class's mask and pattern moved by a random cyclic shift per sample,
+every class at once), then the class's mask and pattern moved by random cyclic shifts (8 by default),
 and the share of the pool's samples the moved trigger sends to the class. Data-free: the pool is G's.
 
     python -m benchmarks.research.scan_shift_probe [--split calibration|held-out-2] [--out FILE.jsonl] [--tiny]
@@ -30,10 +30,11 @@ from defense.scan.inversion import ScanSamples, fit_sample_generator, invert_mas
 
 def moved_hit_rates(model, pool: ScanSamples, masks: torch.Tensor, patterns: torch.Tensor, shifts: int,
                     generator: torch.Generator) -> tuple[list[float], list[float]]:
-    """Per class: the share of the pool sent to it by its trigger in place, and moved to `shifts`
-    random places per sample (cyclic shifts)."""
+    """Per class: the share of the pool sent to it by its trigger in place, and moved by `shifts` random
+    cyclic shifts (each the same for the whole pool; dy and dx both drawn below the height: the inputs
+    measured here are square)."""
     images = pool.images.flatten(0, 1)
-    n, (height, width) = len(images), images.shape[-2:]
+    height = images.shape[-2]
     in_place, moved = [], []
     with torch.no_grad():
         for k in range(len(masks)):
