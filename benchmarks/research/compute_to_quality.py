@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from defense.fileio import atomic_write_text
+from defense.metrics import bar_outcome
 from benchmarks.tables import add_out_argument, out_file, out_stem
 from defense.cli import ArgumentParser
 from defense.errors import ConfigError
@@ -33,8 +34,9 @@ def load_runs(tags: tuple[str, ...]) -> list[dict]:
 
 
 def meets_bar(epoch: dict, teacher_acc: float) -> bool:
-    return (epoch["eval_asr_x1"] <= 0.05 and (epoch.get("eval_asr_x9") or 0) <= 0.10
-            and teacher_acc - epoch["eval_acc"] <= 0.02)
+    """The project's bar (defense.metrics.bar_outcome) on one epoch's logged evaluation."""
+    after = {"acc": epoch["eval_acc"], "asr_x1": epoch["eval_asr_x1"], "asr_x9": epoch.get("eval_asr_x9")}
+    return bar_outcome({"acc": teacher_acc}, after)[0]
 
 
 def table(runs: list[dict]) -> str:

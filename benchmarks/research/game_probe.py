@@ -10,6 +10,7 @@ NAME: a case of benchmarks/default_cases.py (with its earlier global models) or 
 NAME. The test-set numbers are for reading only; the game never sees them."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -17,8 +18,9 @@ import torch
 
 from benchmarks.default_table import forced_report
 from benchmarks.default_time import model_files_of
-from defense.cli import ArgumentParser, field_pairs
+from defense.cli import ArgumentParser, field_pairs, positive_float, writable_destination
 from defense.dhbe import DHBETrainer, recipe_config, scanned_trainer, smoke_sized, train_epochs
+from defense.fileio import atomic_path
 from defense.metrics import statistics_refitted
 from defense.modelio import load_model
 from defense.scenario import model_file_scenario
@@ -63,7 +65,8 @@ def clean_fisher(trainer, samples: int = 256) -> list:
 
 def anchor_suspects_on_teacher(trainer) -> None:
     """H11: Eq. 8's regulariser anchored per source: Gp's patches at S(x) (the paper), the suspects'
-    sources (the scan's triggers, the blend patterns) at T(x) (single process only)."""
+    sources (the scan's triggers, the blend patterns) at T(x). DHBETrainer.student_step with only the
+    anchor changed (single process only: no sharding, no gradient averaging)."""
     from defense.dhbe.extensions.perturbations import evenly_spread
     from defense.dhbe.losses import distillation_loss
 
@@ -94,10 +97,28 @@ def anchor_suspects_on_teacher(trainer) -> None:
     trainer.student_step = student_step
 
 
-def probe(name: str, tiny: bool, overrides: dict, force_game: bool, every_epoch: bool, g_from_scan: bool = False,
-          along_path: bool = False, save: str = "",
-          anchor: float = 0.0, fisher: bool = False, anchor_per_source: bool = False) -> dict:
+def anchor_weights_on_teacher(trainer, mu: float, fisher: bool) -> None:
+    """H9: L2-SP (Li et al., ICML 2018), S's weights pulled towards T's after every student step by
+    lr x `mu` (capped at all the way); H10 with `fisher`: per weight, times T's Fisher information on the
+    scan's samples (EWC's weighting, data-free)."""
+    step, pairs = trainer.student_step, list(zip(trainer.student.parameters(), trainer.teacher.parameters()))
+    weights = clean_fisher(trainer) if fisher else [torch.ones_like(t) for _, t in pairs]
+
+    def anchored_step():
+        losses = step()
+        with torch.no_grad():
+            lr = trainer.opt_student.param_groups[0]["lr"]
+            for (s_param, t_param), w in zip(pairs, weights):
+                s_param.sub_((lr * mu * w).clamp(max=1.0) * (s_param - t_param))
+        return losses
+
+    trainer.student_step = anchored_step
+
+
+def probe(name: str, variants: argparse.Namespace, overrides: dict) -> dict:
+    """One purification of `name` with the probe's `variants` (the CLI's flags), measured."""
     FITTED.clear()
+    tiny = variants.tiny
     final, earlier = model_files_of(name, tiny)
     scenario = model_file_scenario(final)
     before = scenario.evaluate(scenario.teacher)
@@ -106,30 +127,17 @@ def probe(name: str, tiny: bool, overrides: dict, force_game: bool, every_epoch:
         recipe = smoke_sized(recipe)
     versions = [load_model(p).model.eval() for p in earlier]
     started = time.perf_counter()
-    if force_game:
+    if variants.force_game:
         trainer = DHBETrainer(scenario.teacher, scenario.bundle.spec, recipe,
                               scan=forced_report(scenario.teacher, scenario.bundle.spec, recipe, versions))
     else:
         trainer = scanned_trainer(scenario.teacher, scenario.bundle.spec, recipe, earlier=versions)
-    if g_from_scan:
+    if variants.g_from_scan:
         trainer.sample_generator.load_state_dict(FITTED[-1].state_dict())
-    if anchor:   # H9: L2-SP (Li et al., ICML 2018), S's weights pulled towards T's after every student step
-        step, pairs = trainer.student_step, list(zip(trainer.student.parameters(), trainer.teacher.parameters()))
-        weights = [torch.ones_like(t) for _, t in pairs]
-        if fisher:   # H10: EWC's weighting, T's empirical Fisher information on the scan's samples (data-free)
-            weights = clean_fisher(trainer)
-
-        def anchored_step():
-            losses = step()
-            with torch.no_grad():
-                lr = trainer.opt_student.param_groups[0]["lr"]
-                for (s_param, t_param), w in zip(pairs, weights):
-                    s_param.sub_((lr * anchor * w).clamp(max=1.0) * (s_param - t_param))
-            return losses
-
-        trainer.student_step = anchored_step
-    if anchor_per_source:
+    if variants.anchor_per_source:   # first: it replaces the step the weight anchor then wraps
         anchor_suspects_on_teacher(trainer)
+    if variants.anchor:
+        anchor_weights_on_teacher(trainer, variants.anchor, variants.fisher)
     pct = lambda v: None if v is None else round(100 * v, 1)
     trajectory = []
 
@@ -148,9 +156,9 @@ def probe(name: str, tiny: bool, overrides: dict, force_game: bool, every_epoch:
                 found["scan_hit"] = round(float((model(stamped).argmax(1) == trigger.target).float().mean()), 3)
         return found
 
-    train_epochs(trainer, evaluator=measure_epoch if every_epoch else None)
+    train_epochs(trainer, evaluator=measure_epoch if variants.every_epoch else None)
     wall = time.perf_counter() - started
-    if every_epoch:
+    if variants.every_epoch:
         trajectory = [(r.epoch, r.evaluation["drop"], r.evaluation["x1"], r.evaluation["x9"],
                        round(r.synthetic_agreement, 3), round(r.trigger_flip_rate, 3), round(r.teacher_flip_rate, 3),
                        round(r.trigger_sensitivity, 3), r.evaluation.get("scan_hit"))
@@ -158,11 +166,11 @@ def probe(name: str, tiny: bool, overrides: dict, force_game: bool, every_epoch:
     output = trainer.output_model().eval()
     after, refit = measure(output), measure(statistics_refitted(output, scenario.bundle.train.images))
     evidence = trainer.evidence()
-    if save:
-        torch.save({"output": output.state_dict(), "student": trainer.student.state_dict()},
-                   f"{save}/{name.strip('/').replace('/', '_')}.pt")
+    if variants.save:
+        with atomic_path(f"{variants.save}/{name.strip('/').replace('/', '_')}.pt") as tmp:
+            torch.save({"output": output.state_dict(), "student": trainer.student.state_dict()}, tmp)
     path = []
-    if along_path:   # the experimenter's reading of T + a (output - T): where on the straight path ACC and ASR part
+    if variants.path:   # the experimenter's reading of T + a (output - T): where on the straight path ACC and ASR part
         import copy
 
         teacher, out = trainer.teacher.state_dict(), output.state_dict()
@@ -185,8 +193,8 @@ def main() -> None:
     parser.add_argument("--force-game", action="store_true")
     parser.add_argument("--every-epoch", action="store_true")
     parser.add_argument("--path", action="store_true", help="measure T + a (output - T) for a few a")
-    parser.add_argument("--save", default="", help="a folder: the output model and S saved there (torch.save)")
-    parser.add_argument("--anchor", type=float, default=0.0, help="H9: L2-SP weight towards T's weights")
+    parser.add_argument("--save", default=None, help="a folder: the output model and S saved there (torch.save)")
+    parser.add_argument("--anchor", type=positive_float, default=None, help="H9: L2-SP weight towards T's weights")
     parser.add_argument("--fisher", action="store_true", help="H10: the anchor weighted by T's Fisher information")
     parser.add_argument("--anchor-per-source", action="store_true", help="H11: suspects' sources anchored at T(x)")
     parser.add_argument("--g-from-scan", action="store_true", help="H7: the game's G starts as the scan's fitted G")
@@ -198,10 +206,12 @@ def main() -> None:
         args.anchor, args.fisher, args.anchor_per_source, args.g_from_scan = 1.0, True, True, True
     if not args.names:
         parser.error("name at least one case or run folder (or --tiny)")
+    if args.save:
+        writable_destination(args.save, "--save")
     if args.g_from_scan:
         capture_scan_generator()
     for name in args.names:
-        print(json.dumps(probe(name, args.tiny, overrides, args.force_game, args.every_epoch, args.g_from_scan, args.path, args.save, args.anchor, args.fisher, args.anchor_per_source)), flush=True)
+        print(json.dumps(probe(name, args, overrides)), flush=True)
 
 
 if __name__ == "__main__":

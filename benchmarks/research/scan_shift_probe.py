@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.scan_population import CACHE, SPLITS, label, model_files, plant, population, tiny_population
-from defense.cli import ArgumentParser
+from defense.cli import ArgumentParser, positive_int, writable_destination
+from defense.fileio import atomic_path
 from defense.modelio import load_model
 from defense.scan import ScanConfig
 from defense.scan.core import depth
@@ -71,29 +72,27 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--split", choices=tuple(SPLITS), default="calibration",
                         help="calibration (rules chosen there) or held-out-2 (run once, stop 43)")
-    parser.add_argument("--shifts", type=int, default=8)
+    parser.add_argument("--shifts", type=positive_int, default=8, help="random places per class's trigger")
     parser.add_argument("--out", default="runs/bench/scan_shift_probe.jsonl")
     parser.add_argument("--tiny", action="store_true", help="two seconds-long members (CI)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = ScanConfig()
-    if args.tiny:
-        members, cache, config = tiny_population(), Path(tempfile.mkdtemp(prefix="scan-shift-")), config.smoke_sized()
-    else:
-        members, cache = population(args.split), CACHE
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as out:
-        for member in members:
-            folder = plant(member, cache)
-            truth = json.loads((folder / "truth.json").read_text())
-            line = {"member": member.name, "label": label(truth), "target": truth.get("target"),
-                    "attack_kind": member.attack_kind, **measure(folder, config, args.shifts)}
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-            top = max(range(len(line["depth"])), key=lambda k: line["depth"][k])
-            print(f"{member.name}: {line['label']} top class {top} depth {line['depth'][top]:.2f} "
-                  f"moved hit {line['hit_moved'][top]:.2f}", flush=True)
-
+    out_path = writable_destination(args.out)
+    with tempfile.TemporaryDirectory(prefix="scan-shift-") as scratch:
+        if args.tiny:
+            members, cache, config = tiny_population(), Path(scratch), ScanConfig().smoke_sized()
+        else:
+            members, cache, config = population(args.split), CACHE, ScanConfig()
+        with atomic_path(out_path) as tmp, open(tmp, "w") as out:   # the whole file, or none
+            for member in members:
+                folder = plant(member, cache)
+                truth = json.loads((folder / "truth.json").read_text())
+                line = {"member": member.name, "label": label(truth), "target": truth.get("target"),
+                        "attack_kind": member.attack_kind, **measure(folder, config, args.shifts)}
+                out.write(json.dumps(line) + "\n")
+                top = max(range(len(line["depth"])), key=lambda k: line["depth"][k])
+                print(f"{member.name}: {line['label']} top class {top} depth {line['depth'][top]:.2f} "
+                      f"moved hit {line['hit_moved'][top]:.2f}", flush=True)
 
 if __name__ == "__main__":
     from defense.cli import run_main

@@ -147,8 +147,8 @@ class ScanReport:
 
 
 READING = ("score: how much smaller the smallest trigger mask that sends a class's inputs to it is than the "
-           "median class's, in e-folds (log of the ratio), per class and per version; a class whose score is at or "
-           "over `threshold` is a suspect; `backdoored` when any is")
+           "median class's, in e-folds (log of the ratio), per class and per version; a class whose score is over "
+           "`threshold` is a suspect; `backdoored` when any is")
 
 
 def _rounded(value: Any) -> Any:
